@@ -1,0 +1,464 @@
+//! Dirty bitmaps: one bit per page in `u64` words, least-significant bit first.
+//!
+//! That is exactly the layout of `KVM_GET_DIRTY_LOG` and of vm-memory's
+//! `AtomicBitmap::get_and_reset`, so a hypervisor's log is adopted a word at a time
+//! ([`DirtyBitmap::or_words`]) with no per-bit loop.
+//!
+//! Implementations:
+//! - [`DirtyBitmap`]: a plain bitmap with word-at-a-time set-bit iteration ([`SetBits`],
+//!   [`DirtyBitmap::for_each_set`]), count, union, difference and intersection, and a zero-cost
+//!   `&BitSlice<u64, Lsb0>` view for users who want bitvec's API.
+//! - [`AtomicDirtyBitmap`]: marked from many threads, fetched and cleared word by word.
+//!
+//! bitvec is deliberately not used on hot paths: its `iter_ones` is several times slower than the
+//! word loop here and its `|=` far slower (see `benches/benches/bitmap.rs`).
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use bitvec::order::Lsb0;
+use bitvec::slice::BitSlice;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+const WORD_BITS: u64 = 64;
+
+fn words_for(bits: u64) -> usize {
+    bits.div_ceil(WORD_BITS) as usize
+}
+
+/// The mask of valid bits in the last word of a `bits`-bit map.
+fn tail_mask(bits: u64) -> u64 {
+    match bits % WORD_BITS {
+        0 => u64::MAX,
+        r => (1u64 << r) - 1,
+    }
+}
+
+/// A plain dirty bitmap of `len` bits. Bits past `len` in the last word are always zero.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    len: u64,
+}
+
+impl core::fmt::Debug for DirtyBitmap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "DirtyBitmap({} of {} set)", self.count_ones(), self.len)
+    }
+}
+
+impl DirtyBitmap {
+    /// An all-clear bitmap of `len` bits.
+    pub fn new(len: u64) -> Self {
+        DirtyBitmap {
+            words: vec![0; words_for(len)],
+            len,
+        }
+    }
+
+    /// An all-set bitmap of `len` bits.
+    pub fn full(len: u64) -> Self {
+        let mut map = DirtyBitmap {
+            words: vec![u64::MAX; words_for(len)],
+            len,
+        };
+        map.mask_tail();
+        map
+    }
+
+    /// Adopts `words` (KVM's layout) as a bitmap of `len` bits. Returns `None` if the number of
+    /// words does not match `len`. Bits past `len` are cleared.
+    pub fn from_words(words: Vec<u64>, len: u64) -> Option<Self> {
+        if words.len() != words_for(len) {
+            return None;
+        }
+        let mut map = DirtyBitmap { words, len };
+        map.mask_tail();
+        Some(map)
+    }
+
+    fn mask_tail(&mut self) {
+        if let Some(last) = self.words.last_mut() {
+            *last &= tail_mask(self.len);
+        }
+    }
+
+    /// The number of bits (pages).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the bitmap has no bits at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The words, least-significant bit first.
+    pub fn as_words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// A bitvec view of the same storage, for users who want its API (not for hot paths).
+    pub fn as_bitslice(&self) -> &BitSlice<u64, Lsb0> {
+        &BitSlice::from_slice(&self.words)[..self.len as usize]
+    }
+
+    /// Sets bit `i`. Panics if `i >= len` (an engine bug, never input from outside).
+    #[inline]
+    pub fn set(&mut self, i: u64) {
+        assert!(i < self.len, "bit {i} out of range {}", self.len);
+        self.words[(i / WORD_BITS) as usize] |= 1 << (i % WORD_BITS);
+    }
+
+    /// Clears bit `i`.
+    #[inline]
+    pub fn unset(&mut self, i: u64) {
+        assert!(i < self.len, "bit {i} out of range {}", self.len);
+        self.words[(i / WORD_BITS) as usize] &= !(1 << (i % WORD_BITS));
+    }
+
+    /// Whether bit `i` is set (false when out of range).
+    #[inline]
+    pub fn get(&self, i: u64) -> bool {
+        i < self.len && self.words[(i / WORD_BITS) as usize] & (1 << (i % WORD_BITS)) != 0
+    }
+
+    /// Clears every bit.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
+    /// Sets every bit.
+    pub fn fill(&mut self) {
+        self.words.fill(u64::MAX);
+        self.mask_tail();
+    }
+
+    /// The number of set bits.
+    pub fn count_ones(&self) -> u64 {
+        self.words.iter().map(|w| w.count_ones() as u64).sum()
+    }
+
+    /// Whether no bit is set.
+    pub fn is_clear(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// ORs `words` (a KVM dirty log, or vm-memory's `get_and_reset`) into this bitmap, a word at a
+    /// time. `words` may be shorter than the bitmap (a memory slot covering its start); bits
+    /// past `len` are ignored. Returns the number of words that were applied.
+    pub fn or_words(&mut self, words: &[u64]) -> usize {
+        let n = words.len().min(self.words.len());
+        for (dst, src) in self.words[..n].iter_mut().zip(&words[..n]) {
+            *dst |= *src;
+        }
+        self.mask_tail();
+        n
+    }
+
+    /// ORs `words` in starting at word `word_offset` (a memory slot that starts at page
+    /// `word_offset * 64`). Returns the number of words applied.
+    pub fn or_words_at(&mut self, word_offset: usize, words: &[u64]) -> usize {
+        if word_offset >= self.words.len() {
+            return 0;
+        }
+        let n = words.len().min(self.words.len() - word_offset);
+        for (dst, src) in self.words[word_offset..word_offset + n]
+            .iter_mut()
+            .zip(words)
+        {
+            *dst |= *src;
+        }
+        self.mask_tail();
+        n
+    }
+
+    /// `self |= other`. Panics if the lengths differ.
+    pub fn union_with(&mut self, other: &DirtyBitmap) {
+        assert_eq!(self.len, other.len, "bitmap lengths differ");
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
+    /// `self &= !other`. Panics if the lengths differ.
+    pub fn difference_with(&mut self, other: &DirtyBitmap) {
+        assert_eq!(self.len, other.len, "bitmap lengths differ");
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= !*b;
+        }
+    }
+
+    /// `self &= other`. Panics if the lengths differ.
+    pub fn intersect_with(&mut self, other: &DirtyBitmap) {
+        assert_eq!(self.len, other.len, "bitmap lengths differ");
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a &= *b;
+        }
+    }
+
+    /// The number of bits set in both `self` and `other`, without allocating.
+    pub fn count_intersection(&self, other: &DirtyBitmap) -> u64 {
+        assert_eq!(self.len, other.len, "bitmap lengths differ");
+        self.words
+            .iter()
+            .zip(&other.words)
+            .map(|(a, b)| (a & b).count_ones() as u64)
+            .sum()
+    }
+
+    /// Moves the contents out into a new bitmap and leaves this one clear, reusing allocations:
+    /// `dst` receives the bits (its old contents are discarded).
+    pub fn take_into(&mut self, dst: &mut DirtyBitmap) {
+        assert_eq!(self.len, dst.len, "bitmap lengths differ");
+        core::mem::swap(&mut self.words, &mut dst.words);
+        self.clear();
+    }
+
+    /// Iterates over the indices of set bits, in increasing order.
+    pub fn iter_ones(&self) -> SetBits<'_> {
+        SetBits::new(&self.words, 0)
+    }
+
+    /// Iterates over set bits at or after `start`.
+    pub fn iter_ones_from(&self, start: u64) -> SetBits<'_> {
+        SetBits::new(&self.words, start.min(self.len))
+    }
+
+    /// Calls `f` with the index of every set bit, in increasing order: the fastest walk.
+    #[inline]
+    pub fn for_each_set(&self, mut f: impl FnMut(u64)) {
+        let mut word_index = 0;
+        while let Some(i) = next_nonzero_word(&self.words, word_index) {
+            let base = i as u64 * WORD_BITS;
+            let mut w = self.words[i];
+            while w != 0 {
+                f(base + w.trailing_zeros() as u64);
+                w &= w - 1;
+            }
+            word_index = i + 1;
+        }
+    }
+}
+
+/// The index of the first non-zero word at or after `from`. Skips zero words eight at a time,
+/// which makes sparse bitmaps (a 1 TiB guest with a handful of dirty pages) cheap to walk.
+#[inline]
+fn next_nonzero_word(words: &[u64], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i + 8 <= words.len() {
+        let chunk = &words[i..i + 8];
+        let any =
+            chunk[0] | chunk[1] | chunk[2] | chunk[3] | chunk[4] | chunk[5] | chunk[6] | chunk[7];
+        if any != 0 {
+            return chunk.iter().position(|&w| w != 0).map(|p| i + p);
+        }
+        i += 8;
+    }
+    words[i.min(words.len())..]
+        .iter()
+        .position(|&w| w != 0)
+        .map(|p| i + p)
+}
+
+/// An iterator over set bits, a word at a time (see [`DirtyBitmap::iter_ones`]).
+pub struct SetBits<'a> {
+    words: &'a [u64],
+    /// Index of the word `current` came from.
+    word_index: usize,
+    /// The not yet visited bits of the current word.
+    current: u64,
+}
+
+impl<'a> SetBits<'a> {
+    fn new(words: &'a [u64], start: u64) -> Self {
+        let word_index = (start / WORD_BITS) as usize;
+        let current = words
+            .get(word_index)
+            .map_or(0, |w| w & (u64::MAX << (start % WORD_BITS)));
+        SetBits {
+            words,
+            word_index,
+            current,
+        }
+    }
+}
+
+impl Iterator for SetBits<'_> {
+    type Item = u64;
+
+    #[inline]
+    fn next(&mut self) -> Option<u64> {
+        if self.current == 0 {
+            let i = next_nonzero_word(self.words, self.word_index + 1)?;
+            self.word_index = i;
+            self.current = self.words[i];
+        }
+        let bit = self.current.trailing_zeros() as u64;
+        self.current &= self.current - 1;
+        Some(self.word_index as u64 * WORD_BITS + bit)
+    }
+}
+
+/// A dirty bitmap that many threads mark at once (a guest's vCPUs, or a workload), and that the
+/// migration thread fetches and clears word by word.
+///
+/// Marking is a relaxed-cost `fetch_or` with release ordering; the fetch is an `swap(0)` with
+/// acquire ordering, so a writer that stores to a page *then* marks it is always seen: either the
+/// fetch sees the mark (and the page is re-sent), or the mark lands after the fetch (and the next
+/// fetch sees it).
+pub struct AtomicDirtyBitmap {
+    words: Box<[AtomicU64]>,
+    len: u64,
+}
+
+impl core::fmt::Debug for AtomicDirtyBitmap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "AtomicDirtyBitmap({} bits)", self.len)
+    }
+}
+
+impl AtomicDirtyBitmap {
+    /// An all-clear bitmap of `len` bits.
+    pub fn new(len: u64) -> Self {
+        let words = (0..words_for(len)).map(|_| AtomicU64::new(0)).collect();
+        AtomicDirtyBitmap { words, len }
+    }
+
+    /// The number of bits.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the bitmap has no bits at all.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Marks bit `i` (from any thread). Out-of-range bits are ignored.
+    #[inline]
+    pub fn mark(&self, i: u64) {
+        if i < self.len {
+            self.words[(i / WORD_BITS) as usize].fetch_or(1 << (i % WORD_BITS), Ordering::Release);
+        }
+    }
+
+    /// Whether bit `i` is marked right now.
+    pub fn is_marked(&self, i: u64) -> bool {
+        i < self.len
+            && self.words[(i / WORD_BITS) as usize].load(Ordering::Acquire) & (1 << (i % WORD_BITS))
+                != 0
+    }
+
+    /// Atomically takes every marked bit, word by word, ORs them into `into` and leaves this
+    /// bitmap clear. Returns the number of bits taken. Panics if the lengths differ.
+    pub fn fetch_and_clear_into(&self, into: &mut DirtyBitmap) -> u64 {
+        assert_eq!(self.len, into.len, "bitmap lengths differ");
+        let mut taken = 0;
+        for (src, dst) in self.words.iter().zip(into.words.iter_mut()) {
+            // A plain load first avoids dirtying cache lines of all-clean words.
+            if src.load(Ordering::Relaxed) != 0 {
+                let w = src.swap(0, Ordering::Acquire);
+                taken += w.count_ones() as u64;
+                *dst |= w;
+            }
+        }
+        taken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitvec::vec::BitVec;
+    use proptest::prelude::*;
+
+    fn reference(len: u64, bits: &[u64]) -> BitVec<u64, Lsb0> {
+        let mut v = BitVec::<u64, Lsb0>::repeat(false, len as usize);
+        for &b in bits {
+            v.set((b % len) as usize, true);
+        }
+        v
+    }
+
+    fn ours(len: u64, bits: &[u64]) -> DirtyBitmap {
+        let mut m = DirtyBitmap::new(len);
+        for &b in bits {
+            m.set(b % len);
+        }
+        m
+    }
+
+    proptest! {
+        #[test]
+        fn matches_bitvec(len in 1u64..3000, a in proptest::collection::vec(any::<u64>(), 0..400),
+                          b in proptest::collection::vec(any::<u64>(), 0..400), start in 0u64..3100) {
+            let (ma, mb) = (ours(len, &a), ours(len, &b));
+            let (ra, rb) = (reference(len, &a), reference(len, &b));
+            prop_assert_eq!(ma.as_bitslice(), ra.as_bitslice());
+            prop_assert_eq!(ma.count_ones(), ra.count_ones() as u64);
+            let ones: Vec<u64> = ma.iter_ones().collect();
+            let expected: Vec<u64> = ra.iter_ones().map(|i| i as u64).collect();
+            prop_assert_eq!(&ones, &expected);
+            let mut walked = Vec::new();
+            ma.for_each_set(|i| walked.push(i));
+            prop_assert_eq!(&walked, &expected);
+            let from: Vec<u64> = ma.iter_ones_from(start).collect();
+            let expected_from: Vec<u64> = expected.iter().copied().filter(|&i| i >= start).collect();
+            prop_assert_eq!(from, expected_from);
+
+            let mut u = ma.clone(); u.union_with(&mb);
+            let ru = ra.clone() | rb.clone();
+            prop_assert_eq!(u.as_bitslice(), ru.as_bitslice());
+            let mut i = ma.clone(); i.intersect_with(&mb);
+            let ri = ra.clone() & rb.clone();
+            prop_assert_eq!(i.as_bitslice(), ri.as_bitslice());
+            prop_assert_eq!(ma.count_intersection(&mb), i.count_ones());
+            let mut d = ma.clone(); d.difference_with(&mb);
+            let rd = ra.clone() & !rb.clone();
+            prop_assert_eq!(d.as_bitslice(), rd.as_bitslice());
+        }
+
+        #[test]
+        fn atomic_fetch_and_clear(len in 1u64..2000, a in proptest::collection::vec(any::<u64>(), 0..300)) {
+            let atomic = AtomicDirtyBitmap::new(len);
+            for &x in &a { atomic.mark(x % len); }
+            let mut into = DirtyBitmap::new(len);
+            let taken = atomic.fetch_and_clear_into(&mut into);
+            prop_assert_eq!(&into, &ours(len, &a));
+            prop_assert_eq!(taken, into.count_ones());
+            let mut again = DirtyBitmap::new(len);
+            prop_assert_eq!(atomic.fetch_and_clear_into(&mut again), 0);
+            prop_assert!(again.is_clear());
+        }
+    }
+
+    #[test]
+    fn adopts_kvm_words_and_masks_tail() {
+        let m = DirtyBitmap::from_words(vec![u64::MAX, u64::MAX], 70).unwrap();
+        assert_eq!(m.count_ones(), 70);
+        assert!(DirtyBitmap::from_words(vec![0; 3], 70).is_none());
+        let mut m = DirtyBitmap::new(200);
+        assert_eq!(m.or_words(&[0b101]), 1);
+        assert_eq!(m.or_words_at(3, &[u64::MAX, 1]), 1);
+        assert_eq!(m.iter_ones().take(3).collect::<Vec<_>>(), vec![0, 2, 192]);
+        assert_eq!(m.count_ones(), 2 + 8);
+        assert_eq!(DirtyBitmap::full(130).count_ones(), 130);
+    }
+
+    #[test]
+    fn atomic_marks_from_threads() {
+        let atomic = std::sync::Arc::new(AtomicDirtyBitmap::new(10_000));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let a = atomic.clone();
+                std::thread::spawn(move || {
+                    (0..10_000).filter(|i| i % 4 == t).for_each(|i| a.mark(i))
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let mut into = DirtyBitmap::new(10_000);
+        assert_eq!(atomic.fetch_and_clear_into(&mut into), 10_000);
+    }
+}

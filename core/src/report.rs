@@ -1,0 +1,134 @@
+//! The metrics of a migration, one definition everywhere (engine, simulator, CLI, benches),
+//! after paper 001's metrics and paper 002's stages:
+//!
+//! | metric | from | to |
+//! | --- | --- | --- |
+//! | preparation time | migration start | the source guest pauses |
+//! | downtime | the source guest pauses | the destination guest runs |
+//! | resume time | the destination guest runs | every page is on the destination and the source is released |
+//! | total migration time | migration start | the source is released |
+//!
+//! Pages transferred count every page frame sent, re-sends included; bytes on the wire count
+//! every byte of every frame, headers included.
+
+use alloc::vec::Vec;
+
+use crate::time::{ByteRate, Nanos};
+
+/// Which stop rule ended the pre-copy rounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum StopReason {
+    /// Estimated downtime at or below the target.
+    DowntimeTarget,
+    /// The maximum number of rounds was reached.
+    MaxRounds,
+    /// The dirty set stopped shrinking, or the dirty rate reached the bandwidth.
+    NotConverging,
+    /// The overall deadline passed.
+    Deadline,
+}
+
+impl StopReason {
+    /// The name used in JSON and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::DowntimeTarget => "downtime_target",
+            StopReason::MaxRounds => "max_rounds",
+            StopReason::NotConverging => "not_converging",
+            StopReason::Deadline => "deadline",
+        }
+    }
+}
+
+/// One round: a pre-copy push round, or the final stop-and-copy.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct RoundReport {
+    /// Round number, from 1.
+    pub round: u32,
+    /// Whether this is the stop-and-copy round (guest paused).
+    pub stop_and_copy: bool,
+    /// When the round started, relative to the migration start.
+    pub start: Nanos,
+    /// How long it took, transmission included.
+    pub duration: Nanos,
+    /// Page frames sent.
+    pub pages: u64,
+    /// Of those, all-zero pages (sent without payload).
+    pub zero_pages: u64,
+    /// Bytes of page frames sent.
+    pub bytes: u64,
+    /// Pages the guest dirtied while this round ran.
+    pub dirty_pages: u64,
+    /// Dirty rate during the round, pages per second.
+    pub dirty_rate_pages_per_sec: u64,
+    /// Measured bandwidth of the round.
+    pub bandwidth: ByteRate,
+    /// The round's bandwidth limit.
+    pub rate_limit: ByteRate,
+    /// Downtime the scheduler estimated at the end of the round.
+    pub estimated_downtime: Nanos,
+}
+
+/// Everything measured about one migration.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct MigrationReport {
+    /// The strategy, e.g. `"pre-copy"`.
+    pub strategy: alloc::string::String,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// Pages in the guest.
+    pub page_count: u64,
+    /// Migration start to pause.
+    pub preparation_time: Nanos,
+    /// Pause to the destination running.
+    pub downtime: Nanos,
+    /// The destination running to the source released.
+    pub resume_time: Nanos,
+    /// Start to the source released.
+    pub total_time: Nanos,
+    /// Page frames sent, re-sends included.
+    pub pages_sent: u64,
+    /// Of those, all-zero pages.
+    pub zero_pages_sent: u64,
+    /// Bytes the source put on the wire, all frames, headers included.
+    pub bytes_sent: u64,
+    /// Bytes the destination sent back (accept, ready, verdict).
+    pub bytes_received: u64,
+    /// Bytes of frames other than pages sent by the source (hello, markers, device state…).
+    pub control_bytes: u64,
+    /// Size of the CPU and device state.
+    pub device_state_bytes: u64,
+    /// Guest time lost to the migration (throttling, dirty-log syncs), where the host reports it.
+    pub degradation: Nanos,
+    /// Every round, stop-and-copy last.
+    pub rounds: Vec<RoundReport>,
+    /// The rule that ended the pre-copy rounds.
+    pub stop_reason: Option<StopReason>,
+    /// Whether the destination's digest matched (None when verification was off or not reached).
+    pub verified: Option<bool>,
+    /// The source's memory digest at switchover.
+    pub source_digest: Option<u64>,
+    /// The destination's memory digest at switchover.
+    pub destination_digest: Option<u64>,
+}
+
+impl MigrationReport {
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.page_size * self.page_count
+    }
+
+    /// Pages sent more than once (pages sent minus the guest's page count, at least zero).
+    pub fn pages_resent(&self) -> u64 {
+        self.pages_sent.saturating_sub(self.page_count)
+    }
+
+    /// Average throughput of the source's bytes over the total time.
+    pub fn throughput(&self) -> ByteRate {
+        ByteRate::measured(self.bytes_sent, self.total_time)
+    }
+}
