@@ -1,0 +1,335 @@
+//! `memferry`: migrate a guest's memory and report how it went.
+//!
+//! - `memferry demo`: a source and a destination thread in this process, over TCP on 127.0.0.1.
+//! - `memferry listen ADDR` / `memferry send ADDR`: the two sides as two processes.
+
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use memferry::migrate::PreCopyConfig;
+use memferry::page::PageSize;
+use memferry::report::MigrationReport;
+use memferry::schedule::{RatePlan, StopRules};
+use memferry::time::{ByteRate, Nanos};
+use memferry_std::demo::{self, GuestOptions, JobError, TransportKind};
+use memferry_std::output::{self, ReportJson, WorkloadJson};
+use memferry_std::transport::tcp;
+use memferry_std::units::{parse_rate, parse_size};
+use memferry_std::workload::WorkloadConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "memferry",
+    version,
+    about = "Live migration of a VM's memory: pre-copy over TCP, with a report"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Migrate an in-process guest, workload running, from a source thread to a destination
+    /// thread over TCP on 127.0.0.1, and print the report. Exits non-zero unless verified.
+    Demo {
+        #[command(flatten)]
+        guest: GuestArgs,
+        #[command(flatten)]
+        migration: MigrationArgs,
+        /// How the two sides connect.
+        #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+        transport: TransportKind,
+    },
+    /// Wait for one migration on ADDR (e.g. 127.0.0.1:7070) and receive it.
+    Listen {
+        /// Address to listen on.
+        addr: String,
+        /// Refuse guests larger than this.
+        #[arg(long, default_value = "1TiB", value_parser = parse_size)]
+        max_memory: u64,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Migrate an in-process guest, workload running, to a `memferry listen` at ADDR.
+    Send {
+        /// Address of the listener.
+        addr: String,
+        #[command(flatten)]
+        guest: GuestArgs,
+        #[command(flatten)]
+        migration: MigrationArgs,
+    },
+}
+
+#[derive(Args)]
+struct GuestArgs {
+    /// Guest memory size (e.g. 256MiB, 1GiB).
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    memory: u64,
+    /// Page size: a power of two from 4KiB to 2MiB.
+    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+    page_size: u64,
+    /// Seed of the guest's contents and of the workload's writes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Workload writes per second (0: an idle guest).
+    #[arg(long, default_value_t = WorkloadConfig::default().writes_per_sec)]
+    write_rate: u64,
+    /// Fraction of memory that is hot.
+    #[arg(long, default_value_t = WorkloadConfig::default().hot_fraction)]
+    hot_fraction: f64,
+    /// Share of writes that land in the hot set.
+    #[arg(long, default_value_t = WorkloadConfig::default().hot_share)]
+    hot_share: f64,
+    /// Share of pages that start all-zero.
+    #[arg(long, default_value_t = 0.1)]
+    zero_fraction: f64,
+}
+
+#[derive(Args)]
+struct MigrationArgs {
+    /// Link bandwidth (e.g. 1Gbit, 500MB/s); unlimited by default.
+    #[arg(long, default_value = "unlimited", value_parser = parse_rate)]
+    bandwidth: ByteRate,
+    /// First-round limit of Clark's adaptive rate plan (default: the link bandwidth).
+    #[arg(long, value_parser = parse_rate)]
+    min_bandwidth: Option<ByteRate>,
+    /// Per-round increment of the adaptive rate plan.
+    #[arg(long, value_parser = parse_rate)]
+    bandwidth_step: Option<ByteRate>,
+    /// Downtime target in ms: pre-copy stops once the estimate is at or below it.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Most pre-copy rounds before stop-and-copy.
+    #[arg(long, default_value_t = StopRules::default().max_rounds)]
+    max_rounds: u32,
+    /// Stop after this many rounds without progress (0: never).
+    #[arg(long, default_value_t = StopRules::default().non_convergence_rounds)]
+    non_convergence_rounds: u32,
+    /// Overall deadline for the pre-copy rounds, in ms.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// No per-round progress on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl GuestArgs {
+    fn options(&self) -> Result<GuestOptions, String> {
+        let page_size = PageSize::new(self.page_size).map_err(|e| e.to_string())?;
+        for (name, v) in [
+            ("--hot-fraction", self.hot_fraction),
+            ("--hot-share", self.hot_share),
+            ("--zero-fraction", self.zero_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("{name} must be between 0 and 1, not {v}"));
+            }
+        }
+        if self.memory < self.page_size {
+            return Err(format!("--memory {} is smaller than one page", self.memory));
+        }
+        Ok(GuestOptions {
+            memory: self.memory,
+            page_size,
+            zero_fraction: self.zero_fraction,
+            workload: Some(WorkloadConfig {
+                writes_per_sec: self.write_rate,
+                hot_fraction: self.hot_fraction,
+                hot_share: self.hot_share,
+                seed: self.seed,
+            }),
+        })
+    }
+}
+
+impl MigrationArgs {
+    fn config(&self) -> PreCopyConfig {
+        let rate = match (self.min_bandwidth, self.bandwidth_step) {
+            (None, None) => RatePlan::fixed(self.bandwidth),
+            (min, step) => RatePlan::adaptive(
+                min.unwrap_or(self.bandwidth).min(self.bandwidth),
+                step.unwrap_or(ByteRate(0)),
+                self.bandwidth,
+            ),
+        };
+        PreCopyConfig {
+            rate,
+            stop: StopRules {
+                downtime_target: Nanos::from_millis(self.downtime_ms),
+                max_rounds: self.max_rounds.max(1),
+                non_convergence_rounds: self.non_convergence_rounds,
+                deadline: self.deadline_ms.map(Nanos::from_millis),
+                ..StopRules::default()
+            },
+            ..PreCopyConfig::default()
+        }
+    }
+}
+
+fn print_report(report: &MigrationReport, workload: Option<WorkloadJson>, json: bool) {
+    if json {
+        let view = ReportJson::new(report, workload);
+        println!(
+            "{}",
+            serde_json::to_string(&view).expect("the report serialises")
+        );
+    } else {
+        print!("{}", output::table(report));
+    }
+}
+
+fn exit_for(report: &MigrationReport) -> ExitCode {
+    if report.verified == Some(true) {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("memferry: the destination's memory was not verified");
+        ExitCode::from(2)
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("memferry: {e}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Demo {
+            guest,
+            migration,
+            transport,
+        } => {
+            let options = match guest.options() {
+                Ok(o) => o,
+                Err(e) => return fail(e),
+            };
+            if !migration.quiet {
+                eprintln!(
+                    "memferry demo: {} guest, workload {} writes/s ({}% of writes to {}% of memory), link {}, {:?}",
+                    output::human_bytes(options.memory),
+                    guest.write_rate,
+                    guest.hot_share * 100.0,
+                    guest.hot_fraction * 100.0,
+                    migration.bandwidth,
+                    transport
+                );
+            }
+            let quiet = migration.quiet;
+            let page_size = options.page_size.bytes() as u64;
+            let progress = |r: &memferry::report::RoundReport| {
+                if !quiet {
+                    eprintln!("{}", output::progress_line(r, page_size));
+                }
+            };
+            match demo::run_demo(
+                &options,
+                guest.seed,
+                migration.config(),
+                migration.bandwidth,
+                transport,
+                progress,
+            ) {
+                Ok(outcome) => {
+                    let workload = outcome.source.workload().map(|w| WorkloadJson {
+                        config: options.workload.unwrap_or_default(),
+                        writes: w.writes(),
+                    });
+                    print_report(&outcome.report, workload, migration.json);
+                    exit_for(&outcome.report)
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Listen {
+            addr,
+            max_memory,
+            json,
+        } => {
+            let listener = match TcpListener::bind(&addr) {
+                Ok(l) => l,
+                Err(e) => return fail(format!("cannot listen on {addr}: {e}")),
+            };
+            eprintln!(
+                "memferry: listening on {}",
+                listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
+            );
+            let (r, w, peer) = match tcp::accept(&listener) {
+                Ok(c) => c,
+                Err(e) => return fail(format!("accept failed: {e}")),
+            };
+            eprintln!("memferry: receiving from {peer}");
+            match demo::serve(r, w, max_memory) {
+                Ok(host) => {
+                    let g = host.region().geometry();
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"verified": true, "memory_bytes": g.memory_bytes(), "page_size": g.page_size().bytes(), "device_state_bytes": host.device_state().map_or(0, |s| s.len())})
+                        );
+                    } else {
+                        println!(
+                            "received {} and the device state; digest verified",
+                            output::human_bytes(g.memory_bytes())
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Send {
+            addr,
+            guest,
+            migration,
+        } => {
+            let options = match guest.options() {
+                Ok(o) => o,
+                Err(e) => return fail(e),
+            };
+            let mut host = match demo::prepare_source(&options, guest.seed) {
+                Ok(h) => h,
+                Err(e) => return fail(e),
+            };
+            let (r, w) = match tcp::connect(&addr) {
+                Ok(c) => c,
+                Err(e) => return fail(format!("cannot connect to {addr}: {e}")),
+            };
+            let quiet = migration.quiet;
+            let page_size = options.page_size.bytes() as u64;
+            let result = demo::migrate(
+                &mut host,
+                migration.config(),
+                r,
+                w,
+                migration.bandwidth,
+                |r| {
+                    if !quiet {
+                        eprintln!("{}", output::progress_line(r, page_size));
+                    }
+                },
+            );
+            match result {
+                Ok(report) => {
+                    let workload = host.workload().map(|w| WorkloadJson {
+                        config: options.workload.unwrap_or_default(),
+                        writes: w.writes(),
+                    });
+                    print_report(&report, workload, migration.json);
+                    exit_for(&report)
+                }
+                Err(JobError::Drive(e)) => fail(format!(
+                    "migration failed, the source guest keeps running: {e}"
+                )),
+                Err(e) => fail(e),
+            }
+        }
+    }
+}

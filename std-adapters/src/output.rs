@@ -1,0 +1,288 @@
+//! The report as people and scripts read it: a table for the terminal, one progress line per
+//! round, and the JSON object whose top-level fields are a contract (`verified`,
+//! `total_time_ms`, `downtime_ms`, `bytes_sent`, `pages_sent`, `rounds`, `stop_reason`, …).
+
+use memferry::report::{MigrationReport, RoundReport};
+use memferry::time::{ByteRate, Nanos};
+use serde::Serialize;
+
+use crate::workload::WorkloadConfig;
+
+fn ms(t: Nanos) -> f64 {
+    (t.as_millis_f64() * 1000.0).round() / 1000.0
+}
+
+fn mb_per_s(rate: ByteRate) -> Option<f64> {
+    (!rate.is_unlimited()).then(|| (rate.0 as f64 / 1e4).round() / 100.0)
+}
+
+/// One round in the JSON output.
+#[derive(Serialize)]
+pub struct RoundJson {
+    /// Round number from 1.
+    pub round: u32,
+    /// Whether the guest was paused.
+    pub stop_and_copy: bool,
+    /// Start, ms after the migration started.
+    pub start_ms: f64,
+    /// Duration in ms.
+    pub duration_ms: f64,
+    /// Page frames sent.
+    pub pages: u64,
+    /// All-zero pages among them.
+    pub zero_pages: u64,
+    /// Bytes of page frames.
+    pub bytes: u64,
+    /// Pages dirtied during the round.
+    pub dirty_pages: u64,
+    /// Pages dirtied per second.
+    pub dirty_rate_pages_per_s: u64,
+    /// Measured bandwidth, MB/s.
+    pub bandwidth_mb_s: Option<f64>,
+    /// The round's limit, MB/s (null: unlimited).
+    pub rate_limit_mb_s: Option<f64>,
+    /// Downtime estimated at the end of the round, ms.
+    pub estimated_downtime_ms: f64,
+}
+
+impl From<&RoundReport> for RoundJson {
+    fn from(r: &RoundReport) -> Self {
+        RoundJson {
+            round: r.round,
+            stop_and_copy: r.stop_and_copy,
+            start_ms: ms(r.start),
+            duration_ms: ms(r.duration),
+            pages: r.pages,
+            zero_pages: r.zero_pages,
+            bytes: r.bytes,
+            dirty_pages: r.dirty_pages,
+            dirty_rate_pages_per_s: r.dirty_rate_pages_per_sec,
+            bandwidth_mb_s: mb_per_s(r.bandwidth),
+            rate_limit_mb_s: mb_per_s(r.rate_limit),
+            estimated_downtime_ms: ms(r.estimated_downtime),
+        }
+    }
+}
+
+/// The JSON object `--json` prints. Field names are a contract for scripts.
+#[derive(Serialize)]
+pub struct ReportJson {
+    /// Whether the destination's digest matched the source's.
+    pub verified: bool,
+    /// Start to source released, ms.
+    pub total_time_ms: f64,
+    /// Pause to destination running, ms.
+    pub downtime_ms: f64,
+    /// Start to pause, ms.
+    pub preparation_time_ms: f64,
+    /// Destination running to source released, ms.
+    pub resume_time_ms: f64,
+    /// Bytes the source put on the wire, headers included.
+    pub bytes_sent: u64,
+    /// Bytes the destination sent back.
+    pub bytes_received: u64,
+    /// Page frames sent, re-sends included.
+    pub pages_sent: u64,
+    /// All-zero page frames among them.
+    pub zero_pages_sent: u64,
+    /// Page frames beyond one per page.
+    pub pages_resent: u64,
+    /// Rounds, stop-and-copy included.
+    pub rounds: usize,
+    /// The rule that ended pre-copy.
+    pub stop_reason: Option<&'static str>,
+    /// bytes_sent / total time, MB/s.
+    pub throughput_mb_s: Option<f64>,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// The strategy.
+    pub strategy: String,
+    /// Source digest.
+    pub source_digest: Option<String>,
+    /// Destination digest.
+    pub destination_digest: Option<String>,
+    /// Every round.
+    pub per_round: Vec<RoundJson>,
+    /// The workload that ran, if any.
+    pub workload: Option<WorkloadJson>,
+}
+
+/// The workload in the JSON output.
+#[derive(Serialize)]
+pub struct WorkloadJson {
+    /// Its settings.
+    #[serde(flatten)]
+    pub config: WorkloadConfig,
+    /// Writes it made before the pause.
+    pub writes: u64,
+}
+
+impl ReportJson {
+    /// The JSON view of `report`.
+    pub fn new(report: &MigrationReport, workload: Option<WorkloadJson>) -> Self {
+        ReportJson {
+            verified: report.verified == Some(true),
+            total_time_ms: ms(report.total_time),
+            downtime_ms: ms(report.downtime),
+            preparation_time_ms: ms(report.preparation_time),
+            resume_time_ms: ms(report.resume_time),
+            bytes_sent: report.bytes_sent,
+            bytes_received: report.bytes_received,
+            pages_sent: report.pages_sent,
+            zero_pages_sent: report.zero_pages_sent,
+            pages_resent: report.pages_resent(),
+            rounds: report.rounds.len(),
+            stop_reason: report.stop_reason.map(|r| r.as_str()),
+            throughput_mb_s: mb_per_s(report.throughput()),
+            memory_bytes: report.memory_bytes(),
+            page_size: report.page_size,
+            strategy: report.strategy.clone(),
+            source_digest: report.source_digest.map(|d| format!("{d:016x}")),
+            destination_digest: report.destination_digest.map(|d| format!("{d:016x}")),
+            per_round: report.rounds.iter().map(RoundJson::from).collect(),
+            workload,
+        }
+    }
+}
+
+/// A human-readable size.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+fn rate_text(rate: ByteRate) -> String {
+    if rate.is_unlimited() {
+        "-".into()
+    } else {
+        format!("{:.0} MB/s", rate.0 as f64 / 1e6)
+    }
+}
+
+/// One line per finished round, for progress on stderr.
+pub fn progress_line(r: &RoundReport, page_size: u64) -> String {
+    if r.stop_and_copy {
+        format!(
+            "stop-and-copy (round {}): guest paused, {} pages ({}) in {:.1} ms",
+            r.round,
+            r.pages,
+            human_bytes(r.bytes),
+            r.duration.as_millis_f64()
+        )
+    } else {
+        format!(
+            "round {:>2}: {:>9} pages ({:>10}) in {:>8.1} ms at {:>10}; {:>8} pages dirtied ({}/s); est. downtime {:.1} ms",
+            r.round,
+            r.pages,
+            human_bytes(r.bytes),
+            r.duration.as_millis_f64(),
+            rate_text(r.bandwidth),
+            r.dirty_pages,
+            human_bytes(r.dirty_rate_pages_per_sec.saturating_mul(page_size)),
+            r.estimated_downtime.as_millis_f64()
+        )
+    }
+}
+
+/// The report as a table.
+pub fn table(report: &MigrationReport) -> String {
+    let mut s = String::new();
+    let verdict = match report.verified {
+        Some(true) => "yes (digests match)".to_string(),
+        Some(false) => "NO: digests differ".to_string(),
+        None => "not checked".to_string(),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("strategy", report.strategy.clone()),
+        (
+            "guest memory",
+            format!(
+                "{} ({} pages of {} B)",
+                human_bytes(report.memory_bytes()),
+                report.page_count,
+                report.page_size
+            ),
+        ),
+        ("verified", verdict),
+        (
+            "total migration time",
+            format!("{:.1} ms", report.total_time.as_millis_f64()),
+        ),
+        (
+            "  preparation",
+            format!("{:.1} ms", report.preparation_time.as_millis_f64()),
+        ),
+        (
+            "  downtime",
+            format!("{:.1} ms", report.downtime.as_millis_f64()),
+        ),
+        (
+            "  resume (verification)",
+            format!("{:.1} ms", report.resume_time.as_millis_f64()),
+        ),
+        (
+            "rounds",
+            format!(
+                "{} (stopped by {})",
+                report.rounds.len(),
+                report.stop_reason.map_or("-", |r| r.as_str())
+            ),
+        ),
+        (
+            "pages sent",
+            format!(
+                "{} ({} zero, {} re-sent)",
+                report.pages_sent,
+                report.zero_pages_sent,
+                report.pages_resent()
+            ),
+        ),
+        (
+            "bytes on the wire",
+            format!(
+                "{} sent, {} received",
+                human_bytes(report.bytes_sent),
+                human_bytes(report.bytes_received)
+            ),
+        ),
+        ("throughput", rate_text(report.throughput())),
+    ];
+    for (k, v) in rows {
+        s.push_str(&format!("{k:<24} {v}\n"));
+    }
+    s.push_str("\nround  pages      bytes        time       bandwidth   dirtied   est. downtime\n");
+    for r in &report.rounds {
+        s.push_str(&format!(
+            "{:<6} {:<10} {:<12} {:<10} {:<11} {:<9} {}\n",
+            if r.stop_and_copy {
+                format!("{}*", r.round)
+            } else {
+                r.round.to_string()
+            },
+            r.pages,
+            human_bytes(r.bytes),
+            format!("{:.1} ms", r.duration.as_millis_f64()),
+            rate_text(r.bandwidth),
+            r.dirty_pages,
+            if r.stop_and_copy {
+                "-".to_string()
+            } else {
+                format!("{:.1} ms", r.estimated_downtime.as_millis_f64())
+            },
+        ));
+    }
+    s.push_str("(* stop-and-copy, guest paused)\n");
+    s
+}

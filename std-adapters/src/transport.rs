@@ -1,0 +1,213 @@
+//! Byte-stream transports for the driver, each split into a reading and a writing half so the
+//! source can read the destination's replies while it writes pages.
+//!
+//! Implementations:
+//! - [`loopback`]: an in-process pair of streams (buffers handed over through channels, no
+//!   syscalls), for tests and the single-process demo.
+//! - [`tcp`]: `std::net` TCP with Nagle off, split with `try_clone`.
+//! - [`RateLimited`]: a token-bucket writer that models a slower link on either of them.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use memferry::time::ByteRate;
+
+/// A reading half that can be moved to another thread.
+pub type BoxRead = Box<dyn Read + Send>;
+/// A writing half that can be moved to another thread.
+pub type BoxWrite = Box<dyn Write + Send>;
+
+/// In-process streams.
+pub mod loopback {
+    use super::*;
+    use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+
+    /// The writing half of a loopback stream.
+    pub struct LoopbackWriter {
+        tx: SyncSender<Vec<u8>>,
+    }
+
+    /// The reading half of a loopback stream.
+    pub struct LoopbackReader {
+        rx: Receiver<Vec<u8>>,
+        current: Vec<u8>,
+        at: usize,
+    }
+
+    /// One direction: what is written to the writer is read from the reader. At most `depth`
+    /// writes are in flight, so a fast writer waits for the reader as on a socket.
+    pub fn stream(depth: usize) -> (LoopbackWriter, LoopbackReader) {
+        let (tx, rx) = sync_channel(depth);
+        (
+            LoopbackWriter { tx },
+            LoopbackReader {
+                rx,
+                current: Vec::new(),
+                at: 0,
+            },
+        )
+    }
+
+    impl Write for LoopbackWriter {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            self.tx.send(buf.to_vec()).map_err(|_| {
+                io::Error::new(io::ErrorKind::BrokenPipe, "loopback reader is gone")
+            })?;
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Read for LoopbackReader {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.at == self.current.len() {
+                match self.rx.recv() {
+                    Ok(next) => {
+                        self.current = next;
+                        self.at = 0;
+                    }
+                    // The writer is gone: end of stream.
+                    Err(_) => return Ok(0),
+                }
+            }
+            let n = buf.len().min(self.current.len() - self.at);
+            buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    /// Two connected endpoints, each a (reader, writer) pair: what A writes, B reads.
+    pub fn pair() -> ((BoxRead, BoxWrite), (BoxRead, BoxWrite)) {
+        let (a_tx, b_rx) = stream(8);
+        let (b_tx, a_rx) = stream(8);
+        (
+            (Box::new(a_rx), Box::new(a_tx)),
+            (Box::new(b_rx), Box::new(b_tx)),
+        )
+    }
+}
+
+/// TCP streams.
+pub mod tcp {
+    use super::*;
+    use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+
+    /// Splits a connected stream into halves (Nagle off: frames are already batched).
+    pub fn split(stream: TcpStream) -> io::Result<(BoxRead, BoxWrite)> {
+        stream.set_nodelay(true)?;
+        let reader = stream.try_clone()?;
+        Ok((Box::new(reader), Box::new(stream)))
+    }
+
+    /// Connects to `addr`.
+    pub fn connect(addr: impl ToSocketAddrs) -> io::Result<(BoxRead, BoxWrite)> {
+        split(TcpStream::connect(addr)?)
+    }
+
+    /// Accepts one connection on `listener`.
+    pub fn accept(listener: &TcpListener) -> io::Result<(BoxRead, BoxWrite, std::net::SocketAddr)> {
+        let (stream, peer) = listener.accept()?;
+        let (r, w) = split(stream)?;
+        Ok((r, w, peer))
+    }
+}
+
+/// A writer limited to `rate` bytes per second by a token bucket (burst: 10 ms of traffic, at
+/// least 64 KiB), to model a slower link on loopback.
+pub struct RateLimited<W> {
+    inner: W,
+    rate: ByteRate,
+    burst: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl<W: Write> RateLimited<W> {
+    /// Wraps `inner`. An unlimited rate passes writes straight through.
+    pub fn new(inner: W, rate: ByteRate) -> Self {
+        let burst = if rate.is_unlimited() {
+            u64::MAX
+        } else {
+            (rate.0 / 100).max(64 << 10)
+        };
+        RateLimited {
+            inner,
+            rate,
+            burst,
+            tokens: burst as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let gained = now.duration_since(self.last).as_secs_f64() * self.rate.0 as f64;
+        self.tokens = (self.tokens + gained).min(self.burst as f64);
+        self.last = now;
+    }
+}
+
+impl<W: Write> Write for RateLimited<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.rate.is_unlimited() {
+            return self.inner.write(buf);
+        }
+        let chunk = buf.len().min(self.burst as usize);
+        self.refill();
+        if self.tokens < chunk as f64 {
+            let wait = (chunk as f64 - self.tokens) / self.rate.0 as f64;
+            std::thread::sleep(Duration::from_secs_f64(wait));
+            self.refill();
+        }
+        let n = self.inner.write(&buf[..chunk])?;
+        self.tokens -= n as f64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_carries_bytes_in_order_and_ends() {
+        let ((mut a_r, mut a_w), (mut b_r, b_w)) = loopback::pair();
+        a_w.write_all(b"hello ").unwrap();
+        a_w.write_all(b"world").unwrap();
+        drop(a_w);
+        let mut got = String::new();
+        b_r.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "hello world");
+        drop(b_w);
+        let mut rest = Vec::new();
+        a_r.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn rate_limiter_slows_writes() {
+        let mut w = RateLimited::new(io::sink(), ByteRate(10 << 20));
+        let started = Instant::now();
+        let data = vec![0u8; 1 << 20];
+        for _ in 0..3 {
+            w.write_all(&data).unwrap();
+        }
+        // 3 MiB at 10 MiB/s, less the initial burst: at least ~0.25 s.
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
