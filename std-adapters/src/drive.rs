@@ -136,12 +136,70 @@ where
     H: PageRead + DirtyLog + SourceGuest,
 {
     let replies = spawn_reader(reader);
-    let mut out = Vec::with_capacity(2 << 20);
     let mut inbox: Vec<u8> = Vec::new();
+    let result = source_loop(
+        engine,
+        host,
+        &replies,
+        &mut inbox,
+        writer,
+        clock,
+        &mut on_round,
+    );
+    match result {
+        Err(DriveError::Transport(e)) => Err(explain_write_failure(
+            engine, host, &replies, &mut inbox, clock, e,
+        )),
+        other => other,
+    }
+}
+
+/// A write failed: most often because the destination refused something and hung up. Its
+/// abort frame (if it sent one) explains more than "broken pipe", so look for it.
+fn explain_write_failure<H: SourceGuest>(
+    engine: &mut PreCopySource,
+    host: &mut H,
+    replies: &Channel<Inbound>,
+    inbox: &mut Vec<u8>,
+    clock: &Clock,
+    error: io::Error,
+) -> DriveError {
+    let mut sink = Vec::new();
+    while let Ok(Inbound::Bytes(bytes)) = replies.recv_timeout(Duration::from_secs(1)) {
+        inbox.extend_from_slice(&bytes);
+        if let Err(e @ MigrationError::PeerAborted { .. }) =
+            engine.receive(clock.now(), inbox, host, &mut sink)
+        {
+            return e.into();
+        }
+    }
+    if !engine.is_finished() {
+        engine.cancel(
+            &format!("writing to the destination failed: {error}"),
+            host,
+            &mut sink,
+        );
+    }
+    DriveError::Transport(error)
+}
+
+fn source_loop<H>(
+    engine: &mut PreCopySource,
+    host: &mut H,
+    replies: &Channel<Inbound>,
+    inbox: &mut Vec<u8>,
+    writer: &mut dyn Write,
+    clock: &Clock,
+    on_round: &mut impl FnMut(&RoundReport),
+) -> Result<(), DriveError>
+where
+    H: PageRead + DirtyLog + SourceGuest,
+{
+    let mut out = Vec::with_capacity(2 << 20);
     let mut rounds_reported = 0;
     loop {
         let polled = engine.poll(clock.now(), host, &mut out);
-        send(engine, host, writer, &mut out)?;
+        send(writer, &mut out)?;
         while rounds_reported < engine.report().rounds.len() {
             on_round(&engine.report().rounds[rounds_reported]);
             rounds_reported += 1;
@@ -166,7 +224,7 @@ where
                 Err(RecvTimeoutError::Timeout) => {
                     let e =
                         engine.cancel("the destination did not answer within 60 s", host, &mut out);
-                    let _ = send(engine, host, writer, &mut out);
+                    let _ = send(writer, &mut out);
                     return Err(e.into());
                 }
                 Err(RecvTimeoutError::Disconnected) => Some(Inbound::Closed(None)),
@@ -176,8 +234,8 @@ where
             None => {}
             Some(Inbound::Bytes(bytes)) => {
                 inbox.extend_from_slice(&bytes);
-                let used = engine.receive(clock.now(), &inbox, host, &mut out);
-                send(engine, host, writer, &mut out)?;
+                let used = engine.receive(clock.now(), inbox, host, &mut out);
+                send(writer, &mut out)?;
                 inbox.drain(..used?);
             }
             Some(Inbound::Closed(err)) => {
@@ -191,30 +249,14 @@ where
     }
 }
 
-/// Writes and clears `out`. On failure the engine is cancelled (resuming a paused guest).
-fn send<H: SourceGuest>(
-    engine: &mut PreCopySource,
-    host: &mut H,
-    writer: &mut dyn Write,
-    out: &mut Vec<u8>,
-) -> Result<(), DriveError> {
+/// Writes and clears `out`.
+fn send(writer: &mut dyn Write, out: &mut Vec<u8>) -> Result<(), DriveError> {
     if out.is_empty() {
         return Ok(());
     }
     let written = writer.write_all(out).and_then(|_| writer.flush());
     out.clear();
-    if let Err(e) = written {
-        if !engine.is_finished() {
-            engine.cancel(
-                &format!("writing to the destination failed: {e}"),
-                host,
-                out,
-            );
-            out.clear();
-        }
-        return Err(DriveError::Transport(e));
-    }
-    Ok(())
+    written.map_err(DriveError::Transport)
 }
 
 /// A read buffer that always has room for the largest legal frame.

@@ -6,6 +6,8 @@
 //!   syscalls), for tests and the single-process demo.
 //! - [`tcp`]: `std::net` TCP with Nagle off, split with `try_clone`.
 //! - [`RateLimited`]: a token-bucket writer that models a slower link on either of them.
+//! - [`FaultInjector`]: a writer that corrupts one byte at a chosen stream offset, to test that
+//!   a damaged frame aborts the migration cleanly.
 
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
@@ -176,6 +178,46 @@ impl<W: Write> Write for RateLimited<W> {
     }
 }
 
+/// A writer that flips the bits of `mask` in the byte at stream offset `at`, once.
+pub struct FaultInjector<W> {
+    inner: W,
+    at: u64,
+    mask: u8,
+    written: u64,
+}
+
+impl<W: Write> FaultInjector<W> {
+    /// Wraps `inner`, corrupting the byte at offset `at` (counted from the first byte written).
+    pub fn new(inner: W, at: u64, mask: u8) -> Self {
+        FaultInjector {
+            inner,
+            at,
+            mask: mask.max(1),
+            written: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for FaultInjector<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let start = self.written;
+        let end = start + buf.len() as u64;
+        let n = if (start..end).contains(&self.at) {
+            let mut copy = buf.to_vec();
+            copy[(self.at - start) as usize] ^= self.mask;
+            self.inner.write(&copy)?
+        } else {
+            self.inner.write(buf)?
+        };
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +235,14 @@ mod tests {
         let mut rest = Vec::new();
         a_r.read_to_end(&mut rest).unwrap();
         assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn fault_injector_flips_exactly_one_byte() {
+        let mut w = FaultInjector::new(Vec::new(), 5, 0xff);
+        w.write_all(b"abc").unwrap();
+        w.write_all(b"defgh").unwrap();
+        assert_eq!(w.inner, b"abcde\x99gh");
     }
 
     #[test]
