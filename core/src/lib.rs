@@ -98,6 +98,7 @@ pub mod receive;
 pub mod report;
 pub mod schedule;
 pub mod time;
+pub mod track;
 pub mod wire;
 
 /// The names most users need, in one import.
