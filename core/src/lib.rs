@@ -93,6 +93,8 @@ pub mod digest;
 pub mod error;
 pub mod memory;
 pub mod migrate;
+pub mod model;
+pub mod policy;
 pub mod page;
 pub mod receive;
 pub mod report;

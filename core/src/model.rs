@@ -1,0 +1,1 @@
+//! Analytic time models of migration (placeholder; being written).

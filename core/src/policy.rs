@@ -1,0 +1,1 @@
+//! Host load and VM selection policy (placeholder; being written).

@@ -1,0 +1,1 @@
+//! Dirty-page traces (placeholder; being written).
