@@ -18,6 +18,14 @@ pub trait PageRead {
     /// Copies page `page` into `buf`, whose length is the page size. The engine only asks for
     /// pages inside the geometry it was given.
     fn read_page(&mut self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError>;
+
+    /// Whether the host knows, without reading it, that page `page` is all zeroes (memory the
+    /// guest never touched, a balloon's free pages). The engine then sends a zero-page frame
+    /// without reading or scanning the page. The default knows nothing.
+    fn is_known_zero(&mut self, page: PageIndex) -> bool {
+        let _ = page;
+        false
+    }
 }
 
 /// Writes guest pages on the destination.

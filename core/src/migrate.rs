@@ -443,9 +443,18 @@ impl PreCopySource {
                 return Ok(Poll::WaitUntil(wake.max(now + Nanos(1))));
             }
             let Some(page) = pages.next() else { break };
-            let (len, encoding) = PageFrameWriter::write(out, page, page_size, |buf| {
-                host.read_page(PageIndex(page), buf)
-            })?;
+            let (len, encoding) = if host.is_known_zero(PageIndex(page)) {
+                let frame = Frame::Page {
+                    index: page,
+                    encoding: PageEncoding::Zero,
+                    payload: &[],
+                };
+                (frame.emit(out), PageEncoding::Zero)
+            } else {
+                PageFrameWriter::write(out, page, page_size, |buf| {
+                    host.read_page(PageIndex(page), buf)
+                })?
+            };
             self.round_report.pages += 1;
             self.round_report.bytes += len as u64;
             allowed -= len as u64;

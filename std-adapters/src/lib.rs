@@ -16,6 +16,7 @@ pub mod demo;
 pub mod drive;
 pub mod memory;
 pub mod output;
+pub mod sim;
 pub mod trace;
 pub mod transport;
 pub mod units;

@@ -1,0 +1,198 @@
+//! Content model for the simulator: what the bytes of each page are, so compression and dedup
+//! studies see realistic data, without storing the guest's memory.
+//!
+//! A page's class (zero, text-like, random, or a duplicate of one of a few template pages) is a
+//! hash of the seed and the page index. Its contents at version `v` (after `v` writes) are the
+//! class's base contents with the last write to each of `page_size / bytes_per_write` slots
+//! applied; write `j` changes slot `(j - 1) mod slots` (slots visited in a scattered order), so
+//! consecutive versions differ in exactly `bytes_per_write` bytes and any version is built in
+//! at most one page's worth of work.
+
+use serde::Serialize;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// How a guest's pages are filled and changed.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ContentModel {
+    /// Share of pages that start all-zero.
+    pub zero_fraction: f64,
+    /// Share of pages holding text-like (compressible) bytes.
+    pub text_fraction: f64,
+    /// Share of pages that duplicate one of `templates` pages.
+    pub duplicate_fraction: f64,
+    /// Distinct template pages the duplicates copy.
+    pub templates: u32,
+    /// Bytes one write changes (a power of two, at most the page size).
+    pub bytes_per_write: u32,
+}
+
+impl Default for ContentModel {
+    fn default() -> Self {
+        ContentModel {
+            zero_fraction: 0.2,
+            text_fraction: 0.3,
+            duplicate_fraction: 0.05,
+            templates: 16,
+            bytes_per_write: 64,
+        }
+    }
+}
+
+/// What a page holds before any write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageClass {
+    /// All zeroes.
+    Zero,
+    /// Words from a small vocabulary: compresses well.
+    Text,
+    /// Incompressible bytes.
+    Random,
+    /// A copy of template page `n`.
+    Duplicate(u32),
+}
+
+const WORDS: [&[u8]; 16] = [
+    b"the ",
+    b"memory ",
+    b"page ",
+    b"of ",
+    b"a ",
+    b"virtual ",
+    b"machine ",
+    b"moves ",
+    b"while ",
+    b"it ",
+    b"runs ",
+    b"and ",
+    b"dirty ",
+    b"bits ",
+    b"are ",
+    b"logged\n",
+];
+
+fn unit(hash: u64) -> f64 {
+    (hash >> 11) as f64 / (1u64 << 53) as f64
+}
+
+impl ContentModel {
+    /// The class of `page`.
+    pub fn class(&self, seed: u64, page: u64) -> PageClass {
+        let u = unit(xxh3_64_with_seed(&page.to_le_bytes(), seed));
+        if u < self.zero_fraction {
+            PageClass::Zero
+        } else if u < self.zero_fraction + self.text_fraction {
+            PageClass::Text
+        } else if u < self.zero_fraction + self.text_fraction + self.duplicate_fraction {
+            PageClass::Duplicate((page % self.templates.max(1) as u64) as u32)
+        } else {
+            PageClass::Random
+        }
+    }
+
+    /// Whether `page` at `version` is all zeroes.
+    pub fn is_zero(&self, seed: u64, page: u64, version: u32) -> bool {
+        version == 0 && self.class(seed, page) == PageClass::Zero
+    }
+
+    /// Fills `buf` (one page) with `page`'s contents after `version` writes.
+    pub fn fill(&self, seed: u64, page: u64, version: u32, buf: &mut [u8]) {
+        match self.class(seed, page) {
+            PageClass::Zero => buf.fill(0),
+            PageClass::Text => fill_text(buf, seed ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            PageClass::Random => fill_random(buf, seed ^ page.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)),
+            PageClass::Duplicate(t) => fill_random(buf, seed ^ 0xd0d0 ^ t as u64),
+        }
+        if version == 0 {
+            return;
+        }
+        let k = (self.bytes_per_write as usize)
+            .clamp(1, buf.len())
+            .next_power_of_two()
+            .min(buf.len());
+        let slots = (buf.len() / k) as u64;
+        let v = version as u64;
+        for s in 0..v.min(slots) {
+            // The last write that landed in slot s.
+            let j = s + 1 + (v - (s + 1)) / slots * slots;
+            let position = (s.wrapping_mul(2_654_435_761) % slots) as usize * k;
+            let mut x = xxh3_64_with_seed(&j.to_le_bytes(), seed ^ page);
+            for chunk in buf[position..position + k].chunks_mut(8) {
+                let bytes = x.to_le_bytes();
+                chunk.copy_from_slice(&bytes[..chunk.len()]);
+                x = x.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            }
+        }
+    }
+}
+
+fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for chunk in buf.chunks_mut(8) {
+        // xorshift64*: fast, and the content only needs to look random to a compressor.
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+fn fill_text(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    let mut at = 0;
+    while at < buf.len() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let word = WORDS[(x & 15) as usize];
+        let n = word.len().min(buf.len() - at);
+        buf[at..at + n].copy_from_slice(&word[..n]);
+        at += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_differ_by_one_write() {
+        let m = ContentModel {
+            zero_fraction: 0.0,
+            text_fraction: 1.0,
+            ..ContentModel::default()
+        };
+        let mut a = vec![0u8; 4096];
+        let mut b = vec![0u8; 4096];
+        for v in [0u32, 1, 5, 63, 64, 65, 1000] {
+            m.fill(1, 7, v, &mut a);
+            m.fill(1, 7, v + 1, &mut b);
+            let diff = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+            assert!(diff > 0 && diff <= 64, "v={v}: {diff} bytes differ");
+            let mut again = vec![0u8; 4096];
+            m.fill(1, 7, v, &mut again);
+            assert_eq!(a, again, "deterministic");
+        }
+    }
+
+    #[test]
+    fn classes_follow_the_fractions() {
+        let m = ContentModel::default();
+        let n = 100_000;
+        let zero = (0..n).filter(|&p| m.class(9, p) == PageClass::Zero).count();
+        assert!((19_000..21_000).contains(&zero), "{zero}");
+        let mut a = vec![1u8; 4096];
+        let p = (0..n).find(|&p| m.class(9, p) == PageClass::Zero).unwrap();
+        m.fill(9, p, 0, &mut a);
+        assert!(a.iter().all(|&b| b == 0));
+        assert!(m.is_zero(9, p, 0) && !m.is_zero(9, p, 1));
+        let dups: Vec<u64> = (0..n)
+            .filter(|&p| matches!(m.class(9, p), PageClass::Duplicate(0)))
+            .take(2)
+            .collect();
+        let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
+        m.fill(9, dups[0], 0, &mut x);
+        m.fill(9, dups[1], 0, &mut y);
+        assert_eq!(x, y, "duplicates of one template are identical");
+    }
+}
