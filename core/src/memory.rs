@@ -70,6 +70,8 @@ pub trait SourceGuest {
 pub trait DestinationGuest {
     /// Installs the CPU and device state that the source saved.
     fn restore_state(&mut self, state: &[u8]) -> Result<(), HostError>;
-    /// Starts the guest: memory and state are all in place.
+    /// Starts the guest: memory and state are all in place. If the source's digest then turns
+    /// out to differ (the receiver returns `DigestMismatch`), the source guest resumes and this
+    /// guest must be discarded by the caller.
     fn start(&mut self) -> Result<(), HostError>;
 }

@@ -15,6 +15,7 @@
 //! 5. the source hashes its frozen memory and sends the digest; the destination's verdict
 //!    releases the source (commitment). On any failure the source guest resumes.
 
+use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
@@ -26,7 +27,9 @@ use crate::page::{Geometry, PageIndex};
 use crate::report::{MigrationReport, RoundReport, StopReason};
 use crate::schedule::{Decision, RatePlan, RoundOutcome, Scheduler, StopRules};
 use crate::time::{ByteRate, Nanos};
-use crate::wire::{self, Frame, Hello, PageEncoding, PageFrameWriter, WireError, PROTOCOL_VERSION};
+use crate::wire::{
+    self, Frame, Hello, PageEncoding, PageFrameWriter, Verdict, WireError, PROTOCOL_VERSION,
+};
 
 /// What the engine wants next. In every case, first write out what it appended to `out`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,9 +81,10 @@ enum State {
     /// the driver has written it, so that its duration includes transmission.
     Drained,
     AwaitReady,
+    /// Boxed: the hasher's state is large and this state is brief.
     Hashing {
         next: u64,
-        builder: DigestBuilder,
+        builder: Box<DigestBuilder>,
     },
     AwaitVerdict,
     Done,
@@ -280,7 +284,7 @@ impl PreCopySource {
                 self.state = if self.config.verify {
                     State::Hashing {
                         next: 0,
-                        builder: DigestBuilder::new(),
+                        builder: Box::default(),
                     }
                 } else {
                     self.finish(now);
@@ -288,10 +292,11 @@ impl PreCopySource {
                 };
                 Ok(())
             }
-            (State::AwaitVerdict, Frame::Verified { matches, digest }) => {
-                self.report.destination_digest = Some(digest);
-                self.report.verified = Some(matches);
-                if !matches {
+            (State::AwaitVerdict, Frame::Verified { verdict, digest }) => {
+                let checked = verdict != Verdict::NotChecked;
+                self.report.destination_digest = checked.then_some(digest);
+                self.report.verified = checked.then_some(verdict == Verdict::Match);
+                if verdict == Verdict::Mismatch {
                     return Err(MigrationError::DigestMismatch {
                         source: self.report.source_digest.unwrap_or_default(),
                         destination: digest,
@@ -428,7 +433,8 @@ impl PreCopySource {
         let mut allowed = limit
             .bytes_in(now - self.round_start)
             .saturating_sub(self.round_report.bytes);
-        let batch_end = out.len() + self.config.batch_bytes;
+        // At least one frame per poll, whatever the batch size.
+        let batch_end = out.len() + self.config.batch_bytes.max(1);
         let mut pages = self.to_send.iter_ones_from(cursor);
         loop {
             if out.len() >= batch_end {
@@ -480,7 +486,13 @@ impl PreCopySource {
             if state.is_empty() {
                 self.emit_control(out, Frame::DeviceState(&[]));
             }
-            self.emit_control(out, Frame::Switchover { rounds: self.round });
+            self.emit_control(
+                out,
+                Frame::Switchover {
+                    rounds: self.round,
+                    digest_follows: self.config.verify,
+                },
+            );
         }
         self.state = State::Drained;
         Ok(Poll::Continue)

@@ -17,7 +17,7 @@ use crate::error::MigrationError;
 use crate::memory::{DestinationGuest, PageWrite};
 use crate::page::{Geometry, PageIndex};
 use crate::time::Nanos;
-use crate::wire::{self, Frame, FrameKind, PageEncoding, WireError, PROTOCOL_VERSION};
+use crate::wire::{self, Frame, FrameKind, PageEncoding, Verdict, WireError, PROTOCOL_VERSION};
 
 /// Settings of the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,7 +296,13 @@ impl Receiver {
                 self.device_state_seen = true;
                 Ok(())
             }
-            (ReceiverStatus::Receiving, Frame::Switchover { rounds }) => {
+            (
+                ReceiverStatus::Receiving,
+                Frame::Switchover {
+                    rounds,
+                    digest_follows,
+                },
+            ) => {
                 if !self.device_state_seen {
                     return Err(self.unexpected(FrameKind::Switchover));
                 }
@@ -328,18 +334,27 @@ impl Receiver {
                 host.start()?;
                 self.started_at = Some(now);
                 Frame::Ready.emit(out);
-                self.status = ReceiverStatus::Running;
+                // Without a digest to come, the migration is over once the guest runs.
+                self.status = if digest_follows {
+                    ReceiverStatus::Running
+                } else {
+                    ReceiverStatus::Complete
+                };
                 Ok(())
             }
             (ReceiverStatus::Running, Frame::Complete { digest }) => {
                 let ours = self.digest;
-                let matches = ours.is_none_or(|d| d == digest);
+                let verdict = match ours {
+                    None => Verdict::NotChecked,
+                    Some(d) if d == digest => Verdict::Match,
+                    Some(_) => Verdict::Mismatch,
+                };
                 Frame::Verified {
-                    matches,
-                    digest: ours.unwrap_or(digest),
+                    verdict,
+                    digest: ours.unwrap_or(0),
                 }
                 .emit(out);
-                if !matches {
+                if verdict == Verdict::Mismatch {
                     return Err(MigrationError::DigestMismatch {
                         source: digest,
                         destination: ours.unwrap_or_default(),
@@ -352,11 +367,11 @@ impl Receiver {
         }
     }
 
+    /// The first page never received (for the error message).
     fn received_gap(&self) -> u64 {
-        let mut missing = self.received.clone();
-        missing.fill();
-        missing.difference_with(&self.received);
-        missing.iter_ones().next().unwrap_or(0)
+        (0..self.geometry.page_count())
+            .find(|&p| !self.received.get(p))
+            .unwrap_or(0)
     }
 
     fn apply_page<H: PageWrite>(

@@ -16,10 +16,10 @@
 //! | `Page` | source → destination | page index u64, encoding u8, payload |
 //! | `RoundEnd` | source → destination | round u32, 0 u32, pages sent in the round u64 |
 //! | `DeviceState` | source → destination | opaque bytes |
-//! | `Switchover` | source → destination | rounds u32, 0 u32 |
+//! | `Switchover` | source → destination | rounds u32, flags u32 (bit 0: a `Complete` digest follows) |
 //! | `Ready` | destination → source | empty: the destination has everything and runs |
 //! | `Complete` | source → destination | memory digest u64 |
-//! | `Verified` | destination → source | matches u8, 7 × 0, destination digest u64 |
+//! | `Verified` | destination → source | verdict u8 (0 mismatch, 1 match, 2 not checked), 7 × 0, destination digest u64 |
 //! | `Abort` | either | code u16, UTF-8 message |
 //!
 //! Decoding ([`Frame::parse`]) is a checked view over `&[u8]` in smoltcp's style: it never
@@ -251,6 +251,8 @@ pub enum Frame<'a> {
     Switchover {
         /// Rounds sent, stop-and-copy included.
         rounds: u32,
+        /// Whether a `Complete` frame with the source's digest follows.
+        digest_follows: bool,
     },
     /// Destination runs.
     Ready,
@@ -261,9 +263,9 @@ pub enum Frame<'a> {
     },
     /// Destination's verdict.
     Verified {
-        /// Whether the digests match.
-        matches: bool,
-        /// The destination's digest.
+        /// Whether the digests match, or whether the destination checked at all.
+        verdict: Verdict,
+        /// The destination's digest (zero when not checked).
         digest: u64,
     },
     /// A side gives up.
@@ -273,6 +275,18 @@ pub enum Frame<'a> {
         /// Message bytes (UTF-8 from this crate; treat as untrusted).
         message: &'a [u8],
     },
+}
+
+/// The destination's verdict on the source's digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Verdict {
+    /// The digests differ.
+    Mismatch = 0,
+    /// The digests match.
+    Match = 1,
+    /// The destination keeps no page hashes and did not check.
+    NotChecked = 2,
 }
 
 /// The hello that opens a stream.
@@ -412,11 +426,13 @@ impl<'a> Frame<'a> {
             FrameKind::DeviceState => Frame::DeviceState(body),
             FrameKind::Switchover => {
                 exact(8)?;
-                if le_u32(body, 4) != 0 {
+                let flags = le_u32(body, 4);
+                if flags & !1 != 0 {
                     return Err(WireError::ReservedBitsSet);
                 }
                 Frame::Switchover {
                     rounds: le_u32(body, 0),
+                    digest_follows: flags & 1 != 0,
                 }
             }
             FrameKind::Ready => {
@@ -431,11 +447,17 @@ impl<'a> Frame<'a> {
             }
             FrameKind::Verified => {
                 exact(16)?;
-                if body[0] > 1 || body[1..8].iter().any(|&b| b != 0) {
+                let verdict = match body[0] {
+                    0 => Verdict::Mismatch,
+                    1 => Verdict::Match,
+                    2 => Verdict::NotChecked,
+                    _ => return Err(WireError::ReservedBitsSet),
+                };
+                if body[1..8].iter().any(|&b| b != 0) {
                     return Err(WireError::ReservedBitsSet);
                 }
                 Frame::Verified {
-                    matches: body[0] == 1,
+                    verdict,
                     digest: le_u64(body, 8),
                 }
             }
@@ -500,14 +522,17 @@ impl<'a> Frame<'a> {
                 out.extend_from_slice(&pages.to_le_bytes());
             }
             Frame::DeviceState(bytes) => out.extend_from_slice(bytes),
-            Frame::Switchover { rounds } => {
+            Frame::Switchover {
+                rounds,
+                digest_follows,
+            } => {
                 out.extend_from_slice(&rounds.to_le_bytes());
-                out.extend_from_slice(&[0; 4]);
+                out.extend_from_slice(&(digest_follows as u32).to_le_bytes());
             }
             Frame::Ready => {}
             Frame::Complete { digest } => out.extend_from_slice(&digest.to_le_bytes()),
-            Frame::Verified { matches, digest } => {
-                out.push(matches as u8);
+            Frame::Verified { verdict, digest } => {
+                out.push(verdict as u8);
                 out.extend_from_slice(&[0; 7]);
                 out.extend_from_slice(&digest.to_le_bytes());
             }
@@ -625,13 +650,16 @@ mod tests {
                 pages: 99,
             },
             Frame::DeviceState(payload),
-            Frame::Switchover { rounds: 4 },
+            Frame::Switchover {
+                rounds: 4,
+                digest_follows: true,
+            },
             Frame::Ready,
             Frame::Complete {
                 digest: 0xdead_beef,
             },
             Frame::Verified {
-                matches: true,
+                verdict: Verdict::Match,
                 digest: 5,
             },
             Frame::Abort {
@@ -721,7 +749,7 @@ mod tests {
 
     #[test]
     fn abort_message_is_cut_at_char_boundary() {
-        let long: std::string::String = core::iter::repeat('é').take(1000).collect();
+        let long = "é".repeat(1000);
         let cut = abort_message(&long);
         assert!(cut.len() <= MAX_ABORT_MESSAGE);
         assert!(core::str::from_utf8(cut).is_ok());

@@ -12,10 +12,12 @@
 //! - [`units`]: parsing of sizes (`256MiB`) and rates (`1Gbit`).
 //! - [`output`]: the report as a table and as the JSON object scripts rely on.
 
+pub mod compare;
 pub mod demo;
 pub mod drive;
 pub mod memory;
 pub mod output;
+pub mod plots;
 pub mod sim;
 pub mod trace;
 pub mod transport;

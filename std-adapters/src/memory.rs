@@ -89,7 +89,7 @@ impl GuestRegion {
     /// Stores `value` at byte offset `at` (8-byte aligned, in bounds), as a guest write would.
     pub fn store_u64(&self, at: usize, value: u64) {
         assert!(
-            at % 8 == 0 && at + 8 <= self.map.len(),
+            at.is_multiple_of(8) && at + 8 <= self.map.len(),
             "store outside the guest"
         );
         // SAFETY: aligned and in bounds; a volatile store so the write really happens.

@@ -11,36 +11,67 @@ fn memferry() -> Command {
 #[test]
 fn demo_json_has_the_contract_fields() {
     let out = memferry()
-        .args(["demo", "--memory", "32MiB", "--seed", "3", "--json", "--quiet"])
+        .args([
+            "demo", "--memory", "32MiB", "--seed", "3", "--json", "--quiet",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.lines().count(), 1, "one JSON object on one line");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["verified"], true);
-    for field in ["total_time_ms", "downtime_ms", "preparation_time_ms", "resume_time_ms"] {
+    for field in [
+        "total_time_ms",
+        "downtime_ms",
+        "preparation_time_ms",
+        "resume_time_ms",
+    ] {
         assert!(v[field].as_f64().unwrap() >= 0.0, "{field}");
     }
     let total = v["total_time_ms"].as_f64().unwrap();
-    let parts = v["preparation_time_ms"].as_f64().unwrap() + v["downtime_ms"].as_f64().unwrap() + v["resume_time_ms"].as_f64().unwrap();
+    let parts = v["preparation_time_ms"].as_f64().unwrap()
+        + v["downtime_ms"].as_f64().unwrap()
+        + v["resume_time_ms"].as_f64().unwrap();
     assert!((total - parts).abs() < 0.01, "{total} vs {parts}");
     let pages = v["pages_sent"].as_u64().unwrap();
-    assert!(pages >= 8192, "every one of 8192 pages at least once: {pages}");
+    assert!(
+        pages >= 8192,
+        "every one of 8192 pages at least once: {pages}"
+    );
     assert!(v["bytes_sent"].as_u64().unwrap() > 0);
     let rounds = v["rounds"].as_u64().unwrap();
     assert!(rounds >= 2);
     assert_eq!(v["per_round"].as_array().unwrap().len() as u64, rounds);
     let reason = v["stop_reason"].as_str().unwrap();
-    assert!(["downtime_target", "max_rounds", "not_converging", "deadline"].contains(&reason), "{reason}");
+    assert!(
+        [
+            "downtime_target",
+            "max_rounds",
+            "not_converging",
+            "deadline"
+        ]
+        .contains(&reason),
+        "{reason}"
+    );
 }
 
 #[test]
 fn demo_prints_progress_and_a_table() {
-    let out = memferry().args(["demo", "--memory", "16MiB", "--transport", "loopback"]).output().unwrap();
+    let out = memferry()
+        .args(["demo", "--memory", "16MiB", "--transport", "loopback"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("round  1:"), "progress per round on stderr: {stderr}");
+    assert!(
+        stderr.contains("round  1:"),
+        "progress per round on stderr: {stderr}"
+    );
     assert!(stderr.contains("stop-and-copy"), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("verified                 yes"), "{stdout}");
@@ -62,8 +93,15 @@ fn listen_and_send_migrate_between_two_processes() {
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
     assert!(addr.starts_with("127.0.0.1:"), "{line}");
 
-    let sent = memferry().args(["send", &addr, "--memory", "24MiB", "--json", "--quiet"]).output().unwrap();
-    assert!(sent.status.success(), "send: {}", String::from_utf8_lossy(&sent.stderr));
+    let sent = memferry()
+        .args(["send", &addr, "--memory", "24MiB", "--json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "send: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
     assert_eq!(report["verified"], true);
     assert_eq!(report["memory_bytes"], 24 << 20);
@@ -87,10 +125,16 @@ fn send_to_a_listener_with_too_little_room_fails_clearly() {
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
     let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    let sent = memferry().args(["send", &addr, "--memory", "16MiB", "--quiet"]).output().unwrap();
+    let sent = memferry()
+        .args(["send", &addr, "--memory", "16MiB", "--quiet"])
+        .output()
+        .unwrap();
     assert!(!sent.status.success());
     let why = String::from_utf8_lossy(&sent.stderr);
-    assert!(why.contains("limit"), "the source is told the listener's reason: {why}");
+    assert!(
+        why.contains("limit"),
+        "the source is told the listener's reason: {why}"
+    );
     assert!(why.contains("keeps running"), "{why}");
     assert!(!listener.wait().unwrap().success());
 }
@@ -102,7 +146,10 @@ fn bad_options_get_clear_errors() {
         (vec!["demo", "--bandwidth", "fast"], "not a rate"),
         (vec!["demo", "--page-size", "3000"], "power of two"),
         (vec!["demo", "--hot-fraction", "2"], "between 0 and 1"),
-        (vec!["send", "127.0.0.1:1", "--memory", "4MiB"], "cannot connect"),
+        (
+            vec!["send", "127.0.0.1:1", "--memory", "4MiB"],
+            "cannot connect",
+        ),
     ] {
         let out = memferry().args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?} should fail");

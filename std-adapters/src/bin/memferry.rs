@@ -12,6 +12,7 @@ use memferry::page::PageSize;
 use memferry::report::MigrationReport;
 use memferry::schedule::{RatePlan, StopRules};
 use memferry::time::{ByteRate, Nanos};
+use memferry_std::compare;
 use memferry_std::demo::{self, GuestOptions, JobError, TransportKind};
 use memferry_std::output::{self, ReportJson, WorkloadJson};
 use memferry_std::transport::tcp;
@@ -52,6 +53,31 @@ enum Command {
         /// Print a JSON summary instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Compare strategies × workloads × seeds in the virtual-time simulator: a table of
+    /// medians and spread, or CSV / JSON, and SVG plots.
+    Compare {
+        /// Which comparison (see --list).
+        #[arg(long, default_value = "default")]
+        preset: String,
+        /// List the presets and exit.
+        #[arg(long)]
+        list: bool,
+        /// Seeds per cell (default: the preset's).
+        #[arg(long)]
+        seeds: Option<u64>,
+        /// Every run as CSV instead of the table.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+        /// The whole comparison as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Write SVG plots into this directory.
+        #[arg(long)]
+        plots: Option<std::path::PathBuf>,
+        /// Worker threads (default: the machine's cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Migrate an in-process guest, workload running, to a `memferry listen` at ADDR.
     Send {
@@ -199,6 +225,71 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+fn run_compare(
+    preset: &str,
+    list: bool,
+    seeds: Option<u64>,
+    csv: bool,
+    json: bool,
+    plots: Option<std::path::PathBuf>,
+    threads: Option<usize>,
+) -> ExitCode {
+    let all = compare::presets();
+    if list {
+        for p in &all {
+            println!("{:<14} {}", p.name, p.description);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let names: Vec<&str> = all.iter().map(|p| p.name).collect();
+    let Some(mut chosen) = all.iter().find(|p| p.name == preset).cloned() else {
+        return fail(format!(
+            "no preset '{preset}'; try one of: {}",
+            names.join(", ")
+        ));
+    };
+    if let Some(n) = seeds {
+        chosen.seeds = (1..=n.max(1)).collect();
+    }
+    let threads =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let started = std::time::Instant::now();
+    let result = compare::run(&chosen, threads, |done, total| {
+        eprint!("\rsimulating: {done}/{total} runs");
+        if done == total {
+            eprintln!();
+        }
+    });
+    let comparison = match result {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    eprintln!(
+        "{} runs in {:.1} s of wall time",
+        comparison.runs.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if csv {
+        print!("{}", compare::csv(&comparison));
+    } else if json {
+        println!(
+            "{}",
+            serde_json::to_string(&comparison).expect("the comparison serialises")
+        );
+    } else {
+        print!("{}", compare::table(&comparison));
+    }
+    if let Some(dir) = plots {
+        match memferry_std::plots::write_all(&comparison, &dir) {
+            Ok(files) => files
+                .iter()
+                .for_each(|f| eprintln!("wrote {}", f.display())),
+            Err(e) => return fail(format!("cannot write plots to {}: {e}", dir.display())),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -248,6 +339,15 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Compare {
+            preset,
+            list,
+            seeds,
+            csv,
+            json,
+            plots,
+            threads,
+        } => run_compare(&preset, list, seeds, csv, json, plots, threads),
         Command::Listen {
             addr,
             max_memory,

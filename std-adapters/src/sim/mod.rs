@@ -423,9 +423,9 @@ fn lower_bounds(
 ) -> LowerBounds {
     let page_size = geometry.page_size().bytes();
     let full = wire::page_frame_len(page_size) as u64;
-    let bare = wire::page_frame_len(0) as u64;
     // Classes at the end: a written page is no longer zero or a known duplicate.
-    let (mut zero, mut duplicate_templates_seen) = (0u64, std::collections::HashSet::new());
+    let mut zero = 0u64;
+    let mut templates_seen = std::collections::HashSet::new();
     let mut duplicates = 0u64;
     for page in 0..geometry.page_count() {
         if guest.version(page) != 0 {
@@ -433,16 +433,17 @@ fn lower_bounds(
         }
         match scenario.content.class(scenario.seed, page) {
             content::PageClass::Zero => zero += 1,
-            content::PageClass::Duplicate(t) => {
-                if !duplicate_templates_seen.insert(t) {
-                    duplicates += 1;
-                }
-            }
+            content::PageClass::Duplicate(t) if !templates_seen.insert(t) => duplicates += 1,
             _ => {}
         }
     }
-    let cheap = zero + duplicates;
-    let least_bytes = (geometry.page_count() - cheap) * full + cheap * bare;
+    let least_bytes = memferry::model::least_bytes(
+        geometry.page_count(),
+        zero,
+        duplicates,
+        page_size as u64,
+        wire::page_frame_len(0) as u64,
+    );
     // The oracle's final writable working set: a fixed point, from the stop-and-copy's length.
     let pause = report.preparation_time + scenario.warmup;
     let mut d = report.rounds.last().map_or(Nanos::ZERO, |r| r.duration);
