@@ -116,39 +116,58 @@ impl ContentModel {
             let j = s + 1 + (v - (s + 1)) / slots * slots;
             let position = (s.wrapping_mul(2_654_435_761) % slots) as usize * k;
             let mut x = xxh3_64_with_seed(&j.to_le_bytes(), seed ^ page);
-            for chunk in buf[position..position + k].chunks_mut(8) {
-                let bytes = x.to_le_bytes();
-                chunk.copy_from_slice(&bytes[..chunk.len()]);
+            let slot = &mut buf[position..position + k];
+            let mut words = slot.chunks_exact_mut(8);
+            for chunk in &mut words {
+                chunk.copy_from_slice(&x.to_le_bytes());
                 x = x.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
             }
+            let tail = words.into_remainder();
+            let n = tail.len();
+            tail.copy_from_slice(&x.to_le_bytes()[..n]);
         }
     }
 }
 
 fn fill_random(buf: &mut [u8], seed: u64) {
     let mut x = seed | 1;
-    for chunk in buf.chunks_mut(8) {
+    // Page sizes are multiples of 8, so fixed-size chunks (no per-chunk memcpy call).
+    for chunk in buf.chunks_exact_mut(8) {
         // xorshift64*: fast, and the content only needs to look random to a compressor.
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
-        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
+        chunk.copy_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
     }
 }
 
+/// One MiB of text-like bytes, built once: a text page is a slice of it at a page-specific
+/// offset, stamped with the page's seed so no two pages are identical by accident. (Building
+/// each page word by word cost more than everything else the simulator does.)
+fn text_corpus() -> &'static [u8] {
+    static CORPUS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    CORPUS.get_or_init(|| {
+        let mut corpus = Vec::with_capacity(TEXT_CORPUS + 2 * 1024 * 1024);
+        let mut x = 0x1234_5678_9abc_def1u64;
+        while corpus.len() < TEXT_CORPUS + 2 * 1024 * 1024 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            corpus.extend_from_slice(WORDS[(x & 15) as usize]);
+        }
+        corpus
+    })
+}
+
+const TEXT_CORPUS: usize = 1 << 20;
+
 fn fill_text(buf: &mut [u8], seed: u64) {
-    let mut x = seed | 1;
-    let mut at = 0;
-    while at < buf.len() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let word = WORDS[(x & 15) as usize];
-        let n = word.len().min(buf.len() - at);
-        buf[at..at + n].copy_from_slice(&word[..n]);
-        at += n;
-    }
+    let corpus = text_corpus();
+    let at = (seed % TEXT_CORPUS as u64) as usize;
+    buf.copy_from_slice(&corpus[at..at + buf.len()]);
+    let stamp = seed.to_le_bytes();
+    let n = stamp.len().min(buf.len());
+    buf[..n].copy_from_slice(&stamp[..n]);
 }
 
 #[cfg(test)]

@@ -84,6 +84,37 @@ impl WorkloadModel {
         }
     }
 
+    /// The model called `name` at `rate`, with this project's default parameters: hot/cold and
+    /// phases put 90% of writes on 5% of memory (phases move every 500 ms), Zipf has exponent
+    /// 1, a sweep rewrites a quarter of memory.
+    pub fn named(name: &str, rate: f64) -> Option<WorkloadModel> {
+        Some(match name {
+            "idle" => WorkloadModel::Idle,
+            "uniform" => WorkloadModel::Uniform { rate },
+            "hotcold" => WorkloadModel::HotCold {
+                rate,
+                hot_fraction: 0.05,
+                hot_share: 0.9,
+            },
+            "zipf" => WorkloadModel::Zipf {
+                rate,
+                exponent: 1.0,
+            },
+            "sweep" => WorkloadModel::Sweep {
+                rate,
+                start_fraction: 0.25,
+                length_fraction: 0.25,
+            },
+            "phases" => WorkloadModel::Phases {
+                rate,
+                hot_fraction: 0.05,
+                hot_share: 0.9,
+                period: Nanos::from_millis(500),
+            },
+            _ => return None,
+        })
+    }
+
     /// Writes per second.
     pub fn rate(&self) -> f64 {
         match *self {
