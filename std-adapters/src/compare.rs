@@ -211,6 +211,12 @@ pub struct Row {
     pub least_bytes: Spread,
     /// The oracle's downtime, ms.
     pub least_downtime_ms: Spread,
+    /// Clark's geometric series: total time, ms.
+    pub model_total_time_ms: Spread,
+    /// Clark's geometric series: downtime, ms.
+    pub model_downtime_ms: Spread,
+    /// Paper 000's Tmig, ms.
+    pub paper000_total_time_ms: Spread,
 }
 
 /// The result of a comparison.
@@ -306,6 +312,9 @@ pub fn run(
                 rounds: metric(&|o| o.report.rounds.len() as f64),
                 least_bytes: metric(&|o| o.bounds.least_bytes as f64),
                 least_downtime_ms: metric(&|o| o.bounds.least_downtime.as_millis_f64()),
+                model_total_time_ms: metric(&|o| o.models.precopy_total_time.as_millis_f64()),
+                model_downtime_ms: metric(&|o| o.models.precopy_downtime.as_millis_f64()),
+                paper000_total_time_ms: metric(&|o| o.models.paper000_total_time.as_millis_f64()),
             });
         }
     }
@@ -348,6 +357,9 @@ pub fn table(c: &Comparison) -> String {
         "rounds",
         "least MB",
         "least downtime ms",
+        "Clark total ms",
+        "Clark downtime ms",
+        "paper000 Tmig ms",
     ];
     let mut rows: Vec<Vec<String>> = vec![headers.iter().map(|h| h.to_string()).collect()];
     for r in &c.rows {
@@ -363,6 +375,9 @@ pub fn table(c: &Comparison) -> String {
             spread_text(&r.rounds, 1.0, 0),
             spread_text(&r.least_bytes, 1e6, 1),
             spread_text(&r.least_downtime_ms, 1.0, 1),
+            spread_text(&r.model_total_time_ms, 1.0, 1),
+            spread_text(&r.model_downtime_ms, 1.0, 1),
+            spread_text(&r.paper000_total_time_ms, 1.0, 1),
         ]);
     }
     let widths: Vec<usize> = (0..headers.len())
@@ -392,17 +407,17 @@ pub fn table(c: &Comparison) -> String {
             out.push('\n');
         }
     }
-    out.push_str("(median over seeds, range in brackets)\n");
+    out.push_str("(median over seeds, range in brackets; least = lower bounds for any strategy; Clark and paper000 = analytic models fed this run's measured round-1 dirty rate)\n");
     out
 }
 
 /// Every run as CSV, one line per strategy × workload × seed.
 pub fn csv(c: &Comparison) -> String {
-    let mut out = String::from("preset,strategy,workload,seed,total_time_ms,downtime_ms,preparation_time_ms,resume_time_ms,bytes_sent,pages_sent,pages_resent,rounds,stop_reason,least_bytes,least_downtime_ms,writes\n");
+    let mut out = String::from("preset,strategy,workload,seed,total_time_ms,downtime_ms,preparation_time_ms,resume_time_ms,bytes_sent,pages_sent,pages_resent,rounds,stop_reason,least_bytes,least_downtime_ms,writes,model_total_time_ms,model_downtime_ms,paper000_total_time_ms\n");
     for r in &c.runs {
         let rep = &r.outcome.report;
         out.push_str(&format!(
-            "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{:.3},{}\n",
+            "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{:.3},{},{:.3},{:.3},{:.3}\n",
             c.preset,
             r.strategy,
             r.workload,
@@ -419,6 +434,9 @@ pub fn csv(c: &Comparison) -> String {
             r.outcome.bounds.least_bytes,
             r.outcome.bounds.least_downtime.as_millis_f64(),
             r.outcome.writes,
+            r.outcome.models.precopy_total_time.as_millis_f64(),
+            r.outcome.models.precopy_downtime.as_millis_f64(),
+            r.outcome.models.paper000_total_time.as_millis_f64(),
         ));
     }
     out

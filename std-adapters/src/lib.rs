@@ -12,6 +12,7 @@
 //! - [`units`]: parsing of sizes (`256MiB`) and rates (`1Gbit`).
 //! - [`output`]: the report as a table and as the JSON object scripts rely on.
 
+pub mod cluster;
 pub mod compare;
 pub mod demo;
 pub mod drive;

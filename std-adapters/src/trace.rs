@@ -80,42 +80,45 @@
 //! own hot/cold pattern; "workload 100 ms" is 20,000 writes of `memferry record`'s default
 //! workload, 90 % of them into the first 5 % of a 1 GiB guest):
 //!
-//! | dirty set | pages | dirty | raw bitmap | page deltas | word runs¹ | bit runs² | roaring³ | LZ4 of bitmap | chunked 4 Ki | this format |
+//! | dirty set | pages | dirty | raw bitmap | page deltas | word runs¹ | bit runs² | roaring³ | LZ4 of bitmap | chunked | this format⁴ |
 //! | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
-//! | uniform 0.1 % | 2^18 | 262 | 32768 | **502** | 2787 | 764 | 540 | 1505 | 616 | 502 |
-//! | uniform 1 % | 2^18 | 2621 | 32768 | **3352** | 18592 | 5916 | 5258 | 9243 | 3457 | 3352 |
-//! | hot/cold 1 % | 2^18 | 2621 | 32768 | 2853 | 4443 | 4628 | 5258 | 3173 | **2282** | 2282 |
-//! | workload 100 ms | 2^18 | 11701 | 32768 | 12417 | 16442 | 9362 | 11232 | 9043 | **4710** | 4710 |
-//! | workload 1 s | 2^18 | 31286 | 32768 | 31287 | 30963 | 33666 | 32784 | 23603 | **18631** | 18631 |
+//! | uniform 0.1 % | 2^18 | 262 | 32768 | **502** | 2787 | 764 | 540 | 1505 | 616 | 499 |
+//! | uniform 1 % | 2^18 | 2621 | 32768 | **3352** | 18592 | 5916 | 5258 | 9243 | 3457 | 3345 |
+//! | hot/cold 1 % | 2^18 | 2621 | 32768 | 2853 | 4443 | 4628 | 5258 | 3173 | **2282** | 2333 |
+//! | workload 100 ms | 2^18 | 11701 | 32768 | 12417 | 16442 | 9362 | 11232 | 9043 | **4710** | 4749 |
+//! | workload 1 s | 2^18 | 31286 | 32768 | 31287 | 30963 | 33666 | 32784 | 23603 | **18631** | 18859 |
 //! | uniform 10 % | 2^18 | 26214 | 32768 | **26214** | 32748 | 47074 | 32784 | 27801 | 26406 | 26214 |
 //! | uniform 20 % | 2^18 | 52428 | 32768 | 52428 | **32772** | 83874 | 32784 | 32881 | 32960 | 32960 |
 //! | uniform 50 % | 2^18 | 131072 | 32768 | 131072 | **32772** | 130758 | 32784 | 32898 | 32960 | 32960 |
-//! | sweep 10 % + uniform 1 % | 2^18 | 28592 | 32768 | 29241 | 17035 | 5363 | 6844 | 8487 | **4135** | 4135 |
+//! | sweep 10 % + uniform 1 % | 2^18 | 28592 | 32768 | 29241 | 17035 | 5363 | 6844 | 8487 | **4135** | 4175 |
 //! | sweep 10 % | 2^18 | 26214 | 32768 | 26215 | 23 | **5** | 10 | 152 | 1045 | 1045 |
-//! | uniform 0.01 % | 2^28 | 26843 | 33554432 | **58632** | 305531 | 85467 | 70054 | 269800 | 96582 | 58632 |
-//! | hot/cold 1 % | 2^28 | 2684354 | 33554432 | 2926836 | 4585307 | 4747935 | 2253228 | 3226220 | **2324405** | 2324405 |
+//! | uniform 0.01 % | 2^28 | 26843 | 33554432 | **58632** | 305531 | 85467 | 70054 | 269800 | 96582 | 58661 |
+//! | hot/cold 1 % | 2^28 | 2684354 | 33554432 | 2926836 | 4585307 | 4747935 | 2253228 | 3226220 | **2324405** | 2323595 |
 //!
 //! ¹ runs of zero words, all-ones words and literal words; ² alternating run lengths of clear
 //! and set bits as varints; ³ an estimate of roaring bitmaps (per 65536 pages the smallest of
-//! a 2-byte array, an 8 KiB bitmap or 4-byte runs, plus a 4-byte key).
+//! a 2-byte array, an 8 KiB bitmap or 4-byte runs, plus a 4-byte key). Columns up to
+//! "chunked" come from a throwaway measurement program (xoshiro-drawn sets); ⁴ is this
+//! module's encoder on the same shapes drawn by the tests' own generator (dirty counts differ
+//! by under 1 %): reproduce it with
+//! `cargo test -p memferry-std --test trace -- --ignored --nocapture encoding_table`.
 //!
 //! What the table says: sorted deltas are the best encoding for *uniformly* sparse sets
-//! (1.1 to 2.2 bytes a page) and terrible for dense ones (a byte a page, against an eighth of
+//! (1 to 2.2 bytes a page) and terrible for dense ones (a byte a page, against an eighth of
 //! a byte for a bitmap). Real workloads are neither: a hot set that is mostly dirty next to a
 //! cold tail that is sparse. A per-chunk choice between deltas and a bitmap fits both halves:
-//! on the workload's own sets it is 2.6 times smaller than deltas and 1.9 times smaller than
-//! LZ4 of the bitmap (which also needs a codec and cannot be walked without decompressing).
+//! on the workload's 100 ms set it is 2.6 times smaller than deltas and 1.9 times smaller
+//! than LZ4 of the bitmap (1.7 and 1.3 times on the 1 s set); LZ4 would also need a codec and
+//! could not be walked without decompressing.
 //! Its cost is about 2 bytes of chunk header per dirty page when pages are spread more than
 //! 4096 apart, hence the second encoding: each record uses whichever of chunked and page
 //! deltas is smaller (ties go to chunked), so no row is worse than the best of the two.
 //! Sweeps cost 512 bytes per partly covered chunk, at most two per swept range: bit runs
-//! would win there, but not by enough to justify a third encoding. The "this format" column
-//! is this module's encoder; reproduce it with
-//! `cargo test -p memferry-std --test trace -- --ignored --nocapture encoding_table`.
+//! would win there, but not by enough to justify a third encoding.
 //!
-//! Writing costs one pass over the nonzero words for the chunked form, plus, only when the
-//! set is sparse enough for deltas to have a chance (fewer dirty pages than chunked bytes),
-//! one bounded pass over the dirty pages: see `benches/benches/trace.rs`.
+//! Writing costs a pass over the bitmap's words for the chunked form, plus, only when the set
+//! is sparse enough for deltas to have a chance (fewer dirty pages than chunked bytes), a
+//! bounded pass over the dirty pages: see `benches/benches/trace.rs`.
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -1224,12 +1227,10 @@ enum ReadState {
 ///
 /// Once an error has been returned, the reader is spent: later calls return `Ok(false)`.
 pub struct TraceReader<R: Read> {
-    input: BufReader<R>,
+    input: Input<R>,
     header: TraceHeader,
     header_checksum: u64,
     header_len: u64,
-    /// Bytes consumed so far.
-    offset: u64,
     max_payload: u64,
     /// The current record's bytes, reused.
     record: Vec<u8>,
@@ -1246,23 +1247,22 @@ impl<R: Read> TraceReader<R> {
 
     /// Reads and checks the header, refusing guests larger than `limits` allows.
     pub fn open_with_limits(input: R, limits: ReadLimits) -> Result<Self, TraceError> {
-        let mut reader = TraceReader {
-            input: BufReader::new(input),
-            header: TraceHeader::new(
-                Geometry::new(PageSize::DEFAULT, 1).expect("one 4 KiB page is a valid guest"),
-                Nanos(1),
-            ),
-            header_checksum: 0,
-            header_len: 0,
+        let mut input = Input {
+            inner: BufReader::new(input),
             offset: 0,
-            max_payload: 0,
+        };
+        let (header, header_checksum) = read_header(&mut input, limits)?;
+        Ok(TraceReader {
+            header_len: input.offset,
+            max_payload: max_payload_len(header.geometry.page_count()),
+            input,
+            header,
+            header_checksum,
             record: Vec::new(),
             intervals: 0,
             dirty_pages: 0,
             state: ReadState::Intervals,
-        };
-        reader.read_header(limits)?;
-        Ok(reader)
+        })
     }
 
     /// The trace's header.
@@ -1322,102 +1322,16 @@ impl<R: Read> TraceReader<R> {
         result
     }
 
-    fn read_header(&mut self, limits: ReadLimits) -> Result<(), TraceError> {
-        let truncated = |offset| TraceError::Truncated {
-            part: TracePart::Header,
-            offset,
-        };
-        let mut fixed = [0u8; HEADER_FIXED_LEN];
-        let got = self.read_up_to(&mut fixed[..MAGIC.len()])?;
-        if fixed[..got] != MAGIC[..got] {
-            return Err(TraceError::NotATrace);
-        }
-        if got < MAGIC.len() {
-            return Err(truncated(self.offset));
-        }
-        // The version comes first: a later version may lay out the rest differently.
-        if self.read_up_to(&mut fixed[8..10])? < 2 {
-            return Err(truncated(self.offset));
-        }
-        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-        if version != FORMAT_VERSION {
-            return Err(TraceError::UnsupportedVersion { found: version });
-        }
-        if self.read_up_to(&mut fixed[10..])? < HEADER_FIXED_LEN - 10 {
-            return Err(truncated(self.offset));
-        }
-        let field = |at: usize, len: usize| {
-            let mut le = [0u8; 8];
-            le[..len].copy_from_slice(&fixed[at..at + len]);
-            u64::from_le_bytes(le)
-        };
-        let flags = field(10, 2) as u16;
-        let page_size = field(12, 4);
-        let page_count = field(16, 8);
-        let interval = field(24, 8);
-        let start = field(32, 8);
-        let description_len = field(40, 2) as usize;
-        if description_len > MAX_DESCRIPTION_LEN {
-            return Err(TraceError::DescriptionTooLong {
-                len: description_len,
-            });
-        }
-        let mut description = vec![0u8; description_len];
-        let mut checksum = [0u8; CHECKSUM_LEN];
-        if self.read_up_to(&mut description)? < description_len
-            || self.read_up_to(&mut checksum)? < CHECKSUM_LEN
-        {
-            return Err(truncated(self.offset));
-        }
-        let mut hasher = Xxh3::new();
-        hasher.update(&fixed);
-        hasher.update(&description);
-        let header_checksum = hasher.digest();
-        if header_checksum != u64::from_le_bytes(checksum) {
-            return Err(TraceError::ChecksumMismatch {
-                part: TracePart::Header,
-                offset: 0,
-            });
-        }
-        if flags != 0 {
-            return Err(TraceError::UnsupportedFlags { flags });
-        }
-        let invalid = |what: String| TraceError::InvalidHeader(what);
-        let page_size = PageSize::new(page_size).map_err(|e| invalid(e.to_string()))?;
-        let geometry = Geometry::new(page_size, page_count).map_err(|e| invalid(e.to_string()))?;
-        if page_count > limits.max_page_count {
-            return Err(TraceError::TooManyPages {
-                page_count,
-                limit: limits.max_page_count,
-            });
-        }
-        if interval == 0 {
-            return Err(invalid("the sampling interval is zero".into()));
-        }
-        let description = String::from_utf8(description)
-            .map_err(|_| invalid("the description is not UTF-8".into()))?;
-        self.header = TraceHeader {
-            geometry,
-            interval: Nanos(interval),
-            start_unix_nanos: (start != 0).then_some(start),
-            description,
-        };
-        self.header_checksum = header_checksum;
-        self.header_len = self.offset;
-        self.max_payload = max_payload_len(page_count);
-        Ok(())
-    }
-
     fn read_record(
         &mut self,
         into: &mut DirtyBitmap,
     ) -> Result<Option<IntervalRecord>, TraceError> {
-        let start = self.offset;
+        let start = self.input.offset;
         let index = self.intervals;
-        let Some(kind) = self.read_byte()? else {
+        let Some(kind) = self.input.read_byte()? else {
             return Err(TraceError::MissingEndMarker {
                 intervals: index,
-                offset: self.offset,
+                offset: self.input.offset,
             });
         };
         let encoding = match kind {
@@ -1448,15 +1362,15 @@ impl<R: Read> TraceReader<R> {
         let payload_start = self.record.len();
         // `take` + `read_to_end` grows the buffer with the bytes that arrive, never to the
         // claimed length up front.
-        let got = (&mut self.input)
+        let got = (&mut self.input.inner)
             .take(payload_len)
             .read_to_end(&mut self.record)? as u64;
-        self.offset += got;
+        self.input.offset += got;
         let mut checksum = [0u8; CHECKSUM_LEN];
-        if got < payload_len || self.read_up_to(&mut checksum)? < CHECKSUM_LEN {
+        if got < payload_len || self.input.read_up_to(&mut checksum)? < CHECKSUM_LEN {
             return Err(TraceError::Truncated {
                 part,
-                offset: self.offset,
+                offset: self.input.offset,
             });
         }
         let seed = record_seed(self.header_checksum, index);
@@ -1486,18 +1400,18 @@ impl<R: Read> TraceReader<R> {
             duration: Nanos(duration),
             dirty_pages: dirty,
             encoding,
-            bytes: self.offset - start,
+            bytes: self.input.offset - start,
         }))
     }
 
     fn read_end_marker(&mut self) -> Result<(), TraceError> {
-        let start = self.offset - 1;
+        let start = self.input.offset - 1;
         let mut end = [0u8; 1 + 16 + CHECKSUM_LEN];
         end[0] = KIND_END;
-        if self.read_up_to(&mut end[1..])? < end.len() - 1 {
+        if self.input.read_up_to(&mut end[1..])? < end.len() - 1 {
             return Err(TraceError::Truncated {
                 part: TracePart::EndMarker,
-                offset: self.offset,
+                offset: self.input.offset,
             });
         }
         let number = |at: usize| {
@@ -1527,9 +1441,9 @@ impl<R: Read> TraceReader<R> {
                 read: self.dirty_pages,
             });
         }
-        if self.read_byte()?.is_some() {
+        if self.input.read_byte()?.is_some() {
             return Err(TraceError::TrailingData {
-                offset: self.offset - 1,
+                offset: self.input.offset - 1,
             });
         }
         Ok(())
@@ -1539,10 +1453,10 @@ impl<R: Read> TraceReader<R> {
     fn read_varint(&mut self, part: TracePart) -> Result<u64, TraceError> {
         let at = self.record.len();
         loop {
-            let Some(byte) = self.read_byte()? else {
+            let Some(byte) = self.input.read_byte()? else {
                 return Err(TraceError::Truncated {
                     part,
-                    offset: self.offset,
+                    offset: self.input.offset,
                 });
             };
             self.record.push(byte);
@@ -1561,14 +1475,22 @@ impl<R: Read> TraceReader<R> {
             what: "a length field is longer than 64 bits",
         })
     }
+}
 
+/// The trace's bytes, with a count of those consumed (for the offsets in errors).
+struct Input<R: Read> {
+    inner: BufReader<R>,
+    offset: u64,
+}
+
+impl<R: Read> Input<R> {
     fn read_byte(&mut self) -> Result<Option<u8>, TraceError> {
         loop {
-            match self.input.fill_buf() {
+            match self.inner.fill_buf() {
                 Ok([]) => return Ok(None),
                 Ok(buf) => {
                     let byte = buf[0];
-                    self.input.consume(1);
+                    self.inner.consume(1);
                     self.offset += 1;
                     return Ok(Some(byte));
                 }
@@ -1582,7 +1504,7 @@ impl<R: Read> TraceReader<R> {
     fn read_up_to(&mut self, buf: &mut [u8]) -> Result<usize, TraceError> {
         let mut filled = 0;
         while filled < buf.len() {
-            match self.input.read(&mut buf[filled..]) {
+            match self.inner.read(&mut buf[filled..]) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1594,16 +1516,103 @@ impl<R: Read> TraceReader<R> {
     }
 }
 
+/// Reads and checks a header; returns it and its checksum (the seed of every record's).
+fn read_header<R: Read>(
+    input: &mut Input<R>,
+    limits: ReadLimits,
+) -> Result<(TraceHeader, u64), TraceError> {
+    let truncated = |offset| TraceError::Truncated {
+        part: TracePart::Header,
+        offset,
+    };
+    let mut fixed = [0u8; HEADER_FIXED_LEN];
+    let got = input.read_up_to(&mut fixed[..MAGIC.len()])?;
+    if fixed[..got] != MAGIC[..got] {
+        return Err(TraceError::NotATrace);
+    }
+    if got < MAGIC.len() {
+        return Err(truncated(input.offset));
+    }
+    // The version comes first: a later version may lay out the rest differently.
+    if input.read_up_to(&mut fixed[8..10])? < 2 {
+        return Err(truncated(input.offset));
+    }
+    let version = u16::from_le_bytes([fixed[8], fixed[9]]);
+    if version != FORMAT_VERSION {
+        return Err(TraceError::UnsupportedVersion { found: version });
+    }
+    if input.read_up_to(&mut fixed[10..])? < HEADER_FIXED_LEN - 10 {
+        return Err(truncated(input.offset));
+    }
+    let field = |at: usize, len: usize| {
+        let mut le = [0u8; 8];
+        le[..len].copy_from_slice(&fixed[at..at + len]);
+        u64::from_le_bytes(le)
+    };
+    let flags = field(10, 2) as u16;
+    let page_size = field(12, 4);
+    let page_count = field(16, 8);
+    let interval = field(24, 8);
+    let start = field(32, 8);
+    let description_len = field(40, 2) as usize;
+    if description_len > MAX_DESCRIPTION_LEN {
+        return Err(TraceError::DescriptionTooLong {
+            len: description_len,
+        });
+    }
+    let mut description = vec![0u8; description_len];
+    let mut checksum = [0u8; CHECKSUM_LEN];
+    if input.read_up_to(&mut description)? < description_len
+        || input.read_up_to(&mut checksum)? < CHECKSUM_LEN
+    {
+        return Err(truncated(input.offset));
+    }
+    let mut hasher = Xxh3::new();
+    hasher.update(&fixed);
+    hasher.update(&description);
+    let header_checksum = hasher.digest();
+    if header_checksum != u64::from_le_bytes(checksum) {
+        return Err(TraceError::ChecksumMismatch {
+            part: TracePart::Header,
+            offset: 0,
+        });
+    }
+    if flags != 0 {
+        return Err(TraceError::UnsupportedFlags { flags });
+    }
+    let invalid = |what: String| TraceError::InvalidHeader(what);
+    let page_size = PageSize::new(page_size).map_err(|e| invalid(e.to_string()))?;
+    let geometry = Geometry::new(page_size, page_count).map_err(|e| invalid(e.to_string()))?;
+    if page_count > limits.max_page_count {
+        return Err(TraceError::TooManyPages {
+            page_count,
+            limit: limits.max_page_count,
+        });
+    }
+    if interval == 0 {
+        return Err(invalid("the sampling interval is zero".into()));
+    }
+    let description = String::from_utf8(description)
+        .map_err(|_| invalid("the description is not UTF-8".into()))?;
+    let header = TraceHeader {
+        geometry,
+        interval: Nanos(interval),
+        start_unix_nanos: (start != 0).then_some(start),
+        description,
+    };
+    Ok((header, header_checksum))
+}
+
 impl<R: Read + Seek> TraceReader<R> {
     /// Goes back to the first interval (the header is not read again).
     pub fn rewind(&mut self) -> Result<(), TraceError> {
         // The input may not have started at position 0: go back by what was read since the
         // header ended.
-        let back = self.offset - self.header_len;
+        let back = self.input.offset - self.header_len;
         let back = i64::try_from(back)
             .map_err(|_| TraceError::Io(io::Error::other("the trace is too long to rewind")))?;
-        self.input.seek(SeekFrom::Current(-back))?;
-        self.offset = self.header_len;
+        self.input.inner.seek(SeekFrom::Current(-back))?;
+        self.input.offset = self.header_len;
         self.intervals = 0;
         self.dirty_pages = 0;
         self.state = ReadState::Intervals;

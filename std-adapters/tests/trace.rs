@@ -715,7 +715,9 @@ fn the_writer_refuses_bad_input_and_writes_nothing_for_it() {
 #[test]
 fn the_writer_picks_the_smaller_encoding() {
     let mut rng = Rng(9);
-    let cases: [(&str, u64, Box<dyn Fn(&mut Rng, u64) -> bool>, Encoding); 4] = [
+    /// Whether page `p` is dirty, drawn from the generator.
+    type Draw = Box<dyn Fn(&mut Rng, u64) -> bool>;
+    let cases: [(&str, u64, Draw, Encoding); 4] = [
         (
             "uniform 0.05%",
             1 << 20,

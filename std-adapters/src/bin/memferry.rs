@@ -78,6 +78,40 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Simulate a small datacenter run by paper 000's placement policy: loads over time, the
+    /// migrations it triggers (each simulated by the engine), time over threshold, bytes moved.
+    Cluster {
+        /// Clusters.
+        #[arg(long, default_value_t = 2)]
+        clusters: u32,
+        /// Hosts per cluster.
+        #[arg(long, default_value_t = 4)]
+        hosts: u32,
+        /// VMs in all.
+        #[arg(long, default_value_t = 24)]
+        vms: u32,
+        /// Memory of each VM.
+        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+        vm_memory: u64,
+        /// Virtual seconds to run.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Load threshold (paper 000's Load metric).
+        #[arg(long, default_value_t = 5.0)]
+        threshold: f64,
+        /// Seconds a host must stay above the threshold.
+        #[arg(long, default_value_t = 30)]
+        over_for: u64,
+        /// Which VM moves: cpu, time or memory.
+        #[arg(long, default_value = "cpu")]
+        select: String,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare strategies × workloads × seeds in the virtual-time simulator: a table of
     /// medians and spread, or CSV / JSON, and SVG plots.
     Compare {
@@ -374,9 +408,11 @@ fn main() -> ExitCode {
         } => {
             let model = match memferry_std::sim::WorkloadModel::named(&workload, rate) {
                 Some(m) => m,
-                None => return fail(format!(
+                None => {
+                    return fail(format!(
                     "no workload '{workload}'; try idle, uniform, hotcold, zipf, sweep or phases"
-                )),
+                ))
+                }
             };
             let scenario = memferry_std::sim::Scenario {
                 memory,
@@ -405,6 +441,52 @@ fn main() -> ExitCode {
                             outcome.bounds.least_downtime.as_millis_f64()
                         );
                     }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Command::Cluster {
+            clusters,
+            hosts,
+            vms,
+            vm_memory,
+            seconds,
+            threshold,
+            over_for,
+            select,
+            seed,
+            json,
+        } => {
+            use memferry::policy::VmSelection;
+            let selection = match select.as_str() {
+                "cpu" => VmSelection::HighestCpu,
+                "time" => VmSelection::LeastMigrationTime,
+                "memory" => VmSelection::LargestMemory,
+                other => return fail(format!("--select {other}: use cpu, time or memory")),
+            };
+            let config = memferry_std::cluster::ClusterConfig {
+                clusters,
+                hosts_per_cluster: hosts,
+                vms,
+                vm_memory,
+                duration: Nanos::from_secs(seconds),
+                threshold,
+                over_for: Nanos::from_secs(over_for),
+                selection,
+                seed,
+                ..Default::default()
+            };
+            match memferry_std::cluster::run(&config) {
+                Ok(report) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&report).expect("the report serialises")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(report) => {
+                    print!("{}", memferry_std::cluster::table(&report));
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),

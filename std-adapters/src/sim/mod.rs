@@ -286,9 +286,28 @@ pub struct LowerBounds {
     /// Memory sent once: every page once, zero pages and duplicates of an already-sent page as
     /// bare frame headers.
     pub least_bytes: u64,
-    /// The oracle's downtime: the fixed point d = (pages written in the last d before the
-    /// pause) × frame bytes / bandwidth, plus one round trip.
+    /// The oracle's downtime: the pages written in the last moments before the pause (a window
+    /// no longer than the final push round or the stop-and-copy) over the bandwidth, plus one
+    /// round trip.
     pub least_downtime: Nanos,
+}
+
+/// The analytic models' figures for a run, from its measured inputs, to print beside the
+/// simulated ones so a researcher sees where a model is wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct ModelFigures {
+    /// The dirty rate fed to the models: round 1's, in memory bytes per second.
+    pub dirty_rate: ByteRate,
+    /// Clark's geometric series (paper 002): total migration time.
+    pub precopy_total_time: Nanos,
+    /// Clark's series: downtime.
+    pub precopy_downtime: Nanos,
+    /// Clark's series: rounds, stop-and-copy included.
+    pub precopy_rounds: u32,
+    /// Clark's series: bytes on the wire.
+    pub precopy_bytes: u64,
+    /// Paper 000's Tmig with Vprof = 0, Vckpt = round 1's bytes, Vdp = the later rounds' bytes.
+    pub paper000_total_time: Nanos,
 }
 
 /// What a simulation produced.
@@ -298,6 +317,8 @@ pub struct SimOutcome {
     pub report: MigrationReport,
     /// Lower bounds for this run.
     pub bounds: LowerBounds,
+    /// The analytic models' figures.
+    pub models: ModelFigures,
     /// Writes the guest made before the pause.
     pub writes: u64,
     /// Distinct pages it wrote.
@@ -397,12 +418,50 @@ pub fn simulate(scenario: &Scenario) -> Result<SimOutcome, String> {
     }
     let report = engine.report().clone();
     let bounds = lower_bounds(scenario, &guest, &report, geometry);
+    let models = model_figures(scenario, &report, geometry);
     Ok(SimOutcome {
         report,
         bounds,
+        models,
         writes: guest.writes(),
         pages_written: guest.pages_written() as u64,
     })
+}
+
+fn model_figures(
+    scenario: &Scenario,
+    report: &MigrationReport,
+    geometry: Geometry,
+) -> ModelFigures {
+    use memferry::model::{HybridModel, PreCopyModel, WireCost};
+    let page_size = geometry.page_size().bytes() as u64;
+    let first = report.rounds.first();
+    let dirty_rate = first.map_or(ByteRate(0), |r| {
+        ByteRate::measured(r.dirty_pages * page_size, r.duration)
+    });
+    let bandwidth = scenario.link.bandwidth;
+    let predicted = PreCopyModel::new(geometry.memory_bytes(), dirty_rate, bandwidth)
+        .with_stop_rules(&scenario.engine.stop)
+        .with_wire(WireCost::memferry(geometry.page_size()))
+        .predict();
+    let first_bytes = first.map_or(0, |r| r.bytes);
+    let later_bytes: u64 = report.rounds.iter().skip(1).map(|r| r.bytes).sum();
+    let hybrid = HybridModel {
+        v_prof: 0,
+        v_ckpt: first_bytes,
+        v_dp: later_bytes,
+        r_trans1: bandwidth,
+        r_trans: bandwidth,
+    }
+    .predict();
+    ModelFigures {
+        dirty_rate,
+        precopy_total_time: predicted.total_time,
+        precopy_downtime: predicted.downtime,
+        precopy_rounds: predicted.rounds.len() as u32,
+        precopy_bytes: predicted.bytes_sent,
+        paper000_total_time: hybrid.t_mig,
+    }
 }
 
 fn count_frames(bytes: &[u8]) -> u64 {
@@ -444,17 +503,19 @@ fn lower_bounds(
         page_size as u64,
         wire::page_frame_len(0) as u64,
     );
-    // The oracle's final writable working set: a fixed point, from the stop-and-copy's length.
+    // The oracle's final writable working set: every page written in the last w before the
+    // pause must cross the link while the guest is paused, where w is no longer than the last
+    // push round (whose writes all land in the final dirty set) nor the stop-and-copy itself.
     let pause = report.preparation_time + scenario.warmup;
-    let mut d = report.rounds.last().map_or(Nanos::ZERO, |r| r.duration);
-    for _ in 0..32 {
-        let wws = guest.written_since(pause - d);
-        let next = scenario.link.bandwidth.time_for(wws * full);
-        if next == d {
-            break;
-        }
-        d = next;
-    }
+    let push = report
+        .rounds
+        .iter()
+        .rev()
+        .find(|r| !r.stop_and_copy)
+        .map_or(Nanos::ZERO, |r| r.duration);
+    let copy = report.rounds.last().map_or(Nanos::ZERO, |r| r.duration);
+    let wws = guest.written_since(pause - push.min(copy));
+    let d = scenario.link.bandwidth.time_for(wws * full);
     LowerBounds {
         least_bytes,
         least_downtime: d + scenario.link.latency + scenario.link.latency,

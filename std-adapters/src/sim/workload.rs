@@ -66,21 +66,34 @@ pub enum WorkloadModel {
 }
 
 impl WorkloadModel {
-    /// A short name for tables.
+    /// A short name for tables: the model, its shape, and its rate.
     pub fn name(&self) -> String {
+        let rate = |r: f64| {
+            if r >= 1000.0 {
+                format!("{}k", r / 1000.0)
+            } else {
+                format!("{r}")
+            }
+        };
         match self {
             WorkloadModel::Idle => "idle".into(),
-            WorkloadModel::Uniform { .. } => "uniform".into(),
-            WorkloadModel::HotCold { hot_fraction, .. } => {
-                format!("hotcold-{}%", hot_fraction * 100.0)
-            }
-            WorkloadModel::Zipf { exponent, .. } => format!("zipf-{exponent}"),
+            WorkloadModel::Uniform { rate: r } => format!("uniform@{}", rate(*r)),
+            WorkloadModel::HotCold {
+                rate: r,
+                hot_fraction,
+                ..
+            } => format!("hotcold-{}%@{}", hot_fraction * 100.0, rate(*r)),
+            WorkloadModel::Zipf { rate: r, exponent } => format!("zipf-{exponent}@{}", rate(*r)),
             WorkloadModel::Sweep {
-                length_fraction, ..
-            } => format!("sweep-{}%", length_fraction * 100.0),
-            WorkloadModel::Phases { hot_fraction, .. } => {
-                format!("phases-{}%", hot_fraction * 100.0)
-            }
+                rate: r,
+                length_fraction,
+                ..
+            } => format!("sweep-{}%@{}", length_fraction * 100.0, rate(*r)),
+            WorkloadModel::Phases {
+                rate: r,
+                hot_fraction,
+                ..
+            } => format!("phases-{}%@{}", hot_fraction * 100.0, rate(*r)),
         }
     }
 
