@@ -74,6 +74,12 @@ enum Command {
         /// Skip the digest check (saves 8 bytes per page on the destination: use it for huge guests).
         #[arg(long)]
         no_verify: bool,
+        /// Share of pages that start all-zero (a big guest rarely touches all its memory).
+        #[arg(long, default_value_t = 0.2)]
+        zero_fraction: f64,
+        /// Fraction of memory that is hot (hotcold and phases workloads).
+        #[arg(long, default_value_t = 0.05)]
+        hot_fraction: f64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -404,6 +410,8 @@ fn main() -> ExitCode {
             bandwidth,
             seed,
             no_verify,
+            zero_fraction,
+            hot_fraction,
             json,
         } => {
             let model = match memferry_std::sim::WorkloadModel::named(&workload, rate) {
@@ -414,8 +422,38 @@ fn main() -> ExitCode {
                 ))
                 }
             };
+            let model = match model {
+                memferry_std::sim::WorkloadModel::HotCold {
+                    rate, hot_share, ..
+                } => memferry_std::sim::WorkloadModel::HotCold {
+                    rate,
+                    hot_fraction,
+                    hot_share,
+                },
+                memferry_std::sim::WorkloadModel::Phases {
+                    rate,
+                    hot_share,
+                    period,
+                    ..
+                } => memferry_std::sim::WorkloadModel::Phases {
+                    rate,
+                    hot_fraction,
+                    hot_share,
+                    period,
+                },
+                other => other,
+            };
+            if !(0.0..=1.0).contains(&zero_fraction) || !(0.0..=1.0).contains(&hot_fraction) {
+                return fail("--zero-fraction and --hot-fraction must be between 0 and 1");
+            }
+            let content = memferry_std::sim::ContentModel {
+                zero_fraction,
+                text_fraction: (1.0 - zero_fraction) * 0.4,
+                ..Default::default()
+            };
             let scenario = memferry_std::sim::Scenario {
                 memory,
+                content,
                 workload: model,
                 seed,
                 verify: !no_verify,

@@ -97,7 +97,8 @@ pub struct Scenario {
     /// The engine's settings.
     #[serde(skip)]
     pub engine: PreCopyConfig,
-    /// Check the destination's digest (8 bytes per page on the destination).
+    /// Check the destination's digest (8 bytes per page on the destination, and a read of the
+    /// whole guest on the source after switchover, charged to resume time).
     pub verify: bool,
     /// How long the guest runs before migration starts (lets phase workloads settle).
     pub warmup: Nanos,
@@ -330,7 +331,11 @@ pub fn simulate(scenario: &Scenario) -> Result<SimOutcome, String> {
     let mut guest = SimGuest::new(scenario)?;
     let geometry = guest.geometry;
     guest.run(Nanos::ZERO, scenario.warmup);
-    let mut engine = PreCopySource::new(geometry, scenario.engine);
+    let engine_config = PreCopyConfig {
+        verify: scenario.verify && scenario.engine.verify,
+        ..scenario.engine
+    };
+    let mut engine = PreCopySource::new(geometry, engine_config);
     let mut receiver = Receiver::new(
         geometry,
         ReceiverConfig {
