@@ -27,6 +27,7 @@ use crate::page::{Geometry, PageIndex};
 use crate::report::{MigrationReport, RoundReport, StopReason};
 use crate::schedule::{Decision, RatePlan, RoundOutcome, Scheduler, StopRules};
 use crate::time::{ByteRate, Nanos};
+use crate::track::{Predictor, PredictorKind};
 use crate::wire::{
     self, Frame, Hello, PageEncoding, PageFrameWriter, Verdict, WireError, PROTOCOL_VERSION,
 };
@@ -56,6 +57,12 @@ pub struct PreCopyConfig {
     pub batch_bytes: usize,
     /// Hash the source's memory after switchover and have the destination compare. Default on.
     pub verify: bool,
+    /// Which writable-working-set predictor holds hot pages back to stop-and-copy.
+    /// Default none (plain pre-copy).
+    pub predictor: PredictorKind,
+    /// Dirty-log samples taken during round 1 to teach the predictor the working set before
+    /// round 2 (paper 002's pre-processing phase). Default 4; ignored without a predictor.
+    pub learning_samples: u32,
 }
 
 impl Default for PreCopyConfig {
@@ -65,6 +72,8 @@ impl Default for PreCopyConfig {
             stop: StopRules::default(),
             batch_bytes: 1 << 20,
             verify: true,
+            predictor: PredictorKind::None,
+            learning_samples: 4,
         }
     }
 }
@@ -91,6 +100,22 @@ enum State {
     Failed(MigrationError),
 }
 
+/// Pages sent in round 1 between two learning samples.
+fn learning_interval(pages: u64, config: &PreCopyConfig) -> u64 {
+    if config.predictor == PredictorKind::None || config.learning_samples == 0 {
+        u64::MAX
+    } else {
+        (pages / (config.learning_samples as u64 + 1)).max(1)
+    }
+}
+
+fn strategy_name(config: &PreCopyConfig) -> String {
+    match config.predictor {
+        PredictorKind::None => String::from("pre-copy"),
+        p => alloc::format!("pre-copy+{}", p.name()),
+    }
+}
+
 /// Iterative pre-copy, source side.
 pub struct PreCopySource {
     geometry: Geometry,
@@ -99,8 +124,17 @@ pub struct PreCopySource {
     scheduler: Scheduler,
     /// Pages the current round sends.
     to_send: DirtyBitmap,
-    /// Scratch for dirty-log syncs.
+    /// Pages dirtied during the current round (then, at its end, everything still to send).
     dirty: DirtyBitmap,
+    /// Scratch for one dirty-log sync.
+    sample: DirtyBitmap,
+    /// Pages held back as predicted hot, not yet sent since they were last dirtied.
+    held: DirtyBitmap,
+    /// Scratch for the predicted-hot set.
+    hot: DirtyBitmap,
+    predictor: Box<dyn Predictor + Send>,
+    /// Round-1 page count at which the next learning sample is taken.
+    next_sample_at: u64,
     round: u32,
     round_start: Nanos,
     round_report: RoundReport,
@@ -124,6 +158,24 @@ impl PreCopySource {
             scheduler: Scheduler::new(config.rate, config.stop),
             to_send: DirtyBitmap::new(pages),
             dirty: DirtyBitmap::new(pages),
+            // Without a predictor these stay empty: no memory for them.
+            sample: DirtyBitmap::new(if config.predictor == PredictorKind::None {
+                0
+            } else {
+                pages
+            }),
+            held: DirtyBitmap::new(if config.predictor == PredictorKind::None {
+                0
+            } else {
+                pages
+            }),
+            hot: DirtyBitmap::new(if config.predictor == PredictorKind::None {
+                0
+            } else {
+                pages
+            }),
+            predictor: config.predictor.build(pages),
+            next_sample_at: learning_interval(pages, &config),
             round: 0,
             round_start: Nanos::ZERO,
             round_report: RoundReport::default(),
@@ -134,7 +186,7 @@ impl PreCopySource {
             ready_at: Nanos::ZERO,
             page_buf: Vec::new(),
             report: MigrationReport {
-                strategy: String::from("pre-copy"),
+                strategy: strategy_name(&config),
                 page_size: geometry.page_size().bytes() as u64,
                 page_count: pages,
                 ..MigrationReport::default()
@@ -427,6 +479,10 @@ impl PreCopySource {
     where
         H: PageRead + DirtyLog + SourceGuest,
     {
+        if self.round == 1 && !self.stop_and_copy && self.round_report.pages >= self.next_sample_at
+        {
+            self.take_learning_sample(now, host)?;
+        }
         let page_size = self.geometry.page_size().bytes();
         let max_frame = wire::page_frame_len(page_size) as u64;
         let limit = self.round_report.rate_limit;
@@ -498,13 +554,54 @@ impl PreCopySource {
         Ok(Poll::Continue)
     }
 
+    fn predicting(&self) -> bool {
+        self.config.predictor != PredictorKind::None
+    }
+
+    /// The pre-processing phase: a short dirty-log sample during round 1, shown to the
+    /// predictor so it knows the working set before round 2 decides what to hold back.
+    fn take_learning_sample<H: DirtyLog>(
+        &mut self,
+        now: Nanos,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
+        self.sample.clear();
+        host.sync(&mut self.sample)?;
+        self.predictor.observe(&self.sample, now);
+        self.dirty.union_with(&self.sample);
+        self.next_sample_at += learning_interval(self.geometry.page_count(), &self.config);
+        Ok(())
+    }
+
     fn end_round<H>(&mut self, now: Nanos, host: &mut H) -> Result<(), MigrationError>
     where
         H: PageRead + DirtyLog + SourceGuest,
     {
-        self.dirty.clear();
-        host.sync(&mut self.dirty)?;
+        if self.predicting() {
+            self.sample.clear();
+            host.sync(&mut self.sample)?;
+            // Predict before observing this sync: the recency predictors count the sync just
+            // observed as recent, so predicting after it would hold back everything dirty.
+            self.hot.clear();
+            self.predictor.predict(now, &mut self.hot);
+            self.predictor.observe(&self.sample, now);
+            self.dirty.union_with(&self.sample);
+        } else {
+            host.sync(&mut self.dirty)?;
+        }
         let dirty_pages = self.dirty.count_ones();
+        let held_back = self.round_report.held_back;
+        let redirtied = if held_back > 0 {
+            self.held.count_intersection(&self.dirty)
+        } else {
+            0
+        };
+        // Everything stop-and-copy would send now: this round's dirt and what is held back.
+        if self.predicting() {
+            self.dirty.union_with(&self.held);
+            self.held.clear();
+        }
+        let pending_pages = dirty_pages + held_back - redirtied;
         let duration = now - self.round_start;
         let page_wire = wire::page_frame_len(self.geometry.page_size().bytes()) as u64;
         let decision = self.scheduler.end_round(
@@ -513,6 +610,7 @@ impl PreCopySource {
                 bytes: self.round_report.bytes,
                 duration,
                 dirty_pages,
+                pending_pages,
             },
             now - self.start,
             page_wire,
@@ -520,6 +618,7 @@ impl PreCopySource {
         let r = &mut self.round_report;
         r.duration = duration;
         r.dirty_pages = dirty_pages;
+        r.held_back_redirtied = redirtied;
         r.dirty_rate_pages_per_sec = ByteRate::measured(dirty_pages, duration)
             .0
             .min(u64::MAX - 1);
@@ -527,12 +626,22 @@ impl PreCopySource {
         r.estimated_downtime = self.scheduler.estimated_downtime();
         self.report.rounds.push(self.round_report.clone());
 
-        // Next round sends what was dirtied during this one.
+        // Next round sends what is pending, less what is predicted hot.
         core::mem::swap(&mut self.to_send, &mut self.dirty);
+        self.dirty.clear();
         if let Decision::StopAndCopy(reason) = decision {
             self.enter_stop_and_copy(now, reason, host)?;
+        } else if self.predicting() {
+            self.held.union_with(&self.to_send);
+            self.held.intersect_with(&self.hot);
+            self.to_send.difference_with(&self.hot);
         }
         self.begin_round(now);
+        self.round_report.held_back = if self.predicting() {
+            self.held.count_ones()
+        } else {
+            0
+        };
         self.state = State::Sending { cursor: 0 };
         Ok(())
     }

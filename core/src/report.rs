@@ -70,6 +70,12 @@ pub struct RoundReport {
     pub rate_limit: ByteRate,
     /// Downtime the scheduler estimated at the end of the round.
     pub estimated_downtime: Nanos,
+    /// Pages a predictor held back from this round as hot (they go in a later round or in
+    /// stop-and-copy; correctness never depends on the prediction).
+    pub held_back: u64,
+    /// Of those, pages the guest dirtied again during the round: holding them back saved a
+    /// re-send. `held_back - held_back_redirtied` were held back for nothing.
+    pub held_back_redirtied: u64,
 }
 
 /// Everything measured about one migration.

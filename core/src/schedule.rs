@@ -99,8 +99,11 @@ pub struct RoundOutcome {
     pub bytes: u64,
     /// How long the round took, transmission included.
     pub duration: Nanos,
-    /// Pages dirtied while the round ran (the next round's work).
+    /// Pages dirtied while the round ran.
     pub dirty_pages: u64,
+    /// Pages stop-and-copy would have to send now: the dirtied pages and any held back as
+    /// predicted hot. Equal to `dirty_pages` without a predictor.
+    pub pending_pages: u64,
 }
 
 /// The scheduler's verdict at the end of a round.
@@ -193,9 +196,10 @@ impl Scheduler {
         } else {
             ByteRate::measured(dirty_bytes, outcome.duration)
         };
-        self.last_estimate = bandwidth.time_for(dirty_bytes);
+        let pending_bytes = outcome.pending_pages.saturating_mul(page_wire_bytes);
+        self.last_estimate = bandwidth.time_for(pending_bytes);
 
-        let shrank = (outcome.dirty_pages as u128) * 1000
+        let shrank = (outcome.pending_pages as u128) * 1000
             < (self.smallest_dirty as u128)
                 * (1000 - self.rules.min_shrink_permille.min(1000)) as u128;
         let outpaced = self.last_dirty_rate >= bandwidth && outcome.dirty_pages > 0;
@@ -204,7 +208,7 @@ impl Scheduler {
         } else {
             self.stalled_rounds += 1;
         }
-        self.smallest_dirty = self.smallest_dirty.min(outcome.dirty_pages);
+        self.smallest_dirty = self.smallest_dirty.min(outcome.pending_pages);
 
         if self.last_estimate <= self.rules.downtime_target {
             return Decision::StopAndCopy(StopReason::DowntimeTarget);
@@ -235,6 +239,7 @@ mod tests {
             bytes: mb << 20,
             duration: Nanos::from_millis(ms),
             dirty_pages,
+            pending_pages: dirty_pages,
         }
     }
 

@@ -26,6 +26,7 @@ use std::collections::VecDeque;
 
 use memferry::digest::memory_digest;
 use memferry::prelude::*;
+use memferry::track::PredictorKind;
 use memferry::wire::{
     self, AbortCode, Frame, FrameKind, Hello, PageEncoding, Verdict, WireError, PROTOCOL_VERSION,
 };
@@ -898,13 +899,27 @@ fn check_migration(sc: &Scenario) -> Result<(), TestCaseError> {
             "round {}",
             i + 1
         );
-        if i > 0 && !round.stop_and_copy {
-            // Each push round sends exactly what the guest dirtied during the previous one.
-            prop_assert_eq!(round.pages, rounds[i - 1].dirty_pages, "round {}", i + 1);
+        let prev = i.checked_sub(1).map(|p| &rounds[p]);
+        // What is pending after the previous round: its dirt, plus what it held back and the
+        // guest did not dirty again (those pages were not in its dirt).
+        let pending = prev.map(|p| p.dirty_pages + p.held_back - p.held_back_redirtied);
+        if let Some(p) = prev {
+            prop_assert!(p.held_back_redirtied <= p.held_back);
+            prop_assert!(p.held_back_redirtied <= p.dirty_pages);
         }
-        if i > 0 {
-            // Stop-and-copy adds what was written between the last sync and the pause.
-            prop_assert!(round.pages >= rounds[i - 1].dirty_pages, "round {}", i + 1);
+        if round.stop_and_copy || sc.config.predictor == PredictorKind::None {
+            prop_assert_eq!(round.held_back, 0, "round {}", i + 1);
+        }
+        if let (Some(pending), false) = (pending, round.stop_and_copy) {
+            // Each push round sends exactly what is pending, less what it holds back.
+            prop_assert_eq!(round.pages + round.held_back, pending, "round {}", i + 1);
+        }
+        if let Some(pending) = pending {
+            // Stop-and-copy sends everything pending, held-back pages included, and adds what
+            // was written between the last sync and the pause.
+            if round.stop_and_copy {
+                prop_assert!(round.pages >= pending, "round {}: {:?}", i + 1, rounds);
+            }
             prop_assert_eq!(
                 round.start,
                 rounds[i - 1].start + rounds[i - 1].duration,
@@ -1088,13 +1103,28 @@ fn config() -> impl Strategy<Value = PreCopyConfig> {
             log_u64(1.0, (1u64 << 21) as f64).prop_map(|b| b.max(1) as usize)
         ],
         any::<bool>(),
+        // With any predictor, the destination must still equal the source.
+        prop_oneof![
+            Just("none"),
+            Just("wsclock"),
+            Just("lru"),
+            Just("splay"),
+            Just("history"),
+            Just("lru:syncs=1,cap=8"),
+            Just("history:m=1,n=2")
+        ],
+        0u32..6,
     )
-        .prop_map(|(rate, stop, batch_bytes, verify)| PreCopyConfig {
-            rate,
-            stop,
-            batch_bytes,
-            verify,
-        })
+        .prop_map(
+            |(rate, stop, batch_bytes, verify, predictor, learning_samples)| PreCopyConfig {
+                rate,
+                stop,
+                batch_bytes,
+                verify,
+                predictor: PredictorKind::parse(predictor).expect("a valid predictor"),
+                learning_samples,
+            },
+        )
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {

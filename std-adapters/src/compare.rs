@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use memferry::migrate::PreCopyConfig;
 use memferry::schedule::{RatePlan, StopRules};
 use memferry::time::{ByteRate, Nanos};
+use memferry::track::PredictorKind;
 use serde::Serialize;
 
 use crate::sim::{simulate, LinkModel, Scenario, SimOutcome, WorkloadModel};
@@ -49,6 +50,9 @@ pub struct Preset {
     pub base: Scenario,
     /// What the source paper claims, if anything.
     pub claim: Option<Claim>,
+    /// The strategy the others are measured against, if any: the table then shows each
+    /// strategy's change in total time and bytes relative to it.
+    pub baseline: Option<&'static str>,
 }
 
 fn precopy(name: &str, stop: StopRules, rate: RatePlan) -> Strategy {
@@ -118,6 +122,7 @@ pub fn presets() -> Vec<Preset> {
             seeds: vec![1, 2, 3],
             base: base.clone(),
             claim: None,
+            baseline: Some("pre-copy"),
         },
         Preset {
             name: "clark-model",
@@ -127,6 +132,7 @@ pub fn presets() -> Vec<Preset> {
             seeds: vec![1, 2, 3],
             base: Scenario { content: crate::sim::ContentModel { zero_fraction: 0.0, text_fraction: 0.0, duplicate_fraction: 0.0, ..Default::default() }, ..base.clone() },
             claim: Some(Claim { text: "paper 002 (Clark): round i lasts M·D^i/B^(i+1); the model's columns are printed beside the simulation".into() }),
+            baseline: None,
         },
         Preset {
             name: "max-rounds",
@@ -139,6 +145,33 @@ pub fn presets() -> Vec<Preset> {
             seeds: vec![1, 2, 3],
             base,
             claim: Some(Claim { text: "paper 004: more rounds trade total time and bytes for downtime".into() }),
+            baseline: None,
+        },
+        Preset {
+            name: "wsclock-vs-precopy",
+            description: "writable-working-set predictors against plain pre-copy at the same downtime target (1 GiB guest, 10 Gbit/s link, 1M writes/s)",
+            strategies: ["none", "wsclock", "lru", "splay", "history"]
+                .iter()
+                .map(|&p| Strategy {
+                    name: if p == "none" { "pre-copy".into() } else { format!("pre-copy+{p}") },
+                    engine: PreCopyConfig {
+                        predictor: PredictorKind::parse(p).expect("a known predictor"),
+                        stop: StopRules { downtime_target: Nanos::from_millis(50), ..defaults },
+                        ..PreCopyConfig::default()
+                    },
+                })
+                .collect(),
+            workloads: vec![
+                WorkloadModel::HotCold { rate: 1_000_000.0, hot_fraction: 0.05, hot_share: 0.95 },
+                WorkloadModel::HotCold { rate: 1_000_000.0, hot_fraction: 0.10, hot_share: 0.95 },
+                WorkloadModel::Uniform { rate: 50_000.0 },
+            ],
+            seeds: vec![1, 2, 3],
+            base: Scenario { memory: 1 << 30, verify: false, ..Scenario::default() },
+            claim: Some(Claim {
+                text: "paper 004 (Zaw and Thein, LRU/splay): -11.45% total migration time, -23.67% data; paper 002: WSClock improves on it. Predictors must not hurt on uniform writes (within 2%).".into(),
+            }),
+            baseline: Some("pre-copy"),
         },
     ]
 }
@@ -228,6 +261,8 @@ pub struct Comparison {
     pub description: String,
     /// The paper's claim, if any.
     pub claim: Option<Claim>,
+    /// The strategy the others are measured against.
+    pub baseline: Option<String>,
     /// One row per strategy × workload.
     pub rows: Vec<Row>,
     /// Every run.
@@ -322,6 +357,7 @@ pub fn run(
         preset: preset.name.into(),
         description: preset.description.into(),
         claim: preset.claim.clone(),
+        baseline: preset.baseline.map(String::from),
         rows,
         runs,
     })
@@ -406,6 +442,35 @@ pub fn table(c: &Comparison) -> String {
             );
             out.push('\n');
         }
+    }
+    if let Some(baseline) = c.baseline.as_deref() {
+        out.push_str(&format!(
+            "\nchange against {baseline} (median over seeds):\n"
+        ));
+        for r in c.rows.iter().filter(|r| r.strategy != baseline) {
+            if let Some(b) = c
+                .rows
+                .iter()
+                .find(|b| b.strategy == baseline && b.workload == r.workload)
+            {
+                let pct = |x: f64, base: f64| {
+                    if base == 0.0 {
+                        0.0
+                    } else {
+                        (x - base) / base * 100.0
+                    }
+                };
+                out.push_str(&format!(
+                    "  {:<22} {:<18} total time {:+6.2}%   bytes {:+6.2}%   downtime {:+6.2}%\n",
+                    r.strategy,
+                    r.workload,
+                    pct(r.total_time_ms.median, b.total_time_ms.median),
+                    pct(r.bytes_sent.median, b.bytes_sent.median),
+                    pct(r.downtime_ms.median, b.downtime_ms.median),
+                ));
+            }
+        }
+        out.push('\n');
     }
     out.push_str("(median over seeds, range in brackets; least = lower bounds for any strategy; Clark and paper000 = analytic models fed this run's measured round-1 dirty rate)\n");
     out

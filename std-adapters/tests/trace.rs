@@ -290,6 +290,46 @@ proptest! {
         prop_assert_eq!(info.dirty_pages, dirty);
     }
 
+    /// The writer's one-pass size accounting is exact: the page-delta size matches a direct
+    /// count, the smaller encoding is chosen (ties to chunked), and the record is exactly its
+    /// payload plus framing.
+    #[test]
+    fn the_writer_measures_and_chooses_exactly(
+        page_count in 1u64..(5 * CHUNK_PAGES),
+        shapes in proptest::collection::vec(any::<u8>(), 1..4),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng(seed);
+        let mut map = DirtyBitmap::new(page_count);
+        for shape in shapes {
+            shaped_set(&mut rng, page_count, shape).into_iter().for_each(|p| map.set(p));
+        }
+        let mut previous = 0;
+        let mut deltas = Vec::new();
+        for page in map.iter_ones() {
+            put_varint(&mut deltas, page - previous);
+            previous = page;
+        }
+        let sizes = encoding_sizes(&map);
+        prop_assert_eq!(sizes.page_deltas, deltas.len());
+        let header = TraceHeader::new(geometry(page_count), Nanos(1));
+        let mut writer = TraceWriter::new(Vec::new(), &header).unwrap();
+        let written = writer.write_interval(&map).unwrap();
+        let expected = if sizes.page_deltas < sizes.chunked {
+            Encoding::PageDeltas
+        } else {
+            Encoding::Chunked
+        };
+        prop_assert_eq!(written.encoding, expected);
+        let mut framing = vec![b'C'];
+        put_varint(&mut framing, 1);
+        put_varint(&mut framing, map.count_ones());
+        put_varint(&mut framing, sizes.chosen() as u64);
+        prop_assert_eq!(written.bytes, (framing.len() + sizes.chosen() + 8) as u64);
+        let pages: Vec<u64> = map.iter_ones().collect();
+        prop_assert_eq!(writer.write_interval_pages(&pages).unwrap(), written);
+    }
+
     /// Whatever the bytes, reading returns a value or a typed error, never a panic.
     #[test]
     fn arbitrary_bytes_never_panic(
@@ -939,6 +979,43 @@ fn replay_loops_with_time_running_on() {
         assert_eq!(&pages_of(interval.dirty), &intervals[index as usize].0);
     }
     assert_eq!(replay.laps(), 3);
+}
+
+#[test]
+fn replay_rewinds_a_trace_that_does_not_start_the_stream() {
+    let (intervals, bytes) = three_interval_trace();
+    let mut embedded = b"prefix".to_vec();
+    embedded.extend_from_slice(&bytes);
+    let mut input = Cursor::new(embedded);
+    input.set_position(6);
+    let mut replay = TraceReplay::open(input, AtEnd::Loop).unwrap();
+    for step in 0..7 {
+        let interval = replay.next_interval().unwrap().unwrap();
+        assert_eq!(&pages_of(interval.dirty), &intervals[step % 3].0);
+    }
+}
+
+#[test]
+fn a_damaged_interval_ends_a_looping_replay() {
+    let (_, mut bytes) = three_interval_trace();
+    let last_record_checksum = bytes.len() - 25 - 1;
+    bytes[last_record_checksum] ^= 1;
+    let mut replay = TraceReplay::open(Cursor::new(bytes), AtEnd::Loop).unwrap();
+    assert!(replay.next_interval().unwrap().is_some());
+    assert!(replay.next_interval().unwrap().is_some());
+    assert!(matches!(
+        replay.next_interval(),
+        Err(TraceError::ChecksumMismatch {
+            part: TracePart::Interval(2),
+            ..
+        })
+    ));
+    assert!(replay.next_interval().unwrap().is_none());
+    assert!(replay
+        .advance(Nanos(0), Nanos(u64::MAX), |_| panic!(
+            "no writes after an error"
+        ))
+        .is_ok());
 }
 
 #[test]
