@@ -157,7 +157,7 @@ fn run_once(config: &ClusterConfig, policy_on: bool) -> Result<ClusterReport, St
                 let r = below(rng.next_u64(), 1000) as f64 / 1000.0;
                 vm.level = if r < 0.3 { 0.3 + r } else { 0.02 + r * 0.1 };
             }
-            next_phase = next_phase + config.phase;
+            next_phase += config.phase;
         }
         // Migrations that finished move their VM.
         for vm in &mut vms {

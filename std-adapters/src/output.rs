@@ -43,6 +43,10 @@ pub struct RoundJson {
     pub rate_limit_mb_s: Option<f64>,
     /// Downtime estimated at the end of the round, ms.
     pub estimated_downtime_ms: f64,
+    /// Pages a predictor held back from this round.
+    pub held_back: u64,
+    /// Of those, pages dirtied again during the round (a correct prediction).
+    pub held_back_redirtied: u64,
 }
 
 impl From<&RoundReport> for RoundJson {
@@ -60,6 +64,8 @@ impl From<&RoundReport> for RoundJson {
             bandwidth_mb_s: mb_per_s(r.bandwidth),
             rate_limit_mb_s: mb_per_s(r.rate_limit),
             estimated_downtime_ms: ms(r.estimated_downtime),
+            held_back: r.held_back,
+            held_back_redirtied: r.held_back_redirtied,
         }
     }
 }
@@ -192,8 +198,18 @@ pub fn progress_line(r: &RoundReport, page_size: u64) -> String {
             r.dirty_pages,
             human_bytes(r.dirty_rate_pages_per_sec.saturating_mul(page_size)),
             r.estimated_downtime.as_millis_f64()
-        )
+        ) + &held_text(r)
     }
+}
+
+fn held_text(r: &RoundReport) -> String {
+    if r.held_back == 0 {
+        return String::new();
+    }
+    format!(
+        "; held back {} hot pages, {} dirtied again",
+        r.held_back, r.held_back_redirtied
+    )
 }
 
 /// The report as a table.

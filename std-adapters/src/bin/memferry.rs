@@ -12,6 +12,7 @@ use memferry::page::PageSize;
 use memferry::report::MigrationReport;
 use memferry::schedule::{RatePlan, StopRules};
 use memferry::time::{ByteRate, Nanos};
+use memferry::track::PredictorKind;
 use memferry_std::compare;
 use memferry_std::demo::{self, GuestOptions, JobError, TransportKind};
 use memferry_std::output::{self, ReportJson, WorkloadJson};
@@ -80,6 +81,12 @@ enum Command {
         /// Fraction of memory that is hot (hotcold and phases workloads).
         #[arg(long, default_value_t = 0.05)]
         hot_fraction: f64,
+        /// Writable-working-set predictor (see `demo --help`).
+        #[arg(long, default_value = "none", value_parser = parse_predictor)]
+        predictor: PredictorKind,
+        /// Downtime target in ms.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -181,6 +188,14 @@ struct GuestArgs {
 
 #[derive(Args)]
 struct MigrationArgs {
+    /// Writable-working-set predictor that holds hot pages back to stop-and-copy:
+    /// none, wsclock, lru, splay or history, optionally with parameters
+    /// (e.g. `lru:syncs=3,cap=100000`, `history:m=2,n=4`).
+    #[arg(long, default_value = "none", value_parser = parse_predictor)]
+    predictor: PredictorKind,
+    /// Dirty-log samples taken in round 1 to teach the predictor (the pre-processing phase).
+    #[arg(long, default_value_t = 4)]
+    learning_samples: u32,
     /// Link bandwidth (e.g. 1Gbit, 500MB/s); unlimited by default.
     #[arg(long, default_value = "unlimited", value_parser = parse_rate)]
     bandwidth: ByteRate,
@@ -258,9 +273,15 @@ impl MigrationArgs {
                 deadline: self.deadline_ms.map(Nanos::from_millis),
                 ..StopRules::default()
             },
+            predictor: self.predictor,
+            learning_samples: self.learning_samples,
             ..PreCopyConfig::default()
         }
     }
+}
+
+fn parse_predictor(text: &str) -> Result<PredictorKind, String> {
+    PredictorKind::parse(text).map_err(|e| e.to_string())
 }
 
 fn print_report(report: &MigrationReport, workload: Option<WorkloadJson>, json: bool) {
@@ -412,6 +433,8 @@ fn main() -> ExitCode {
             no_verify,
             zero_fraction,
             hot_fraction,
+            predictor,
+            downtime_ms,
             json,
         } => {
             let model = match memferry_std::sim::WorkloadModel::named(&workload, rate) {
@@ -457,6 +480,14 @@ fn main() -> ExitCode {
                 workload: model,
                 seed,
                 verify: !no_verify,
+                engine: PreCopyConfig {
+                    predictor,
+                    stop: StopRules {
+                        downtime_target: Nanos::from_millis(downtime_ms),
+                        ..StopRules::default()
+                    },
+                    ..PreCopyConfig::default()
+                },
                 link: memferry_std::sim::LinkModel {
                     bandwidth,
                     ..Default::default()
