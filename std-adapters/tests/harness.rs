@@ -213,3 +213,52 @@ fn compare_prints_the_same_numbers_every_run() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_recorded_trace_replays_as_a_workload() {
+    use memferry::page::{Geometry, PageSize};
+    use memferry_std::trace::{TraceHeader, TraceWriter};
+    // Five 10 ms intervals, each dirtying pages 0..100: replayed once, that is 500 writes.
+    let geometry = Geometry::new(PageSize::DEFAULT, 4096).unwrap();
+    let path = std::env::temp_dir().join(format!("memferry-replay-{}.mft", std::process::id()));
+    let mut writer = TraceWriter::new(
+        std::fs::File::create(&path).unwrap(),
+        &TraceHeader::new(geometry, Nanos::from_millis(10)),
+    )
+    .unwrap();
+    let pages: Vec<u64> = (0..100).collect();
+    for _ in 0..5 {
+        writer.write_interval_pages(&pages).unwrap();
+    }
+    writer.finish().unwrap();
+    let scenario = Scenario {
+        memory: geometry.memory_bytes(),
+        workload: WorkloadModel::Trace {
+            path: path.to_string_lossy().into_owned(),
+            looped: false,
+        },
+        // 16 MiB at 100 MB/s: ~170 ms, longer than the trace.
+        link: LinkModel {
+            bandwidth: ByteRate(100_000_000),
+            ..LinkModel::default()
+        },
+        ..Scenario::default()
+    };
+    let o = simulate(&scenario).unwrap();
+    assert_eq!(o.writes, 500);
+    assert_eq!(o.pages_written, 100);
+    assert_eq!(o.report.verified, Some(true));
+    assert!(
+        o.report.rounds[0].dirty_pages == 100,
+        "{:?}",
+        o.report.rounds[0]
+    );
+    // A trace of a bigger guest is refused with a clear error.
+    let small = Scenario {
+        memory: geometry.memory_bytes() / 2,
+        ..scenario
+    };
+    let err = simulate(&small).unwrap_err();
+    assert!(err.contains("more than the simulated guest"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+}

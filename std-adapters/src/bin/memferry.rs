@@ -55,12 +55,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Record the in-process workload's dirty pages into a trace file, for replay in the
+    /// simulator (`memferry simulate --workload trace:FILE`).
+    Record {
+        /// The trace file to write.
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Sampling interval (e.g. 100ms).
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        interval: std::time::Duration,
+        /// How long to record (e.g. 10s).
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// What was recorded (default: the guest and workload settings).
+        #[arg(long)]
+        description: Option<String>,
+    },
     /// Simulate one migration in virtual time and print its report.
     Simulate {
         /// Guest memory size.
         #[arg(long, default_value = "1GiB", value_parser = parse_size)]
         memory: u64,
-        /// Workload model: idle, uniform, hotcold, zipf, sweep or phases.
+        /// Workload model: idle, uniform, hotcold, zipf, sweep, phases, or trace:FILE (a
+        /// recording from `memferry record`, replayed in a loop).
         #[arg(long, default_value = "hotcold")]
         workload: String,
         /// Writes (pages for sweep) per virtual second.
@@ -278,6 +297,11 @@ impl MigrationArgs {
             ..PreCopyConfig::default()
         }
     }
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration ({e}); try 100ms or 10s"))
 }
 
 fn parse_predictor(text: &str) -> Result<PredictorKind, String> {
@@ -559,6 +583,64 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
+            }
+        }
+        Command::Record {
+            output,
+            guest,
+            interval,
+            duration,
+            description,
+        } => {
+            let options = match guest.options() {
+                Ok(o) => o,
+                Err(e) => return fail(e),
+            };
+            if interval.is_zero() || duration < interval {
+                return fail("--interval must be positive and no longer than --duration");
+            }
+            let mut host = match demo::prepare_source(&options, guest.seed) {
+                Ok(h) => h,
+                Err(e) => return fail(e),
+            };
+            let description = description.unwrap_or_else(|| {
+                format!(
+                    "memferry record: {} guest, {} writes/s, {}% of writes to {}% of memory, seed {}",
+                    output::human_bytes(options.memory),
+                    guest.write_rate,
+                    guest.hot_share * 100.0,
+                    guest.hot_fraction * 100.0,
+                    guest.seed
+                )
+            });
+            let file = match std::fs::File::create(&output) {
+                Ok(f) => std::io::BufWriter::new(f),
+                Err(e) => return fail(format!("cannot create {}: {e}", output.display())),
+            };
+            eprintln!(
+                "recording {} intervals of {:?} into {}",
+                duration.as_nanos() / interval.as_nanos(),
+                interval,
+                output.display()
+            );
+            let record_options = memferry_std::trace::RecordOptions {
+                interval,
+                duration,
+                description,
+            };
+            match memferry_std::trace::record(&mut host, &record_options, file) {
+                Ok(summary) => {
+                    println!(
+                        "wrote {}: {} intervals, {} dirty pages (at most {} in one interval), {} bytes",
+                        output.display(),
+                        summary.intervals,
+                        summary.dirty_pages,
+                        summary.max_dirty_pages,
+                        summary.file_bytes
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(format!("recording failed: {e}")),
             }
         }
         Command::Compare {

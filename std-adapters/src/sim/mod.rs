@@ -156,11 +156,11 @@ impl SimGuest {
             versions: HashMap::new(),
             last_write: HashMap::new(),
             dirty: DirtyBitmap::new(geometry.page_count()),
-            writer: WriteGenerator::new(
+            writer: WriteGenerator::try_new(
                 scenario.workload.clone(),
                 geometry.page_count(),
                 scenario.seed,
-            ),
+            )?,
             paused: false,
             paused_at: None,
             pages_read: 0,
@@ -417,6 +417,9 @@ pub fn simulate(scenario: &Scenario) -> Result<SimOutcome, String> {
         if guest.paused && guest.paused_at.is_none() {
             guest.paused_at = Some(now);
         }
+    }
+    if let Some(e) = guest.writer.error() {
+        return Err(format!("the workload's trace failed: {e}"));
     }
     if scenario.verify && receiver.status() != ReceiverStatus::Complete {
         return Err("the destination did not complete".into());

@@ -14,6 +14,7 @@ use rand_distr::{Distribution, Zipf};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
 
+use crate::trace::{AtEnd, TraceReplay};
 use crate::workload::below;
 
 /// A workload model and its parameters.
@@ -52,6 +53,14 @@ pub enum WorkloadModel {
         /// How long it is, as a fraction of memory.
         length_fraction: f64,
     },
+    /// A recorded trace (`memferry record`), replayed: each interval's dirty pages are written
+    /// spread evenly across the interval.
+    Trace {
+        /// The trace file.
+        path: String,
+        /// Start again at the end (otherwise the guest goes idle).
+        looped: bool,
+    },
     /// Hot/cold, with the hot set moving to the next slice of memory every `period`.
     Phases {
         /// Writes per second.
@@ -77,6 +86,12 @@ impl WorkloadModel {
         };
         match self {
             WorkloadModel::Idle => "idle".into(),
+            WorkloadModel::Trace { path, .. } => format!(
+                "trace:{}",
+                std::path::Path::new(path)
+                    .file_name()
+                    .map_or(path.as_str(), |n| n.to_str().unwrap_or(path))
+            ),
             WorkloadModel::Uniform { rate: r } => format!("uniform@{}", rate(*r)),
             WorkloadModel::HotCold {
                 rate: r,
@@ -101,6 +116,12 @@ impl WorkloadModel {
     /// phases put 90% of writes on 5% of memory (phases move every 500 ms), Zipf has exponent
     /// 1, a sweep rewrites a quarter of memory.
     pub fn named(name: &str, rate: f64) -> Option<WorkloadModel> {
+        if let Some(path) = name.strip_prefix("trace:") {
+            return Some(WorkloadModel::Trace {
+                path: path.to_string(),
+                looped: true,
+            });
+        }
         Some(match name {
             "idle" => WorkloadModel::Idle,
             "uniform" => WorkloadModel::Uniform { rate },
@@ -131,7 +152,7 @@ impl WorkloadModel {
     /// Writes per second.
     pub fn rate(&self) -> f64 {
         match *self {
-            WorkloadModel::Idle => 0.0,
+            WorkloadModel::Idle | WorkloadModel::Trace { .. } => 0.0,
             WorkloadModel::Uniform { rate }
             | WorkloadModel::HotCold { rate, .. }
             | WorkloadModel::Zipf { rate, .. }
@@ -151,10 +172,42 @@ pub struct WriteGenerator {
     carry: f64,
     sweep_next: u64,
     writes: u64,
+    replay: Option<TraceReplay<std::fs::File>>,
+    /// A trace that failed mid-replay: the writes stop and the simulation reports it.
+    error: Option<String>,
 }
 
 impl WriteGenerator {
-    /// A generator for a guest of `pages` pages.
+    /// A generator for a guest of `pages` pages; fails only for a trace that cannot be opened
+    /// or was recorded from a larger guest.
+    pub fn try_new(model: WorkloadModel, pages: u64, seed: u64) -> Result<Self, String> {
+        let replay = match &model {
+            WorkloadModel::Trace { path, looped } => {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| format!("cannot open trace {path}: {e}"))?;
+                let at_end = if *looped { AtEnd::Loop } else { AtEnd::Stop };
+                let replay =
+                    TraceReplay::open(file, at_end).map_err(|e| format!("trace {path}: {e}"))?;
+                let traced = replay.header().geometry.page_count();
+                if traced > pages {
+                    return Err(format!("trace {path} covers {traced} pages, more than the simulated guest's {pages}"));
+                }
+                Some(replay)
+            }
+            _ => None,
+        };
+        let mut generator = Self::new(model, pages, seed);
+        generator.replay = replay;
+        Ok(generator)
+    }
+
+    /// Why a trace replay stopped early, if it did.
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// A generator for a guest of `pages` pages (a trace model replays nothing: use
+    /// [`WriteGenerator::try_new`]).
     pub fn new(model: WorkloadModel, pages: u64, seed: u64) -> Self {
         let zipf = match model {
             WorkloadModel::Zipf { exponent, .. } => Zipf::new(pages as f64, exponent.max(0.0)).ok(),
@@ -168,6 +221,8 @@ impl WriteGenerator {
             carry: 0.0,
             sweep_next: 0,
             writes: 0,
+            replay: None,
+            error: None,
         }
     }
 
@@ -178,6 +233,18 @@ impl WriteGenerator {
 
     /// Calls `write(page)` for every write in the virtual interval `[from, to)`.
     pub fn advance(&mut self, from: Nanos, to: Nanos, mut write: impl FnMut(u64)) {
+        if let Some(replay) = &mut self.replay {
+            let mut count = 0;
+            if let Err(e) = replay.advance(from, to, |page| {
+                count += 1;
+                write(page)
+            }) {
+                self.error.get_or_insert_with(|| e.to_string());
+                self.replay = None;
+            }
+            self.writes += count;
+            return;
+        }
         let span = (to - from).as_secs_f64();
         let owed = self.model.rate() * span + self.carry;
         let count = owed.floor();
@@ -187,7 +254,7 @@ impl WriteGenerator {
         let fraction_pages = |f: f64| ((pages as f64 * f.clamp(0.0, 1.0)) as u64).clamp(1, pages);
         for i in 0..count {
             let page = match self.model {
-                WorkloadModel::Idle => return,
+                WorkloadModel::Idle | WorkloadModel::Trace { .. } => return,
                 WorkloadModel::Uniform { .. } => below(self.rng.next_u64(), pages),
                 WorkloadModel::HotCold {
                     hot_fraction,
