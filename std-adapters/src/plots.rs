@@ -86,7 +86,7 @@ fn bars(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((0..rows.len()).into_segmented(), 0.0..top)?;
+        .build_cartesian_2d((0..rows.len().max(2) - 1).into_segmented(), 0.0..top)?;
     let names: Vec<String> = rows.iter().map(|r| r.strategy.clone()).collect();
     chart
         .configure_mesh()
