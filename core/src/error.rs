@@ -100,6 +100,20 @@ impl From<WireError> for MigrationError {
 }
 
 impl MigrationError {
+    /// Appends the abort frame that tells the peer about this error, unless the peer is the one
+    /// that aborted. Returns the bytes appended.
+    pub fn emit_abort(&self, out: &mut alloc::vec::Vec<u8>) -> usize {
+        if matches!(self, MigrationError::PeerAborted { .. }) {
+            return 0;
+        }
+        let message = alloc::string::ToString::to_string(self);
+        crate::wire::Frame::Abort {
+            code: self.abort_code(),
+            message: crate::wire::abort_message(&message),
+        }
+        .emit(out)
+    }
+
     /// The abort code to send to the peer for this error.
     pub fn abort_code(&self) -> AbortCode {
         match self {

@@ -293,16 +293,7 @@ impl PreCopySource {
                 self.paused = false;
             }
         }
-        if !matches!(error, MigrationError::PeerAborted { .. }) {
-            let message = error.to_string();
-            let before = out.len();
-            Frame::Abort {
-                code: error.abort_code(),
-                message: wire::abort_message(&message),
-            }
-            .emit(out);
-            self.report.bytes_sent += (out.len() - before) as u64;
-        }
+        self.report.bytes_sent += error.emit_abort(out) as u64;
         self.state = State::Failed(error.clone());
         Err(error)
     }

@@ -17,7 +17,7 @@ use crate::error::MigrationError;
 use crate::memory::{DestinationGuest, PageWrite};
 use crate::page::{Geometry, PageIndex};
 use crate::time::Nanos;
-use crate::wire::{self, Frame, FrameKind, PageEncoding, Verdict, WireError, PROTOCOL_VERSION};
+use crate::wire::{Frame, FrameKind, PageEncoding, Verdict, WireError, PROTOCOL_VERSION};
 
 /// Settings of the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,14 +169,7 @@ impl Receiver {
         if let Some(first) = &self.failure {
             return Err(first.clone());
         }
-        if !matches!(error, MigrationError::PeerAborted { .. }) {
-            let message = error.to_string();
-            Frame::Abort {
-                code: error.abort_code(),
-                message: wire::abort_message(&message),
-            }
-            .emit(out);
-        }
+        error.emit_abort(out);
         self.status = ReceiverStatus::Failed;
         self.failure = Some(error.clone());
         Err(error)

@@ -7,7 +7,7 @@
 //! - [`run_demo`]: both sides in one process, over TCP on 127.0.0.1 or an in-process loopback.
 
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::sync::Arc;
 
@@ -239,11 +239,4 @@ pub fn run_demo(
         source,
         destination,
     })
-}
-
-/// Reads everything left on a stream (for tests of what a peer sent).
-pub fn drain(mut reader: impl Read) -> Vec<u8> {
-    let mut all = Vec::new();
-    let _ = reader.read_to_end(&mut all);
-    all
 }
