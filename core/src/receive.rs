@@ -268,7 +268,7 @@ impl Receiver {
                         reason: "page count differs from the pages received",
                     });
                 }
-                self.round += 1;
+                self.round = self.round.saturating_add(1);
                 self.pages_in_round = 0;
                 Ok(())
             }
@@ -299,7 +299,7 @@ impl Receiver {
                 if !self.device_state_seen {
                     return Err(self.unexpected(FrameKind::Switchover));
                 }
-                if rounds + 1 != self.round {
+                if rounds.checked_add(1) != Some(self.round) {
                     return Err(MigrationError::RoundMismatch {
                         round: rounds,
                         reason: "switchover names a different round count",
