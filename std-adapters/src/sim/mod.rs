@@ -55,8 +55,10 @@ impl Default for LinkModel {
     }
 }
 
-/// What per-page work costs, as throughputs. Defaults are round figures from this project's
-/// benches on a 2-core machine: copying pages ~10 GB/s, xxh3 ~20 GB/s, zero scans ~20 GB/s.
+/// What per-page work costs, as throughputs and per-page times. Defaults are round figures from
+/// this project's benches on a 2-core machine: copying pages ~10 GB/s, xxh3 ~20 GB/s, zero
+/// scans ~20 GB/s; a predictor's update per dirty page: history 6 ns, LRU 7 ns, WSClock 12 ns,
+/// splay tree 110 ns (`cargo bench -p memferry-benches --bench predictors`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct CpuModel {
     /// Copying page bytes (read on the source, write on the destination).
@@ -65,6 +67,20 @@ pub struct CpuModel {
     pub checksum: ByteRate,
     /// Scanning a page for zeroes.
     pub zero_scan: ByteRate,
+    /// A predictor's update per dirty page, in nanoseconds, by predictor name.
+    pub predictor_ns_per_dirty_page: [(&'static str, u64); 4],
+}
+
+impl CpuModel {
+    /// What observing `dirty_pages` costs the predictor called `name` (nothing for "none").
+    pub fn predictor_cost(&self, name: &str, dirty_pages: u64) -> Nanos {
+        let ns = self
+            .predictor_ns_per_dirty_page
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, ns)| *ns);
+        Nanos(ns.saturating_mul(dirty_pages))
+    }
 }
 
 impl Default for CpuModel {
@@ -73,6 +89,12 @@ impl Default for CpuModel {
             copy: ByteRate(10_000_000_000),
             checksum: ByteRate(20_000_000_000),
             zero_scan: ByteRate(20_000_000_000),
+            predictor_ns_per_dirty_page: [
+                ("history", 6),
+                ("lru", 7),
+                ("wsclock", 12),
+                ("splay", 110),
+            ],
         }
     }
 }
@@ -361,9 +383,22 @@ pub fn simulate(scenario: &Scenario) -> Result<SimOutcome, String> {
                 scenario.time_limit
             ));
         }
+        let rounds_before = engine.report().rounds.len();
         let polled = engine.poll(now, &mut guest, &mut out).map_err(fail)?;
         if polled == Poll::Done {
             break;
+        }
+        // A round that just ended had its dirty pages shown to the predictor: the source's CPU
+        // spends that time before sending on, while the guest runs.
+        let predictor = scenario.engine.predictor.name();
+        let learning = engine.report().rounds[rounds_before..]
+            .iter()
+            .map(|r| r.dirty_pages)
+            .sum::<u64>();
+        let update = cpu.predictor_cost(predictor, learning);
+        if update > Nanos::ZERO {
+            guest.run(now, now + update);
+            now += update;
         }
         if !out.is_empty() {
             let (pages, scanned) = guest.take_work();
