@@ -68,6 +68,7 @@ pub struct Receiver {
     device_state: Vec<u8>,
     device_state_seen: bool,
     digest: Option<u64>,
+    verdict: Option<Verdict>,
     pages_received: u64,
     bytes_received: u64,
     started_at: Option<Nanos>,
@@ -94,6 +95,7 @@ impl Receiver {
             device_state: Vec::new(),
             device_state_seen: false,
             digest: None,
+            verdict: None,
             pages_received: 0,
             bytes_received: 0,
             started_at: None,
@@ -118,6 +120,12 @@ impl Receiver {
     /// The destination's memory digest, captured when the guest started.
     pub fn digest(&self) -> Option<u64> {
         self.digest
+    }
+
+    /// The verdict on the source's digest: `None` until a digest arrived (or if the source
+    /// sends none), `NotChecked` when this side keeps no page hashes.
+    pub fn verdict(&self) -> Option<Verdict> {
+        self.verdict
     }
 
     /// When the guest was started (the `now` passed with the switchover frame).
@@ -347,6 +355,7 @@ impl Receiver {
                     digest: ours.unwrap_or(0),
                 }
                 .emit(out);
+                self.verdict = Some(verdict);
                 if verdict == Verdict::Mismatch {
                     return Err(MigrationError::DigestMismatch {
                         source: digest,

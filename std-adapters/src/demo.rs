@@ -161,6 +161,7 @@ pub fn serve(
         &mut buffer,
         &clock,
     )?;
+    host.verdict = receiver.verdict();
     Ok(host)
 }
 

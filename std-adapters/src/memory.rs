@@ -222,6 +222,8 @@ impl SourceGuest for SourceHost {
 /// The destination's host: fresh guest memory and the state the source sent.
 pub struct DestinationHost {
     region: GuestRegion,
+    /// The receiver's verdict on the source's digest, once the migration is over.
+    pub verdict: Option<memferry::wire::Verdict>,
     state: Option<Vec<u8>>,
     started: bool,
 }
@@ -231,6 +233,7 @@ impl DestinationHost {
     pub fn new(geometry: Geometry) -> io::Result<Self> {
         Ok(DestinationHost {
             region: GuestRegion::new_reserved(geometry)?,
+            verdict: None,
             state: None,
             started: false,
         })

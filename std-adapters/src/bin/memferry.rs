@@ -676,12 +676,17 @@ fn main() -> ExitCode {
                     if json {
                         println!(
                             "{}",
-                            serde_json::json!({"verified": true, "memory_bytes": g.memory_bytes(), "page_size": g.page_size().bytes(), "device_state_bytes": host.device_state().map_or(0, |s| s.len())})
+                            serde_json::json!({"verified": host.verdict == Some(memferry::wire::Verdict::Match), "memory_bytes": g.memory_bytes(), "page_size": g.page_size().bytes(), "device_state_bytes": host.device_state().map_or(0, |s| s.len())})
                         );
                     } else {
                         println!(
-                            "received {} and the device state; digest verified",
-                            output::human_bytes(g.memory_bytes())
+                            "received {} and the device state; digest {}",
+                            output::human_bytes(g.memory_bytes()),
+                            match host.verdict {
+                                Some(memferry::wire::Verdict::Match) => "verified",
+                                Some(_) => "not checked",
+                                None => "not sent by the source",
+                            }
                         );
                     }
                     ExitCode::SUCCESS
