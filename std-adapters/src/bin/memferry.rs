@@ -346,7 +346,7 @@ fn run_compare(
     let all = compare::presets();
     if list {
         for p in &all {
-            println!("{:<14} {}", p.name, p.description);
+            println!("{:<20} {}", p.name, p.description);
         }
         return ExitCode::SUCCESS;
     }
