@@ -34,16 +34,11 @@ pub trait PageWrite {
     /// `page` lies inside the guest.
     fn write_page(&mut self, page: PageIndex, data: &[u8]) -> Result<(), HostError>;
 
-    /// Makes page `page` all zeroes. The default writes a zero page through
-    /// [`PageWrite::write_page`]; a host whose fresh memory is zero may do less.
-    fn write_zero_page(&mut self, page: PageIndex, page_size: usize) -> Result<(), HostError> {
-        // A 2 MiB page is rare; keep a small static page for the common case.
-        static ZEROES: [u8; 4096] = [0; 4096];
-        if page_size <= ZEROES.len() {
-            self.write_page(page, &ZEROES[..page_size])
-        } else {
-            self.write_page(page, &alloc::vec![0u8; page_size])
-        }
+    /// Makes page `page` all zeroes. `zeroes` is one page of zero bytes, kept by the caller so
+    /// no page allocates. The default writes it through [`PageWrite::write_page`]; a host whose
+    /// fresh memory is zero may do less.
+    fn write_zero_page(&mut self, page: PageIndex, zeroes: &[u8]) -> Result<(), HostError> {
+        self.write_page(page, zeroes)
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Receiver {
     received: DirtyBitmap,
     page_hashes: Vec<u64>,
     zero_hash: u64,
+    /// One page of zeroes, for hosts to copy from.
+    zero_page: Vec<u8>,
     device_state: Vec<u8>,
     device_state_seen: bool,
     digest: Option<u64>,
@@ -92,6 +94,7 @@ impl Receiver {
                 Vec::new()
             },
             zero_hash: page_hash(&vec![0u8; geometry.page_size().bytes()]),
+            zero_page: vec![0u8; geometry.page_size().bytes()],
             device_state: Vec::new(),
             device_state_seen: false,
             digest: None,
@@ -412,7 +415,7 @@ impl Receiver {
                         reason: "zero page with a payload",
                     });
                 }
-                host.write_zero_page(PageIndex(index), page_size)?;
+                host.write_zero_page(PageIndex(index), &self.zero_page)?;
                 self.zero_hash
             }
         };

@@ -287,7 +287,7 @@ impl PageWrite for SimDestination {
         self.pages_written += 1;
         Ok(())
     }
-    fn write_zero_page(&mut self, _page: PageIndex, _page_size: usize) -> Result<(), HostError> {
+    fn write_zero_page(&mut self, _page: PageIndex, _zeroes: &[u8]) -> Result<(), HostError> {
         self.pages_written += 1;
         Ok(())
     }
