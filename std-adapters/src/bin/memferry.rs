@@ -413,13 +413,16 @@ fn main() -> ExitCode {
             };
             if !migration.quiet {
                 eprintln!(
-                    "memferry demo: {} guest, workload {} writes/s ({}% of writes to {}% of memory), link {}, {:?}",
+                    "memferry demo: {} guest, workload {} writes/s ({}% of writes to {}% of memory), link {}, over {}",
                     output::human_bytes(options.memory),
                     guest.write_rate,
                     guest.hot_share * 100.0,
                     guest.hot_fraction * 100.0,
                     migration.bandwidth,
-                    transport
+                    match transport {
+                        TransportKind::Tcp => "TCP on 127.0.0.1",
+                        TransportKind::Loopback => "in-process loopback",
+                    }
                 );
             }
             let quiet = migration.quiet;
