@@ -146,6 +146,18 @@ pub fn serve(
             refuse(&mut writer, &why);
             JobError::Setup(why)
         })?;
+    // Reservation reserves for real (every page is faulted in), so refuse a guest this host
+    // cannot hold rather than let the kernel's OOM killer decide.
+    if let Some(available) = available_memory() {
+        let needed = geometry.memory_bytes() + geometry.page_count() * 8;
+        if needed > available {
+            let why = format!(
+                "the guest needs {needed} bytes here (memory and page hashes) but this host has only {available} bytes available"
+            );
+            refuse(&mut writer, &why);
+            return Err(JobError::Setup(why));
+        }
+    }
     let mut host = DestinationHost::new(geometry).map_err(|e| {
         JobError::Setup(format!(
             "cannot map {} bytes for the guest: {e}",
@@ -163,6 +175,14 @@ pub fn serve(
     )?;
     host.verdict = receiver.verdict();
     Ok(host)
+}
+
+/// Memory the kernel says it can give without swapping (`MemAvailable`), where it says.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn refuse(writer: &mut BoxWrite, why: &str) {

@@ -140,6 +140,45 @@ fn send_to_a_listener_with_too_little_room_fails_clearly() {
 }
 
 #[test]
+fn a_guest_larger_than_the_host_is_refused_before_reservation() {
+    // 1 TiB is within the default --max-memory but beyond this machine's available memory:
+    // the listener must refuse rather than fault a terabyte in.
+    let mut listener = memferry()
+        .args(["listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(listener.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    // A bare hello for a 1 TiB guest, as a hostile or mistaken source would send.
+    let mut hello = Vec::new();
+    memferry::wire::Frame::Hello(memferry::wire::Hello {
+        version: 1,
+        page_shift: 12,
+        page_count: 1 << 28,
+        features: 0,
+    })
+    .emit(&mut hello);
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut stream, &hello).unwrap();
+    let mut reply = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut reply).unwrap();
+    let (frame, _) = memferry::wire::Frame::parse(&reply).unwrap();
+    let memferry::wire::Frame::Abort { message, .. } = frame else {
+        panic!("expected an abort, got {frame:?}")
+    };
+    assert!(
+        String::from_utf8_lossy(message).contains("available"),
+        "{}",
+        String::from_utf8_lossy(message)
+    );
+    assert!(!listener.wait().unwrap().success());
+}
+
+#[test]
 fn bad_options_get_clear_errors() {
     for (args, expect) in [
         (vec!["demo", "--memory", "lots"], "not a size"),
