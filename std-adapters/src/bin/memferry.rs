@@ -24,7 +24,7 @@ use memferry_std::workload::WorkloadConfig;
 #[command(
     name = "memferry",
     version,
-    about = "Live migration of a VM's memory: pre-copy over TCP, with a report"
+    about = "Live migration of a VM's memory: pre-copy over TCP with a report, a virtual-time simulator, and comparisons of the algorithms"
 )]
 struct Cli {
     #[command(subcommand)]
