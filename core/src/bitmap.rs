@@ -450,20 +450,4 @@ mod tests {
         assert_eq!(m.count_ones(), 2 + 8);
         assert_eq!(DirtyBitmap::full(130).count_ones(), 130);
     }
-
-    #[test]
-    fn atomic_marks_from_threads() {
-        let atomic = std::sync::Arc::new(AtomicDirtyBitmap::new(10_000));
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let a = atomic.clone();
-                std::thread::spawn(move || {
-                    (0..10_000).filter(|i| i % 4 == t).for_each(|i| a.mark(i))
-                })
-            })
-            .collect();
-        threads.into_iter().for_each(|t| t.join().unwrap());
-        let mut into = DirtyBitmap::new(10_000);
-        assert_eq!(atomic.fetch_and_clear_into(&mut into), 10_000);
-    }
 }

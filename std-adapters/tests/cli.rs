@@ -8,6 +8,26 @@ fn memferry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_memferry"))
 }
 
+/// Starts `memferry listen 127.0.0.1:0 ARGS` and returns it with the address it bound, which it
+/// prints on stderr.
+fn listen(args: &[&str]) -> (std::process::Child, String) {
+    let mut listener = memferry()
+        .args(["listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(listener.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{line}");
+    // Keep reading its stderr, so the listener never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (listener, addr)
+}
+
 #[test]
 fn demo_json_has_the_contract_fields() {
     let out = memferry()
@@ -80,18 +100,7 @@ fn demo_prints_progress_and_a_table() {
 
 #[test]
 fn listen_and_send_migrate_between_two_processes() {
-    let mut listener = memferry()
-        .args(["listen", "127.0.0.1:0", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The listener prints the address it bound on stderr.
-    let mut stderr = BufReader::new(listener.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    assert!(addr.starts_with("127.0.0.1:"), "{line}");
+    let (listener, addr) = listen(&["--json"]);
 
     let sent = memferry()
         .args(["send", &addr, "--memory", "24MiB", "--json", "--quiet"])
@@ -115,16 +124,7 @@ fn listen_and_send_migrate_between_two_processes() {
 
 #[test]
 fn send_to_a_listener_with_too_little_room_fails_clearly() {
-    let mut listener = memferry()
-        .args(["listen", "127.0.0.1:0", "--max-memory", "8MiB"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(listener.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mut listener, addr) = listen(&["--max-memory", "8MiB"]);
     let sent = memferry()
         .args(["send", &addr, "--memory", "16MiB", "--quiet"])
         .output()
@@ -143,16 +143,7 @@ fn send_to_a_listener_with_too_little_room_fails_clearly() {
 fn a_guest_larger_than_the_host_is_refused_before_reservation() {
     // 1 TiB is within the default --max-memory but beyond this machine's available memory:
     // the listener must refuse rather than fault a terabyte in.
-    let mut listener = memferry()
-        .args(["listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(listener.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mut listener, addr) = listen(&[]);
     // A bare hello for a 1 TiB guest, as a hostile or mistaken source would send.
     let mut hello = Vec::new();
     memferry::wire::Frame::Hello(memferry::wire::Hello {
