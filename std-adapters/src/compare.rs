@@ -148,6 +148,32 @@ pub fn presets() -> Vec<Preset> {
             baseline: None,
         },
         Preset {
+            name: "frequent-pages",
+            description: "a bitmap of frequently updated pages held back to the last round (papers 001 and 003: the history predictor) on skewed workloads (1 GiB, 10 Gbit/s, 50 ms target)",
+            strategies: ["none", "history:m=2,n=4", "history:m=3,n=6"]
+                .iter()
+                .map(|&p| Strategy {
+                    name: if p == "none" { "pre-copy".into() } else { format!("pre-copy+{p}") },
+                    engine: PreCopyConfig {
+                        predictor: PredictorKind::parse(p).expect("a known predictor"),
+                        stop: StopRules { downtime_target: Nanos::from_millis(50), ..defaults },
+                        ..PreCopyConfig::default()
+                    },
+                })
+                .collect(),
+            workloads: vec![
+                WorkloadModel::HotCold { rate: 1_000_000.0, hot_fraction: 0.05, hot_share: 0.95 },
+                WorkloadModel::Zipf { rate: 1_000_000.0, exponent: 1.1 },
+                WorkloadModel::Phases { rate: 1_000_000.0, hot_fraction: 0.05, hot_share: 0.95, period: Nanos::from_millis(300) },
+            ],
+            seeds: vec![1, 2, 3],
+            base: Scenario { memory: 1 << 30, verify: false, ..Scenario::default() },
+            claim: Some(Claim {
+                text: "paper 001: holding frequently updated pages to the last round sends 34% less data in 32.5% less time; paper 003: hot pages recognised from the history of dirty pages are sent at the end".into(),
+            }),
+            baseline: Some("pre-copy"),
+        },
+        Preset {
             name: "wsclock-vs-precopy",
             description: "writable-working-set predictors against plain pre-copy at the same downtime target (1 GiB guest, 10 Gbit/s link, 1M writes/s)",
             strategies: ["none", "wsclock", "lru", "splay", "history"]
@@ -461,7 +487,7 @@ pub fn table(c: &Comparison) -> String {
                     }
                 };
                 out.push_str(&format!(
-                    "  {:<22} {:<18} total time {:+6.2}%   bytes {:+6.2}%   downtime {:+6.2}%\n",
+                    "  {:<26} {:<18} total time {:+6.2}%   bytes {:+6.2}%   downtime {:+6.2}%\n",
                     r.strategy,
                     r.workload,
                     pct(r.total_time_ms.median, b.total_time_ms.median),
