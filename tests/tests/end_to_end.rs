@@ -314,3 +314,75 @@ fn corrupted_frame_during_stop_and_copy_resumes_the_paused_source() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(w.writes() > after, "the source workload runs again");
 }
+
+#[test]
+fn a_destination_that_vanishes_mid_migration_leaves_the_source_running() {
+    use std::io::Read;
+    // The destination reads about 1 MB, then its process "dies": both directions close at once,
+    // with no abort frame. The source must fail cleanly and keep its guest running, over the
+    // in-process loopback and over real TCP.
+    for tcp in [false, true] {
+        let guest = busy_guest(16 << 20, 6);
+        let mut source = demo::prepare_source(&guest, 6).unwrap();
+        let (src, dest) = if tcp {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let dest = std::thread::spawn(move || {
+                let (r, w, _) = memferry_std::transport::tcp::accept(&listener).unwrap();
+                (r, w)
+            });
+            (
+                memferry_std::transport::tcp::connect(addr).unwrap(),
+                dest.join().unwrap(),
+            )
+        } else {
+            loopback::pair()
+        };
+        let (mut dst_r, mut dst_w) = dest;
+        let vanishing = std::thread::spawn(move || {
+            // Accept, so round 1 starts streaming.
+            let mut accept = Vec::new();
+            memferry::wire::Frame::Accept {
+                version: memferry::wire::PROTOCOL_VERSION,
+                features: 0,
+            }
+            .emit(&mut accept);
+            std::io::Write::write_all(&mut dst_w, &accept).unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut read = 0;
+            while read < 1_000_000 {
+                match dst_r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+            drop(dst_r);
+            drop(dst_w);
+        });
+        let result = demo::migrate(
+            &mut source,
+            PreCopyConfig::default(),
+            src.0,
+            src.1,
+            ByteRate::UNLIMITED,
+            |_| {},
+        );
+        vanishing.join().unwrap();
+        let Err(JobError::Drive(e)) = result else {
+            panic!("the migration cannot succeed (tcp: {tcp})")
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("destination") || text.contains("transport"),
+            "a person is told what happened: {text}"
+        );
+        assert!(!source.is_paused(), "tcp: {tcp}");
+        let w = source.workload().unwrap();
+        let after = w.writes();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            w.writes() > after,
+            "the source workload runs on (tcp: {tcp})"
+        );
+    }
+}
