@@ -13,8 +13,11 @@
 //! - [`schedule`]: Clark's round bandwidth rule, dirty rate and the stop rules.
 //! - [`migrate`]: the source-side strategies (pre-copy today).
 //! - [`receive`]: the destination state machine.
+//! - [`track`]: writable-working-set predictors (WSClock, LRU, splay tree, history).
 //! - [`report`]: the metrics every migration reports.
 //! - [`digest`]: the whole-memory digest both sides agree on.
+//! - [`model`]: analytic time models (Clark's geometric series, paper 000's Tmig), lower bounds.
+//! - [`policy`]: paper 000's host-load metric, overload detection and VM placement.
 //!
 //! ## Driving the core from a hypervisor
 //! ```
@@ -114,5 +117,6 @@ pub mod prelude {
     pub use crate::report::{MigrationReport, RoundReport, StopReason};
     pub use crate::schedule::{RatePlan, StopRules};
     pub use crate::time::{ByteRate, Nanos};
+    pub use crate::track::{Predictor, PredictorKind};
     pub use alloc::vec::Vec;
 }
