@@ -1,7 +1,6 @@
 //! `AtomicDirtyBitmap` marked from several threads at once, as a guest's vCPUs mark it: no mark
 //! is lost, and a writer that marks after its write is always seen by a later harvest.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use memferry::bitmap::{AtomicDirtyBitmap, DirtyBitmap};
@@ -23,37 +22,36 @@ fn marks_from_many_threads_are_all_harvested() {
 
 #[test]
 fn harvesting_while_marking_loses_nothing() {
-    // Writers mark continuously while the harvester fetches and clears; the union of every
-    // harvest must hold every page any writer marked.
+    // Writers mark a fixed number of pages each while the harvester fetches and clears until
+    // they are done; the union of every harvest must hold every page any writer marked.
     let pages = 1 << 16;
     let atomic = Arc::new(AtomicDirtyBitmap::new(pages));
-    let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..3u64)
         .map(|t| {
-            let (a, stop) = (atomic.clone(), stop.clone());
+            let a = atomic.clone();
             std::thread::spawn(move || {
                 let mut marked = DirtyBitmap::new(pages);
-                let mut i = t;
-                while !stop.load(Ordering::Relaxed) {
-                    let page = (i * 2_654_435_761) % pages;
+                for i in 0..200_000u64 {
+                    let page = ((i * 3 + t) * 2_654_435_761) % pages;
                     a.mark(page);
                     marked.set(page);
-                    i += 3;
                 }
                 marked
             })
         })
         .collect();
     let mut harvested = DirtyBitmap::new(pages);
-    for _ in 0..200 {
+    let mut harvests = 0;
+    while !writers.iter().all(|w| w.is_finished()) {
         atomic.fetch_and_clear_into(&mut harvested);
+        harvests += 1;
     }
-    stop.store(true, Ordering::Relaxed);
+    atomic.fetch_and_clear_into(&mut harvested);
     let mut marked = DirtyBitmap::new(pages);
     for w in writers {
         marked.union_with(&w.join().unwrap());
     }
-    atomic.fetch_and_clear_into(&mut harvested);
+    assert!(harvests > 0);
     assert!(marked.count_ones() > 0);
     let mut lost = marked.clone();
     lost.difference_with(&harvested);
