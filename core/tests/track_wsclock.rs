@@ -98,9 +98,12 @@ proptest! {
                 prop_assert_eq!(predicted(&mut clock, now), expected);
                 let then = now + Nanos(later);
                 prop_assert_eq!(predicted(&mut clock, then), definition(&last, &times, window, then));
-                for &p in &dirty {
-                    prop_assert_eq!(clock.last_use(p), Some(now));
-                    prop_assert_eq!(clock.is_modified(p), Some(true));
+                // Every page of this sync is tracked when the cap can hold the sync at all.
+                if dirty.len() <= cap {
+                    for &p in &dirty {
+                        prop_assert_eq!(clock.last_use(p), Some(now));
+                        prop_assert_eq!(clock.is_modified(p), Some(true));
+                    }
                 }
             }
         }
