@@ -522,7 +522,13 @@ fn main() -> ExitCode {
                 ..Default::default()
             };
             let started = std::time::Instant::now();
-            match memferry_std::sim::simulate(&scenario) {
+            let page_size = scenario.page_size;
+            let progress = |r: &memferry::report::RoundReport| {
+                if !json {
+                    eprintln!("{}", output::progress_line(r, page_size));
+                }
+            };
+            match memferry_std::sim::simulate_with_progress(&scenario, progress) {
                 Ok(outcome) => {
                     eprintln!(
                         "simulated in {:.2} s of wall time; {} guest writes",

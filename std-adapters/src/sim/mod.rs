@@ -350,6 +350,15 @@ pub struct SimOutcome {
 
 /// Runs `scenario` to completion in virtual time.
 pub fn simulate(scenario: &Scenario) -> Result<SimOutcome, String> {
+    simulate_with_progress(scenario, |_| {})
+}
+
+/// [`simulate`], calling `on_round` with each round as it ends (for progress on long runs).
+pub fn simulate_with_progress(
+    scenario: &Scenario,
+    mut on_round: impl FnMut(&memferry::report::RoundReport),
+) -> Result<SimOutcome, String> {
+    let mut reported = 0;
     let mut guest = SimGuest::new(scenario)?;
     let geometry = guest.geometry;
     guest.run(Nanos::ZERO, scenario.warmup);
@@ -382,6 +391,10 @@ pub fn simulate(scenario: &Scenario) -> Result<SimOutcome, String> {
                 "no completion within {} of virtual time",
                 scenario.time_limit
             ));
+        }
+        while reported < engine.report().rounds.len() {
+            on_round(&engine.report().rounds[reported]);
+            reported += 1;
         }
         let rounds_before = engine.report().rounds.len();
         let polled = engine.poll(now, &mut guest, &mut out).map_err(fail)?;
