@@ -155,14 +155,12 @@ pub struct SimGuest {
     geometry: Geometry,
     content: ContentModel,
     seed: u64,
-    /// Writes per page so far (only pages written at least once).
-    versions: HashMap<u64, u32>,
-    /// When each written page was last written, for the oracle's final working set.
-    last_write: HashMap<u64, Nanos>,
+    /// For each page written at least once: how many writes (its version), and when the last
+    /// one was (for the oracle's final working set). One map, one lookup per write.
+    written: HashMap<u64, (u32, Nanos)>,
     dirty: DirtyBitmap,
     writer: WriteGenerator,
     paused: bool,
-    paused_at: Option<Nanos>,
     pages_read: u64,
     pages_scanned: u64,
 }
@@ -175,8 +173,7 @@ impl SimGuest {
             geometry,
             content: scenario.content,
             seed: scenario.seed,
-            versions: HashMap::new(),
-            last_write: HashMap::new(),
+            written: HashMap::new(),
             dirty: DirtyBitmap::new(geometry.page_count()),
             writer: WriteGenerator::try_new(
                 scenario.workload.clone(),
@@ -184,7 +181,6 @@ impl SimGuest {
                 scenario.seed,
             )?,
             paused: false,
-            paused_at: None,
             pages_read: 0,
             pages_scanned: 0,
         })
@@ -195,11 +191,10 @@ impl SimGuest {
         if self.paused || to <= from {
             return;
         }
-        let (versions, last_write, dirty) =
-            (&mut self.versions, &mut self.last_write, &mut self.dirty);
+        let (written, dirty) = (&mut self.written, &mut self.dirty);
         self.writer.advance(from, to, |page| {
-            *versions.entry(page).or_insert(0) += 1;
-            last_write.insert(page, to);
+            let entry = written.entry(page).or_insert((0, to));
+            *entry = (entry.0 + 1, to);
             dirty.set(page);
         });
     }
@@ -211,17 +206,17 @@ impl SimGuest {
 
     /// Distinct pages written so far.
     pub fn pages_written(&self) -> usize {
-        self.versions.len()
+        self.written.len()
     }
 
     /// The version (writes so far) of `page`.
     pub fn version(&self, page: u64) -> u32 {
-        self.versions.get(&page).copied().unwrap_or(0)
+        self.written.get(&page).map_or(0, |&(version, _)| version)
     }
 
     /// Distinct pages last written after `since`.
     pub fn written_since(&self, since: Nanos) -> u64 {
-        self.last_write.values().filter(|&&t| t > since).count() as u64
+        self.written.values().filter(|&&(_, t)| t > since).count() as u64
     }
 
     /// Pages read (and scanned) since the last call, for the CPU model.
@@ -461,9 +456,6 @@ pub fn simulate_with_progress(
             engine
                 .receive(t.max(now), &bytes, &mut guest, &mut out)
                 .map_err(fail)?;
-        }
-        if guest.paused && guest.paused_at.is_none() {
-            guest.paused_at = Some(now);
         }
     }
     if let Some(e) = guest.writer.error() {
