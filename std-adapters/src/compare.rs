@@ -66,6 +66,25 @@ fn precopy(name: &str, stop: StopRules, rate: RatePlan) -> Strategy {
     }
 }
 
+/// Pre-copy with each predictor in `specs` (`"none"` is plain pre-copy), all under `stop`.
+fn with_predictors(specs: &[&str], stop: StopRules) -> Vec<Strategy> {
+    specs
+        .iter()
+        .map(|&spec| Strategy {
+            name: if spec == "none" {
+                "pre-copy".into()
+            } else {
+                format!("pre-copy+{spec}")
+            },
+            engine: PreCopyConfig {
+                predictor: PredictorKind::parse(spec).expect("a known predictor"),
+                stop,
+                ..PreCopyConfig::default()
+            },
+        })
+        .collect()
+}
+
 fn standard_workloads(rate: f64) -> Vec<WorkloadModel> {
     vec![
         WorkloadModel::Idle,
@@ -104,6 +123,11 @@ pub fn presets() -> Vec<Preset> {
         ..Scenario::default()
     };
     let defaults = StopRules::default();
+    // The predictor comparisons hold every strategy to one, tight, downtime target.
+    let predictor_stop = StopRules {
+        downtime_target: Nanos::from_millis(50),
+        ..defaults
+    };
     vec![
         Preset {
             name: "default",
@@ -150,17 +174,7 @@ pub fn presets() -> Vec<Preset> {
         Preset {
             name: "frequent-pages",
             description: "a bitmap of frequently updated pages held back to the last round (papers 001 and 003: the history predictor) on skewed workloads (1 GiB, 10 Gbit/s, 50 ms target)",
-            strategies: ["none", "history:m=2,n=4", "history:m=3,n=6"]
-                .iter()
-                .map(|&p| Strategy {
-                    name: if p == "none" { "pre-copy".into() } else { format!("pre-copy+{p}") },
-                    engine: PreCopyConfig {
-                        predictor: PredictorKind::parse(p).expect("a known predictor"),
-                        stop: StopRules { downtime_target: Nanos::from_millis(50), ..defaults },
-                        ..PreCopyConfig::default()
-                    },
-                })
-                .collect(),
+            strategies: with_predictors(&["none", "history:m=2,n=4", "history:m=3,n=6"], predictor_stop),
             workloads: vec![
                 WorkloadModel::HotCold { rate: 1_000_000.0, hot_fraction: 0.05, hot_share: 0.95 },
                 WorkloadModel::Zipf { rate: 1_000_000.0, exponent: 1.1 },
@@ -176,17 +190,7 @@ pub fn presets() -> Vec<Preset> {
         Preset {
             name: "wsclock-vs-precopy",
             description: "writable-working-set predictors against plain pre-copy at the same downtime target (1 GiB guest, 10 Gbit/s link, 1M writes/s)",
-            strategies: ["none", "wsclock", "lru", "splay", "history"]
-                .iter()
-                .map(|&p| Strategy {
-                    name: if p == "none" { "pre-copy".into() } else { format!("pre-copy+{p}") },
-                    engine: PreCopyConfig {
-                        predictor: PredictorKind::parse(p).expect("a known predictor"),
-                        stop: StopRules { downtime_target: Nanos::from_millis(50), ..defaults },
-                        ..PreCopyConfig::default()
-                    },
-                })
-                .collect(),
+            strategies: with_predictors(&["none", "wsclock", "lru", "splay", "history"], predictor_stop),
             workloads: vec![
                 WorkloadModel::HotCold { rate: 1_000_000.0, hot_fraction: 0.05, hot_share: 0.95 },
                 WorkloadModel::HotCold { rate: 1_000_000.0, hot_fraction: 0.10, hot_share: 0.95 },

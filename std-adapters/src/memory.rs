@@ -28,18 +28,23 @@ pub struct GuestRegion {
 // methods below, whose races are the guest-memory races described in the module docs.
 unsafe impl Sync for GuestRegion {}
 
+/// The guest's size as a mapping length, or an error on a 32-bit host too small for it.
+fn mapping_len(geometry: Geometry) -> io::Result<usize> {
+    usize::try_from(geometry.memory_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "guest larger than the address space",
+        )
+    })
+}
+
 impl GuestRegion {
     /// Maps zeroed memory for a guest of `geometry`. Pages are allocated lazily by the kernel.
     pub fn new(geometry: Geometry) -> io::Result<Self> {
-        let len = usize::try_from(geometry.memory_bytes()).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "guest larger than the address space",
-            )
-        })?;
+        let len = mapping_len(geometry)?;
         let map = MmapMut::map_anon(len)?;
-        // Transparent huge pages cut first-touch faults 512-fold: receiving into fresh memory
-        // otherwise spends more time faulting than copying. Advice only; failure is harmless.
+        // Transparent huge pages cut first-touch faults 512-fold when the guest's memory is first
+        // filled. Advice only; failure is harmless.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
         Ok(GuestRegion { map, geometry })
@@ -50,12 +55,7 @@ impl GuestRegion {
     /// stage), so round 1 does not pay a page fault per page while the stream runs. Small pages:
     /// asking for huge pages here made the kernel compact memory for up to a second.
     pub fn new_reserved(geometry: Geometry) -> io::Result<Self> {
-        let len = usize::try_from(geometry.memory_bytes()).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "guest larger than the address space",
-            )
-        })?;
+        let len = mapping_len(geometry)?;
         let map = memmap2::MmapOptions::new().len(len).populate().map_anon()?;
         Ok(GuestRegion { map, geometry })
     }
