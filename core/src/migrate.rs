@@ -407,15 +407,13 @@ impl PreCopySource {
                 // Starts dirty logging afresh: round 1 sends everything anyway.
                 host.sync(&mut self.dirty)?;
                 self.dirty.clear();
-                let before = out.len();
-                Frame::Hello(Hello {
+                let hello = Hello {
                     version: PROTOCOL_VERSION,
                     page_shift: self.geometry.page_size().shift() as u8,
                     page_count: self.geometry.page_count(),
                     features: 0,
-                })
-                .emit(out);
-                self.report.control_bytes += (out.len() - before) as u64;
+                };
+                self.emit_control(out, Frame::Hello(hello));
                 self.state = State::AwaitAccept;
                 Ok(Poll::WaitForPeer)
             }
