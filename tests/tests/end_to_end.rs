@@ -184,6 +184,22 @@ fn predictors_hold_back_hot_pages_and_stay_byte_exact() {
     }
 }
 
+/// After a failed migration the source guest keeps running: it is not paused, and its
+/// workload goes on writing.
+fn assert_source_runs(source: &memferry_std::memory::SourceHost) {
+    assert!(
+        !source.is_paused(),
+        "the source guest is paused after a failure"
+    );
+    let w = source.workload().unwrap();
+    let after = w.writes();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        w.writes() > after,
+        "the source workload runs after the failure"
+    );
+}
+
 /// Corrupts one byte of the stream at `offset` and checks the aftermath.
 fn corrupted_stream_aborts_cleanly(offset: u64) -> MigrationError {
     let guest = busy_guest(16 << 20, 3);
@@ -228,16 +244,8 @@ fn corrupted_stream_aborts_cleanly(offset: u64) -> MigrationError {
         "the source learns the destination's reason: {source_error}"
     );
 
-    // The source guest keeps running: it is not paused, and its workload goes on writing.
-    assert!(!source.is_paused());
-    let w = source.workload().unwrap();
-    let after = w.writes();
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(
-        w.writes() > after,
-        "the source workload runs after the failure"
-    );
-    assert!(after > before_writes);
+    assert!(source.workload().unwrap().writes() > before_writes);
+    assert_source_runs(&source);
     source_error
 }
 
@@ -264,7 +272,7 @@ fn corrupted_frame_at_the_start_aborts_and_the_source_keeps_running() {
     );
     assert!(destination.join().unwrap().is_err());
     assert!(result.is_err());
-    assert!(!source.is_paused());
+    assert_source_runs(&source);
 }
 
 #[test]
@@ -309,10 +317,7 @@ fn corrupted_frame_during_stop_and_copy_resumes_the_paused_source() {
         "the paused guest was resumed exactly once"
     );
     assert!(!source.is_paused());
-    let w = source.workload().unwrap();
-    let after = w.writes();
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(w.writes() > after, "the source workload runs again");
+    assert_source_runs(&source);
 }
 
 #[test]
@@ -376,13 +381,6 @@ fn a_destination_that_vanishes_mid_migration_leaves_the_source_running() {
             text.contains("destination") || text.contains("transport"),
             "a person is told what happened: {text}"
         );
-        assert!(!source.is_paused(), "tcp: {tcp}");
-        let w = source.workload().unwrap();
-        let after = w.writes();
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(
-            w.writes() > after,
-            "the source workload runs on (tcp: {tcp})"
-        );
+        assert_source_runs(&source);
     }
 }
