@@ -1,37 +1,117 @@
-//! Errors: [`HostError`] (what a host's memory or guest control reports) and
-//! [`MigrationError`] (why a migration stopped), each with a message a person can act on.
+//! Errors: [`HostError`] (what a host's memory or guest control reports, with its kind, errno
+//! and source kept) and [`MigrationError`] (why a migration stopped), each with a message a
+//! person can act on. Both implement `core::error::Error`.
 
 use alloc::string::String;
+use alloc::sync::Arc;
 use core::fmt;
 
+use crate::time::Nanos;
 use crate::wire::{AbortCode, FrameKind, WireError};
 
+/// What part of the host failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HostErrorKind {
+    /// Reading or writing guest memory.
+    Memory,
+    /// Syncing or clearing the dirty log.
+    DirtyLog,
+    /// Pausing, resuming or starting the guest.
+    GuestControl,
+    /// Saving or restoring CPU and device state.
+    DeviceState,
+    /// Anything else.
+    Other,
+}
+
 /// A failure reported by the host: a page that cannot be read or written, a dirty log that
-/// cannot be synced, a guest that cannot be paused.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// cannot be synced, a guest that cannot be paused. Keeps the OS error number and the
+/// underlying error, so the cause survives the trip through the engine.
+#[derive(Clone)]
 pub struct HostError {
+    /// What part of the host failed.
+    pub kind: HostErrorKind,
     /// What went wrong, for a person.
     pub message: String,
+    /// The OS error number, when there is one (`io::Error::raw_os_error`).
+    pub errno: Option<i32>,
+    source: Option<Arc<dyn core::error::Error + Send + Sync>>,
 }
 
 impl HostError {
-    /// A host error with `message`.
+    /// A host error of kind [`HostErrorKind::Other`] with `message`.
     pub fn new(message: impl Into<String>) -> Self {
+        Self::of(HostErrorKind::Other, message)
+    }
+
+    /// A host error of `kind` with `message`.
+    pub fn of(kind: HostErrorKind, message: impl Into<String>) -> Self {
         HostError {
+            kind,
             message: message.into(),
+            errno: None,
+            source: None,
         }
     }
+
+    /// The same error with its OS error number.
+    pub fn with_errno(mut self, errno: i32) -> Self {
+        self.errno = Some(errno);
+        self
+    }
+
+    /// The same error caused by `source`.
+    pub fn with_source(mut self, source: impl core::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
 }
+
+impl fmt::Debug for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostError")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("errno", &self.errno)
+            .field(
+                "source",
+                &self.source.as_ref().map(|s| alloc::format!("{s}")),
+            )
+            .finish()
+    }
+}
+
+impl PartialEq for HostError {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.message == other.message && self.errno == other.errno
+    }
+}
+
+impl Eq for HostError {}
 
 impl fmt::Display for HostError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
+        f.write_str(&self.message)?;
+        if let Some(e) = self.errno {
+            write!(f, " (os error {e})")?;
+        }
+        Ok(())
     }
 }
 
-/// Why a migration stopped before completing. The source keeps running after any of these
-/// (the engine resumes a paused guest before returning the error).
+impl core::error::Error for HostError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn core::error::Error + 'static))
+    }
+}
+
+/// Why a migration stopped before completing. Before the switchover the source keeps running
+/// after any of these (the engine resumes a paused guest before returning the error).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MigrationError {
     /// The host failed (see [`HostError`]).
     Host(HostError),
@@ -51,7 +131,7 @@ pub enum MigrationError {
         /// The guest's page count.
         page_count: u64,
     },
-    /// A page frame whose payload does not fit its encoding.
+    /// A page whose payload does not fit its encoding.
     BadPagePayload {
         /// The page named by the frame.
         page: u64,
@@ -66,8 +146,8 @@ pub enum MigrationError {
         /// What is wrong with it.
         reason: &'static str,
     },
-    /// The two sides cannot migrate this guest (protocol version, page size, page count,
-    /// features).
+    /// The two sides cannot migrate this guest (protocol version, page size, layout,
+    /// features, device state size).
     Incompatible(String),
     /// The peer aborted the migration.
     PeerAborted {
@@ -79,9 +159,16 @@ pub enum MigrationError {
     /// The destination's memory digest differs from the source's.
     DigestMismatch {
         /// The source's digest.
-        source: u64,
+        source: u128,
         /// The destination's digest.
-        destination: u64,
+        destination: u128,
+    },
+    /// The peer sent nothing for too long while this side waited for it.
+    Timeout {
+        /// What this side was waiting for.
+        waiting_for: &'static str,
+        /// How long it waited.
+        after: Nanos,
     },
     /// The caller cancelled the migration, or the transport closed before it completed.
     Cancelled(String),
@@ -126,6 +213,7 @@ impl MigrationError {
             MigrationError::Incompatible(_) => AbortCode::Incompatible,
             MigrationError::PeerAborted { code, .. } => *code,
             MigrationError::DigestMismatch { .. } => AbortCode::DigestMismatch,
+            MigrationError::Timeout { .. } => AbortCode::Timeout,
             MigrationError::Cancelled(_) => AbortCode::Cancelled,
         }
     }
@@ -161,9 +249,23 @@ impl fmt::Display for MigrationError {
                 destination,
             } => write!(
                 f,
-                "memory digest mismatch: source {source:#018x}, destination {destination:#018x}"
+                "memory digest mismatch: source {source:#034x}, destination {destination:#034x}"
+            ),
+            MigrationError::Timeout { waiting_for, after } => write!(
+                f,
+                "the peer sent nothing for {after} while this side waited for {waiting_for}"
             ),
             MigrationError::Cancelled(why) => write!(f, "migration cancelled: {why}"),
+        }
+    }
+}
+
+impl core::error::Error for MigrationError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            MigrationError::Host(e) => Some(e),
+            MigrationError::Frame(e) => Some(e),
+            _ => None,
         }
     }
 }

@@ -6,24 +6,30 @@
 //! simulator, over TCP with a real clock (crate `memferry-std`), and inside a hypervisor.
 //!
 //! Modules:
-//! - [`page`], [`time`]: page geometry and index; nanoseconds and byte rates.
+//! - [`page`], [`time`]: page geometry, the region table ([`page::MemoryLayout`]) and its
+//!   dense page index; nanoseconds and byte rates.
 //! - [`bitmap`]: dirty bitmaps in KVM's layout, plain and atomic.
-//! - [`memory`]: the traits a host supplies (read/write a page, sync the dirty log, pause).
-//! - [`wire`]: the frame format, with checked zero-copy decoding.
-//! - [`schedule`]: Clark's round bandwidth rule, dirty rate and the stop rules.
-//! - [`migrate`]: the source-side strategies (pre-copy today).
-//! - [`receive`]: the destination state machine.
+//! - [`memory`]: the traits a host supplies (read/write a page, sync the dirty log per region,
+//!   pause).
+//! - [`wire`]: the frame format (version 2), with checked zero-copy decoding.
+//! - [`codec`]: the page encoder/decoder seam (raw and zero built in).
+//! - [`schedule`]: Clark's round bandwidth rule, dirty rate, the stop rules, and the link's
+//!   delivery-rate estimate.
+//! - [`session`]: the source side of a migration: handshake, channels, pacing, timers, the
+//!   commit point, the report; output bounded by the caller.
+//! - [`strategy`]: what decides which pages go: pre-copy today, behind a trait.
+//! - [`receive`]: the destination state machine, with a per-strategy page policy.
 //! - [`track`]: writable-working-set predictors (WSClock, LRU, splay tree, history).
 //! - [`report`]: the metrics every migration reports.
-//! - [`digest`]: the whole-memory digest both sides agree on.
-//! - [`model`]: analytic time models (Clark's geometric series, paper 000's Tmig), lower bounds.
-//! - [`policy`]: paper 000's host-load metric, overload detection and VM placement.
+//! - [`digest`]: the order-independent whole-memory digest both sides agree on.
 //!
 //! ## Driving the core from a hypervisor
 //! ```
 //! use memferry::prelude::*;
 //!
-//! // A toy guest: 16 pages of 4 KiB in a Vec, nothing dirtied while migrating.
+//! // A toy guest: two regions with a hole between them (like two KVM memslots), nothing
+//! // dirtied while migrating. Pages are named by their dense index: region 0's 8 pages, then
+//! // region 1's 8.
 //! struct Guest { mem: Vec<u8>, dirty: DirtyBitmap }
 //! impl PageRead for Guest {
 //!     fn read_page(&mut self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError> {
@@ -33,9 +39,11 @@
 //!     }
 //! }
 //! impl DirtyLog for Guest {
-//!     fn sync(&mut self, into: &mut DirtyBitmap) -> Result<(), HostError> {
-//!         into.union_with(&self.dirty);
-//!         self.dirty.clear();
+//!     fn sync_region(&mut self, region: &Region, first_page: u64, into: &mut DirtyBitmap)
+//!         -> Result<(), HostError> {
+//!         for page in first_page..first_page + region.pages {
+//!             if self.dirty.get(page) { into.set(page); self.dirty.unset(page); }
+//!         }
 //!         Ok(())
 //!     }
 //! }
@@ -60,23 +68,28 @@
 //!     fn start(&mut self) -> Result<(), HostError> { Ok(()) }
 //! }
 //!
-//! let geometry = Geometry::new(PageSize::DEFAULT, 16).unwrap();
+//! let layout = MemoryLayout::new(PageSize::DEFAULT, vec![
+//!     Region { id: 0, guest_base: 0, pages: 8 },
+//!     Region { id: 1, guest_base: 1 << 32, pages: 8 },
+//! ]).unwrap();
 //! let mut guest = Guest { mem: (0..16 * 4096).map(|i| i as u8).collect(), dirty: DirtyBitmap::new(16) };
 //! let mut target = Target { mem: vec![0; 16 * 4096], state: Vec::new() };
-//! let mut source = PreCopySource::new(geometry, PreCopyConfig::default());
-//! let mut dest = Receiver::new(geometry, ReceiverConfig::default());
+//! let mut source = Source::pre_copy(layout.clone(), PreCopyConfig::default());
+//! let mut dest = Destination::new(layout, DestinationConfig::default());
 //!
-//! // The "transport": two byte vectors. A real driver writes `to_dest` to a socket.
+//! // The "transport": two byte vectors, and room for 64 KiB per call. A real driver writes
+//! // what poll_transmit produced to a socket, and reports deliveries with on_delivered.
 //! let (mut to_dest, mut to_source) = (Vec::new(), Vec::new());
+//! let mut buf = vec![0u8; 64 << 10];
 //! let mut now = Nanos::ZERO;
-//! loop {
-//!     match source.poll(now, &mut guest, &mut to_dest).unwrap() {
-//!         Poll::Done => break,
-//!         _ => {}
-//!     }
-//!     let used = dest.receive(now, &to_dest, &mut target, &mut to_source).unwrap();
+//! while !source.is_finished() {
+//!     let n = source.poll_transmit(now, 0, &mut buf, &mut guest).unwrap();
+//!     to_dest.extend_from_slice(&buf[..n]);
+//!     let used = dest.handle_input(now, 0, &to_dest, &mut target).unwrap();
 //!     to_dest.drain(..used);
-//!     let used = source.receive(now, &to_source, &mut guest, &mut to_dest).unwrap();
+//!     let n = dest.poll_transmit(&mut buf);
+//!     to_source.extend_from_slice(&buf[..n]);
+//!     let used = source.handle_input(now, 0, &to_source, &mut guest).unwrap();
 //!     to_source.drain(..used);
 //!     now = now + Nanos::from_micros(10);
 //! }
@@ -92,16 +105,16 @@
 extern crate alloc;
 
 pub mod bitmap;
+pub mod codec;
 pub mod digest;
 pub mod error;
 pub mod memory;
-pub mod migrate;
-pub mod model;
 pub mod page;
-pub mod policy;
 pub mod receive;
 pub mod report;
 pub mod schedule;
+pub mod session;
+pub mod strategy;
 pub mod time;
 pub mod track;
 pub mod wire;
@@ -109,14 +122,16 @@ pub mod wire;
 /// The names most users need, in one import.
 pub mod prelude {
     pub use crate::bitmap::{AtomicDirtyBitmap, DirtyBitmap};
-    pub use crate::error::{HostError, MigrationError};
-    pub use crate::memory::{DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest};
-    pub use crate::migrate::{Poll, PreCopyConfig, PreCopySource};
-    pub use crate::page::{Geometry, PageIndex, PageSize};
-    pub use crate::receive::{Receiver, ReceiverConfig, ReceiverStatus};
+    pub use crate::error::{HostError, HostErrorKind, MigrationError};
+    pub use crate::memory::{
+        DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest, SourceHost,
+    };
+    pub use crate::page::{Geometry, MemoryLayout, PageIndex, PageSize, Region};
+    pub use crate::receive::{Destination, DestinationConfig, DestinationStatus};
     pub use crate::report::{MigrationReport, RoundReport, StopReason};
     pub use crate::schedule::{RatePlan, StopRules};
+    pub use crate::session::{Next, SessionConfig, Source, SourceStatus};
+    pub use crate::strategy::{PreCopy, PreCopyConfig, Strategy};
     pub use crate::time::{ByteRate, Nanos};
     pub use crate::track::{Predictor, PredictorKind};
-    pub use alloc::vec::Vec;
 }

@@ -1,8 +1,12 @@
 //! The traits a host supplies: small enough to implement in an afternoon (vm-memory's style).
 //!
 //! Source side: [`PageRead`] (copy a page out), [`DirtyLog`] (fetch-and-clear the pages written
-//! since the last sync) and [`SourceGuest`] (pause, resume, and the CPU/device state as opaque
-//! bytes). Destination side: [`PageWrite`] and [`DestinationGuest`].
+//! since the last sync, region by region) and [`SourceGuest`] (pause, resume, and the CPU/device
+//! state as opaque bytes). Destination side: [`PageWrite`] and [`DestinationGuest`].
+//! [`SourceHost`] is all three source traits as one object-safe trait, for strategies.
+//!
+//! Pages are named by their dense index ([`crate::page::MemoryLayout`]): region after region,
+//! holes skipped. A host with several regions maps it back with `MemoryLayout::locate`.
 //!
 //! Implementations live in the std adapters (an mmap region with a workload, vm-memory, KVM) and
 //! in tests (a `Vec<u8>`).
@@ -11,17 +15,22 @@ use alloc::vec::Vec;
 
 use crate::bitmap::DirtyBitmap;
 use crate::error::HostError;
-use crate::page::PageIndex;
+use crate::page::{MemoryLayout, PageIndex, Region};
 
 /// Reads guest pages on the source.
 pub trait PageRead {
     /// Copies page `page` into `buf`, whose length is the page size. The engine only asks for
-    /// pages inside the geometry it was given.
+    /// pages inside the layout it was given.
+    ///
+    /// While the guest runs, its vCPUs write the same bytes concurrently: copy with volatile or
+    /// atomic loads (as `memferry-std`'s `GuestMemory` does), never with a plain
+    /// `copy_nonoverlapping` from memory another thread writes, which is undefined behaviour
+    /// in Rust. A torn page is harmless: the dirty log sends it again.
     fn read_page(&mut self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError>;
 
     /// Whether the host knows, without reading it, that page `page` is all zeroes (memory the
-    /// guest never touched, a balloon's free pages). The engine then sends a zero-page frame
-    /// without reading or scanning the page. The default knows nothing.
+    /// guest never touched, a balloon's free pages). The engine then sends a zero page without
+    /// reading or scanning it. The default knows nothing.
     fn is_known_zero(&mut self, page: PageIndex) -> bool {
         let _ = page;
         false
@@ -30,8 +39,8 @@ pub trait PageRead {
 
 /// Writes guest pages on the destination.
 pub trait PageWrite {
-    /// Writes `data` (one whole page) to page `page`. The receiver has already checked that
-    /// `page` lies inside the guest.
+    /// Writes `data` (one whole, already decoded and checked page) to page `page`. The receiver
+    /// has already checked that `page` lies inside the guest.
     fn write_page(&mut self, page: PageIndex, data: &[u8]) -> Result<(), HostError>;
 
     /// Makes page `page` all zeroes. `zeroes` is one page of zero bytes, kept by the caller so
@@ -44,10 +53,29 @@ pub trait PageWrite {
 
 /// The guest's dirty log on the source.
 pub trait DirtyLog {
-    /// ORs into `into` every page written since the previous sync, and clears the log (KVM's
-    /// `KVM_GET_DIRTY_LOG` plus clear, or vm-memory's `get_and_reset`). The first call after
-    /// migration starts may report everything; that is harmless.
-    fn sync(&mut self, into: &mut DirtyBitmap) -> Result<(), HostError>;
+    /// ORs into `into` every page of `region` written since the previous sync of that region,
+    /// and clears the region's log (KVM's `KVM_GET_DIRTY_LOG` for one memslot, or vm-memory's
+    /// per-region bitmap). Bit `first_page + i` of `into` is page `i` of the region
+    /// (`DirtyBitmap::or_words_at(first_page, words)` puts a KVM bitmap there, at any offset).
+    /// The first call after migration starts may report everything; that is harmless.
+    fn sync_region(
+        &mut self,
+        region: &Region,
+        first_page: u64,
+        into: &mut DirtyBitmap,
+    ) -> Result<(), HostError>;
+}
+
+/// Syncs every region of `layout` into `into`.
+pub fn sync_all<D: DirtyLog + ?Sized>(
+    layout: &MemoryLayout,
+    log: &mut D,
+    into: &mut DirtyBitmap,
+) -> Result<(), HostError> {
+    for (i, region) in layout.regions().iter().enumerate() {
+        log.sync_region(region, layout.first_page(i), into)?;
+    }
+    Ok(())
 }
 
 /// Control of the guest on the source.
@@ -55,18 +83,28 @@ pub trait SourceGuest {
     /// Stops the guest's vCPUs (and anything else that writes its memory). After it returns,
     /// no page changes until [`SourceGuest::resume`].
     fn pause(&mut self) -> Result<(), HostError>;
-    /// Lets a paused guest run again (after a failed migration: the source loses nothing).
+    /// Lets a paused guest run again (after a failed migration, before the switchover: the
+    /// source loses nothing).
     fn resume(&mut self) -> Result<(), HostError>;
     /// The paused guest's CPU and device state, as opaque bytes for the destination.
     fn save_state(&mut self) -> Result<Vec<u8>, HostError>;
+    /// The size the device state will have, if the host knows it before pausing: a state the
+    /// destination cannot take is then refused before the guest pauses, not in the downtime.
+    fn device_state_size_hint(&mut self) -> Option<u64> {
+        None
+    }
 }
 
 /// Control of the guest on the destination.
 pub trait DestinationGuest {
     /// Installs the CPU and device state that the source saved.
     fn restore_state(&mut self, state: &[u8]) -> Result<(), HostError>;
-    /// Starts the guest: memory and state are all in place. If the source's digest then turns
-    /// out to differ (the receiver returns `DigestMismatch`), the source guest resumes and this
-    /// guest must be discarded by the caller.
+    /// Starts the guest: memory and state are all in place.
     fn start(&mut self) -> Result<(), HostError>;
 }
+
+/// Everything a source host offers, as one object-safe trait (strategies take `&mut dyn
+/// SourceHost`). Implemented for every type with the three source traits.
+pub trait SourceHost: PageRead + DirtyLog + SourceGuest {}
+
+impl<T: PageRead + DirtyLog + SourceGuest + ?Sized> SourceHost for T {}

@@ -1,5 +1,13 @@
 //! Page geometry: the page index type, the page size (a runtime power of two from 4 KiB to
-//! 2 MiB) and the [`Geometry`] of a guest's memory (page size × page count).
+//! 2 MiB), the [`Geometry`] of a guest's memory (page size × page count) and its
+//! [`MemoryLayout`]: a table of regions (KVM memslots, say) with holes between them, mapped to
+//! one dense page index.
+//!
+//! Inside the engine every page has a dense index `0..page_count`: region after region, in the
+//! table's order. Holes cost nothing (no bits, no hashes, no frames). Hosts translate a dense
+//! index back with [`MemoryLayout::locate`].
+
+use alloc::vec::Vec;
 
 use core::fmt;
 
@@ -17,8 +25,9 @@ impl fmt::Display for PageIndex {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PageSize(u32);
 
-/// Why a page size or geometry was refused.
+/// Why a page size, geometry or layout was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GeometryError {
     /// The page size is not a power of two between 4 KiB and 2 MiB.
     BadPageSize(u64),
@@ -26,6 +35,14 @@ pub enum GeometryError {
     NoPages,
     /// page count × page size does not fit in 64 bits.
     TooLarge,
+    /// A region has no pages.
+    EmptyRegion(u32),
+    /// Two regions share an id.
+    DuplicateRegionId(u32),
+    /// A region's guest-physical base is not a multiple of the page size.
+    MisalignedRegion(u32),
+    /// Two regions overlap in guest-physical memory.
+    OverlappingRegions(u32, u32),
 }
 
 impl fmt::Display for GeometryError {
@@ -37,9 +54,20 @@ impl fmt::Display for GeometryError {
             ),
             GeometryError::NoPages => write!(f, "the guest must have at least one page"),
             GeometryError::TooLarge => write!(f, "page count x page size overflows 64 bits"),
+            GeometryError::EmptyRegion(id) => write!(f, "region {id} has no pages"),
+            GeometryError::DuplicateRegionId(id) => write!(f, "two regions have id {id}"),
+            GeometryError::MisalignedRegion(id) => write!(
+                f,
+                "region {id} starts at a guest address that is not a multiple of the page size"
+            ),
+            GeometryError::OverlappingRegions(a, b) => {
+                write!(f, "regions {a} and {b} overlap in guest-physical memory")
+            }
         }
     }
 }
+
+impl core::error::Error for GeometryError {}
 
 impl PageSize {
     /// 4 KiB, the smallest and default page size.
@@ -129,6 +157,140 @@ impl Geometry {
     }
 }
 
+/// One region of guest memory: a KVM memslot, a vm-memory `GuestRegionMmap`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Region {
+    /// The host's name for it (a slot number); unique in a layout.
+    pub id: u32,
+    /// Guest-physical address of its first byte (a multiple of the page size).
+    pub guest_base: u64,
+    /// Pages in it.
+    pub pages: u64,
+}
+
+/// A guest's memory as regions with one dense page index.
+///
+/// ```
+/// use memferry::page::{MemoryLayout, PageIndex, PageSize, Region};
+/// let layout = MemoryLayout::new(PageSize::DEFAULT, vec![
+///     Region { id: 0, guest_base: 0, pages: 768 },                 // 3 MiB below the hole
+///     Region { id: 1, guest_base: 4 << 30, pages: 256 },           // 1 MiB above 4 GiB
+/// ]).unwrap();
+/// assert_eq!(layout.page_count(), 1024);                            // the hole costs nothing
+/// assert_eq!(layout.locate(PageIndex(768)), Some((1, 0)));          // region 1, its page 0
+/// assert_eq!(layout.guest_address(PageIndex(769)), Some((4 << 30) + 4096));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryLayout {
+    page_size: PageSize,
+    regions: Vec<Region>,
+    /// Dense index of each region's first page; one more entry holding the total.
+    starts: Vec<u64>,
+}
+
+impl MemoryLayout {
+    /// A layout of `regions` (in this order) with pages of `page_size`.
+    pub fn new(page_size: PageSize, regions: Vec<Region>) -> Result<Self, GeometryError> {
+        if regions.is_empty() {
+            return Err(GeometryError::NoPages);
+        }
+        let mut starts = Vec::with_capacity(regions.len() + 1);
+        let mut total = 0u64;
+        for (i, r) in regions.iter().enumerate() {
+            if r.pages == 0 {
+                return Err(GeometryError::EmptyRegion(r.id));
+            }
+            if r.guest_base % page_size.bytes() as u64 != 0 {
+                return Err(GeometryError::MisalignedRegion(r.id));
+            }
+            let bytes = r
+                .pages
+                .checked_mul(page_size.bytes() as u64)
+                .ok_or(GeometryError::TooLarge)?;
+            let end = r
+                .guest_base
+                .checked_add(bytes)
+                .ok_or(GeometryError::TooLarge)?;
+            for other in &regions[..i] {
+                if other.id == r.id {
+                    return Err(GeometryError::DuplicateRegionId(r.id));
+                }
+                let other_end = other.guest_base + other.pages * page_size.bytes() as u64;
+                if r.guest_base < other_end && other.guest_base < end {
+                    return Err(GeometryError::OverlappingRegions(other.id, r.id));
+                }
+            }
+            starts.push(total);
+            total = total.checked_add(r.pages).ok_or(GeometryError::TooLarge)?;
+        }
+        Geometry::new(page_size, total)?;
+        starts.push(total);
+        Ok(MemoryLayout {
+            page_size,
+            regions,
+            starts,
+        })
+    }
+
+    /// One region, id 0, at guest address 0, covering `geometry`.
+    pub fn single(geometry: Geometry) -> Self {
+        MemoryLayout {
+            page_size: geometry.page_size(),
+            regions: alloc::vec![Region {
+                id: 0,
+                guest_base: 0,
+                pages: geometry.page_count(),
+            }],
+            starts: alloc::vec![0, geometry.page_count()],
+        }
+    }
+
+    /// The dense geometry: page size and the pages of all regions.
+    pub fn geometry(&self) -> Geometry {
+        Geometry {
+            page_size: self.page_size,
+            page_count: self.page_count(),
+        }
+    }
+
+    /// The page size.
+    pub fn page_size(&self) -> PageSize {
+        self.page_size
+    }
+
+    /// Pages in all regions.
+    pub fn page_count(&self) -> u64 {
+        *self.starts.last().unwrap_or(&0)
+    }
+
+    /// The regions, in table order.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// The dense index of the first page of the region at position `i` of the table.
+    pub fn first_page(&self, i: usize) -> u64 {
+        self.starts[i]
+    }
+
+    /// The region (its position in the table) holding dense page `page`, and the page's
+    /// index inside that region; `None` past the end.
+    pub fn locate(&self, page: PageIndex) -> Option<(usize, u64)> {
+        if page.0 >= self.page_count() {
+            return None;
+        }
+        // The last start not above `page` (starts[0] is 0, so there is one).
+        let i = self.starts.partition_point(|&s| s <= page.0) - 1;
+        Some((i, page.0 - self.starts[i]))
+    }
+
+    /// The guest-physical address of dense page `page`.
+    pub fn guest_address(&self, page: PageIndex) -> Option<u64> {
+        let (i, within) = self.locate(page)?;
+        Some(self.regions[i].guest_base + (within << self.page_size.shift()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +318,40 @@ mod tests {
             Err(GeometryError::TooLarge)
         );
         assert_eq!(Geometry::new(PageSize::MIN, 0), Err(GeometryError::NoPages));
+    }
+
+    #[test]
+    fn layouts() {
+        let r = |id, base, pages| Region {
+            id,
+            guest_base: base,
+            pages,
+        };
+        let ps = PageSize::DEFAULT;
+        let l = MemoryLayout::new(ps, alloc::vec![r(3, 1 << 20, 10), r(1, 0, 5)]).unwrap();
+        assert_eq!(l.page_count(), 15);
+        assert_eq!(l.locate(PageIndex(0)), Some((0, 0)));
+        assert_eq!(l.locate(PageIndex(9)), Some((0, 9)));
+        assert_eq!(l.locate(PageIndex(10)), Some((1, 0)));
+        assert_eq!(l.locate(PageIndex(15)), None);
+        assert_eq!(l.guest_address(PageIndex(11)), Some(4096));
+        assert_eq!(
+            MemoryLayout::new(ps, alloc::vec![r(1, 0, 5), r(1, 1 << 20, 5)]),
+            Err(GeometryError::DuplicateRegionId(1))
+        );
+        assert_eq!(
+            MemoryLayout::new(ps, alloc::vec![r(1, 0, 5), r(2, 4096, 5)]),
+            Err(GeometryError::OverlappingRegions(1, 2))
+        );
+        assert_eq!(
+            MemoryLayout::new(ps, alloc::vec![r(1, 100, 5)]),
+            Err(GeometryError::MisalignedRegion(1))
+        );
+        assert_eq!(
+            MemoryLayout::new(ps, alloc::vec![r(1, 0, 0)]),
+            Err(GeometryError::EmptyRegion(1))
+        );
+        let single = MemoryLayout::single(Geometry::new(ps, 7).unwrap());
+        assert_eq!(single.geometry().page_count(), 7);
     }
 }

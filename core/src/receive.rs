@@ -1,46 +1,72 @@
-//! The destination side of a migration: a sans-IO state machine that applies frames through
-//! [`PageWrite`] and [`DestinationGuest`], and answers the source.
+//! The destination side of a migration: a sans-IO state machine that checks and applies frames
+//! from every channel through [`PageWrite`] and [`DestinationGuest`], and answers the source.
+//!
+//! What it does with an arriving copy of a page is the [`PagePolicy`]'s decision, which depends
+//! on the strategy: pre-copy's [`NewestWins`] applies a copy only if no newer generation
+//! (round) of that page arrived first on another channel; post-copy's [`FirstCopyWins`] places
+//! each page once and ignores every later copy.
 //!
 //! It rejects, with a typed error and an abort frame for the source: undecodable frames and bad
-//! checksums, pages outside the guest, payloads that do not match their encoding, round markers
-//! out of order or with the wrong page count, frames out of protocol order, a switchover before
-//! every page has arrived, and a memory digest that differs from the source's. It never writes
-//! outside the guest and never allocates from a length it has not checked.
+//! checksums, a layout (region table) or page size other than its own, pages outside the guest,
+//! payloads that do not decode to one page (decoders write into a scratch page, never straight
+//! into guest memory), round markers out of order or with the wrong page count, frames out of
+//! protocol order, a channel that joins with another session's id, and a switchover before
+//! every page has arrived. It never writes outside the guest and never allocates from a length
+//! it has not checked.
+//!
+//! The memory digest is kept up to date as pages land ([`crate::digest::MemoryDigest`]): at the
+//! switchover it is read, not computed, so verification costs no downtime.
 
+use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 
 use crate::bitmap::DirtyBitmap;
-use crate::digest::{page_hash, DigestBuilder};
+use crate::codec::PageDecoder;
+use crate::digest::{page_hash, MemoryDigest};
 use crate::error::MigrationError;
 use crate::memory::{DestinationGuest, PageWrite};
-use crate::page::{Geometry, PageIndex};
+use crate::page::{MemoryLayout, PageIndex};
+use crate::session::ChannelId;
 use crate::time::Nanos;
-use crate::wire::{Frame, FrameKind, PageEncoding, Verdict, WireError, PROTOCOL_VERSION};
+use crate::wire::{
+    ChecksumPolicy, Encoding, Frame, FrameKind, PageEntries, Verdict, WireError, FEATURES_KNOWN,
+    FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
+};
 
 /// Settings of the destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReceiverConfig {
-    /// Keep a hash of every page as it is written (8 bytes per page) so the digest the source
-    /// sends can be checked. Default on.
+pub struct DestinationConfig {
+    /// Keep the memory digest as pages land (16 bytes per page) so the source's can be
+    /// checked. Default on.
     pub verify: bool,
-    /// The most CPU/device state accepted, in bytes. Default 64 MiB.
+    /// The most CPU/device state accepted, in bytes (announced to the source). Default 64 MiB.
     pub max_device_state: usize,
+    /// The most connections one migration may use. Default 16.
+    pub max_channels: u16,
+    /// Agree to per-frame checksums when the source offers them. Default on.
+    pub checksum: bool,
+    /// How long to wait for the source before giving up. Default 60 s.
+    pub peer_timeout: Nanos,
 }
 
-impl Default for ReceiverConfig {
+impl Default for DestinationConfig {
     fn default() -> Self {
-        ReceiverConfig {
+        DestinationConfig {
             verify: true,
             max_device_state: 64 << 20,
+            max_channels: 16,
+            checksum: true,
+            peer_timeout: Nanos::from_secs(60),
         }
     }
 }
 
 /// Where the destination stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReceiverStatus {
+#[non_exhaustive]
+pub enum DestinationStatus {
     /// Waiting for the source's hello.
     AwaitingHello,
     /// Receiving memory.
@@ -53,66 +79,173 @@ pub enum ReceiverStatus {
     Failed,
 }
 
-/// Iterative pre-copy (and stop-and-copy), destination side.
-pub struct Receiver {
-    geometry: Geometry,
-    config: ReceiverConfig,
-    status: ReceiverStatus,
-    failure: Option<MigrationError>,
-    /// The round whose pages are arriving, from 1.
-    round: u32,
-    pages_in_round: u64,
-    received: DirtyBitmap,
-    page_hashes: Vec<u64>,
-    zero_hash: u64,
-    /// One page of zeroes, for hosts to copy from.
-    zero_page: Vec<u8>,
-    device_state: Vec<u8>,
-    device_state_seen: bool,
-    digest: Option<u64>,
-    verdict: Option<Verdict>,
-    pages_received: u64,
-    bytes_received: u64,
-    started_at: Option<Nanos>,
+/// Decides whether an arriving copy of a page is applied.
+pub trait PagePolicy: Send {
+    /// The guest has `pages` pages; called once, before any page.
+    fn prepare(&mut self, pages: u64);
+    /// Whether a copy of `page` sent in `generation` (round, from 1) is applied.
+    fn accept(&mut self, page: u64, generation: u32) -> bool;
 }
 
-impl Receiver {
-    /// A destination for a guest of `geometry` (its memory already exists on this side).
-    pub fn new(geometry: Geometry, config: ReceiverConfig) -> Self {
-        let pages = geometry.page_count();
-        Receiver {
-            geometry,
+/// Pre-copy: the newest generation of a page wins, whatever order the channels deliver in.
+/// 4 bytes per page.
+#[derive(Clone, Debug, Default)]
+pub struct NewestWins {
+    generations: Vec<u32>,
+}
+
+impl PagePolicy for NewestWins {
+    fn prepare(&mut self, pages: u64) {
+        self.generations = vec![0; pages as usize];
+    }
+    fn accept(&mut self, page: u64, generation: u32) -> bool {
+        let slot = &mut self.generations[page as usize];
+        if generation >= *slot {
+            *slot = generation;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Post-copy: each page is placed once; later copies are ignored. 1 bit per page.
+#[derive(Clone, Debug)]
+pub struct FirstCopyWins {
+    placed: DirtyBitmap,
+}
+
+impl Default for FirstCopyWins {
+    fn default() -> Self {
+        FirstCopyWins {
+            placed: DirtyBitmap::new(0),
+        }
+    }
+}
+
+impl PagePolicy for FirstCopyWins {
+    fn prepare(&mut self, pages: u64) {
+        self.placed = DirtyBitmap::new(pages);
+    }
+    fn accept(&mut self, page: u64, _generation: u32) -> bool {
+        if self.placed.get(page) {
+            false
+        } else {
+            self.placed.set(page);
+            true
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct ChannelRx {
+    joined: bool,
+    /// The round whose pages this channel is sending, from 1.
+    round: u32,
+    pages_in_round: u64,
+}
+
+/// The destination of one migration, applying pages by policy `P`.
+pub struct Destination<P: PagePolicy = NewestWins> {
+    layout: MemoryLayout,
+    config: DestinationConfig,
+    policy: P,
+    status: DestinationStatus,
+    failure: Option<MigrationError>,
+    channels: Vec<ChannelRx>,
+    session_id: u64,
+    checksum: bool,
+    received: DirtyBitmap,
+    received_count: u64,
+    page_hashes: Vec<u128>,
+    digest: MemoryDigest,
+    zero_page: Vec<u8>,
+    scratch: Vec<u8>,
+    decoders: Vec<Box<dyn PageDecoder>>,
+    device_state: Vec<u8>,
+    device_state_seen: bool,
+    switchover: Option<(u32, bool)>,
+    verdict: Option<Verdict>,
+    pages_received: u64,
+    stale_pages: u64,
+    bytes_received: u64,
+    started_at: Option<Nanos>,
+    last_heard: Option<Nanos>,
+    out: Vec<u8>,
+    out_sent: usize,
+}
+
+impl Destination<NewestWins> {
+    /// A pre-copy destination for a guest of `layout` (its memory already exists here).
+    pub fn new(layout: MemoryLayout, config: DestinationConfig) -> Self {
+        Self::with_policy(layout, config, NewestWins::default())
+    }
+}
+
+impl<P: PagePolicy> Destination<P> {
+    /// A destination applying pages by `policy`.
+    pub fn with_policy(layout: MemoryLayout, config: DestinationConfig, mut policy: P) -> Self {
+        let pages = layout.page_count();
+        let page_size = layout.page_size().bytes();
+        policy.prepare(pages);
+        Destination {
             config,
-            status: ReceiverStatus::AwaitingHello,
+            policy,
+            status: DestinationStatus::AwaitingHello,
             failure: None,
-            round: 1,
-            pages_in_round: 0,
+            channels: vec![ChannelRx::default()],
+            session_id: 0,
+            checksum: true,
             received: DirtyBitmap::new(pages),
+            received_count: 0,
             page_hashes: if config.verify {
                 vec![0; pages as usize]
             } else {
                 Vec::new()
             },
-            zero_hash: page_hash(&vec![0u8; geometry.page_size().bytes()]),
-            zero_page: vec![0u8; geometry.page_size().bytes()],
+            digest: MemoryDigest::new(),
+            zero_page: vec![0; page_size],
+            scratch: vec![0; page_size],
+            decoders: Vec::new(),
             device_state: Vec::new(),
             device_state_seen: false,
-            digest: None,
+            switchover: None,
             verdict: None,
             pages_received: 0,
+            stale_pages: 0,
             bytes_received: 0,
             started_at: None,
+            last_heard: None,
+            out: Vec::new(),
+            out_sent: 0,
+            layout,
         }
     }
 
+    /// Decodes `decoder.encoding()` pages with `decoder` (the source's encoder produces them).
+    pub fn with_decoder(mut self, decoder: Box<dyn PageDecoder>) -> Self {
+        self.decoders.push(decoder);
+        self
+    }
+
     /// Where the migration stands.
-    pub fn status(&self) -> ReceiverStatus {
+    pub fn status(&self) -> DestinationStatus {
         self.status
     }
 
-    /// Page frames applied so far (re-sends included).
+    /// The first error, if the migration failed.
+    pub fn failure(&self) -> Option<&MigrationError> {
+        self.failure.as_ref()
+    }
+
+    /// Page copies applied or skipped as stale (re-sends included).
     pub fn pages_received(&self) -> u64 {
         self.pages_received
+    }
+
+    /// Copies skipped because a newer one had already arrived on another channel.
+    pub fn stale_pages(&self) -> u64 {
+        self.stale_pages
     }
 
     /// Bytes of frames consumed so far.
@@ -120,9 +253,15 @@ impl Receiver {
         self.bytes_received
     }
 
-    /// The destination's memory digest, captured when the guest started.
-    pub fn digest(&self) -> Option<u64> {
-        self.digest
+    /// Connections the source announced.
+    pub fn channels(&self) -> u16 {
+        self.channels.len() as u16
+    }
+
+    /// The destination's memory digest as of the pages applied so far (`None` when verification
+    /// is off).
+    pub fn digest(&self) -> Option<u128> {
+        self.config.verify.then_some(self.digest.value())
     }
 
     /// The verdict on the source's digest: `None` until a digest arrived (or if the source
@@ -131,14 +270,103 @@ impl Receiver {
         self.verdict
     }
 
-    /// When the guest was started (the `now` passed with the switchover frame).
+    /// When the guest was started.
     pub fn started_at(&self) -> Option<Nanos> {
         self.started_at
     }
 
-    /// Takes bytes from the source, applies every whole frame in them, and appends replies to
-    /// `out`. Returns the bytes consumed: keep the rest and pass it again with more.
-    /// On error an abort frame is in `out` and every later call returns the same error.
+    /// Writes at most `buf.len()` bytes of replies (for channel 0) into `buf`.
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> usize {
+        let pending = &self.out[self.out_sent..];
+        let n = pending.len().min(buf.len());
+        buf[..n].copy_from_slice(&pending[..n]);
+        self.out_sent += n;
+        if self.out_sent == self.out.len() {
+            self.out.clear();
+            self.out_sent = 0;
+        }
+        n
+    }
+
+    /// Appends every queued reply to `out`.
+    pub fn drain_replies(&mut self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.out[self.out_sent..]);
+        self.out.clear();
+        self.out_sent = 0;
+    }
+
+    /// When to call [`Destination::handle_timeout`]: the peer deadline while waiting for the
+    /// source (after its first byte).
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        match self.status {
+            DestinationStatus::Complete | DestinationStatus::Failed => None,
+            _ => self.last_heard.map(|t| t + self.config.peer_timeout),
+        }
+    }
+
+    /// Gives up on a source silent for longer than the peer timeout.
+    pub fn handle_timeout(&mut self, now: Nanos) -> Result<(), MigrationError> {
+        if let Some(deadline) = self.poll_timeout() {
+            if now >= deadline {
+                let heard = self.last_heard.unwrap_or(now);
+                let waiting_for = match self.status {
+                    DestinationStatus::Running => "the source's digest",
+                    _ => "the source's next frame",
+                };
+                return self.fail(MigrationError::Timeout {
+                    waiting_for,
+                    after: now - heard,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes bytes that arrived on `channel`, applies every whole frame in them, and queues
+    /// replies. Returns the bytes consumed: keep the rest and pass it again with more.
+    pub fn handle_input<H>(
+        &mut self,
+        now: Nanos,
+        channel: ChannelId,
+        input: &[u8],
+        host: &mut H,
+    ) -> Result<usize, MigrationError>
+    where
+        H: PageWrite + DestinationGuest,
+    {
+        if let Some(e) = &self.failure {
+            return Err(e.clone());
+        }
+        if channel as usize >= self.channels.len() {
+            return self.fail(MigrationError::Incompatible(alloc::format!(
+                "bytes on channel {channel}, but the source announced {} channel(s)",
+                self.channels.len()
+            )));
+        }
+        let policy = if self.checksum || self.status == DestinationStatus::AwaitingHello {
+            ChecksumPolicy::Required
+        } else {
+            ChecksumPolicy::Optional
+        };
+        let mut used = 0;
+        while used < input.len() {
+            let (frame, len) = match Frame::parse_with(&input[used..], policy) {
+                Ok(parsed) => parsed,
+                Err(WireError::Incomplete { .. }) => break,
+                Err(e) => return self.fail(e.into()),
+            };
+            used += len;
+            self.bytes_received += len as u64;
+            self.last_heard = Some(now);
+            if let Err(e) = self.on_frame(now, channel as usize, frame, host) {
+                return self.fail(e);
+            }
+        }
+        Ok(used)
+    }
+
+    /// For single-channel drivers: [`Destination::handle_input`] on channel 0, with the
+    /// replies (and on error the abort frame) appended to `out`.
     pub fn receive<H>(
         &mut self,
         now: Nanos,
@@ -149,39 +377,25 @@ impl Receiver {
     where
         H: PageWrite + DestinationGuest,
     {
-        if let Some(e) = &self.failure {
-            return Err(e.clone());
-        }
-        let mut used = 0;
-        while used < input.len() {
-            let (frame, len) = match Frame::parse(&input[used..]) {
-                Ok(parsed) => parsed,
-                Err(WireError::Incomplete { .. }) => break,
-                Err(e) => return self.fail(e.into(), out),
-            };
-            used += len;
-            self.bytes_received += len as u64;
-            if let Err(e) = self.on_frame(now, frame, host, out) {
-                return self.fail(e, out);
-            }
-        }
-        Ok(used)
+        let result = self.handle_input(now, 0, input, host);
+        self.drain_replies(out);
+        result
     }
 
-    /// Gives up (the transport closed, or an operator asked): appends an abort frame.
-    pub fn cancel(&mut self, why: &str, out: &mut Vec<u8>) -> MigrationError {
-        match self.fail::<()>(MigrationError::Cancelled(why.to_string()), out) {
+    /// Gives up (the transport closed, or an operator asked): queues an abort frame.
+    pub fn cancel(&mut self, why: &str) -> MigrationError {
+        match self.fail::<()>(MigrationError::Cancelled(why.to_string())) {
             Err(e) => e,
             Ok(()) => unreachable!("fail always returns an error"),
         }
     }
 
-    fn fail<T>(&mut self, error: MigrationError, out: &mut Vec<u8>) -> Result<T, MigrationError> {
+    fn fail<T>(&mut self, error: MigrationError) -> Result<T, MigrationError> {
         if let Some(first) = &self.failure {
             return Err(first.clone());
         }
-        error.emit_abort(out);
-        self.status = ReceiverStatus::Failed;
+        error.emit_abort(&mut self.out);
+        self.status = DestinationStatus::Failed;
         self.failure = Some(error.clone());
         Err(error)
     }
@@ -189,9 +403,9 @@ impl Receiver {
     fn unexpected(&self, got: FrameKind) -> MigrationError {
         MigrationError::UnexpectedFrame {
             expected: match self.status {
-                ReceiverStatus::AwaitingHello => "Hello",
-                ReceiverStatus::Receiving => "Page, RoundEnd, DeviceState or Switchover",
-                ReceiverStatus::Running => "Complete",
+                DestinationStatus::AwaitingHello => "Hello",
+                DestinationStatus::Receiving => "Pages, RoundEnd, DeviceState or Switchover",
+                DestinationStatus::Running => "Complete",
                 _ => "nothing more",
             },
             got,
@@ -201,92 +415,89 @@ impl Receiver {
     fn on_frame<H>(
         &mut self,
         now: Nanos,
+        ch: usize,
         frame: Frame<'_>,
         host: &mut H,
-        out: &mut Vec<u8>,
     ) -> Result<(), MigrationError>
     where
         H: PageWrite + DestinationGuest,
     {
+        let Some(kind) = frame.kind() else {
+            return Ok(()); // an ignorable frame of a later version
+        };
         if let Frame::Abort { code, message } = frame {
             return Err(MigrationError::PeerAborted {
                 code,
                 message: String::from_utf8_lossy(message).into_owned(),
             });
         }
+        if ch > 0 && !self.channels[ch].joined {
+            let Frame::Join {
+                channel,
+                session_id,
+                ..
+            } = frame
+            else {
+                return Err(MigrationError::UnexpectedFrame {
+                    expected: "Join (the first frame of an extra channel)",
+                    got: kind,
+                });
+            };
+            if channel as usize != ch || session_id != self.session_id {
+                return Err(MigrationError::Incompatible(alloc::format!(
+                    "a connection joined as channel {channel} of session {session_id:#x}; expected channel {ch} of session {:#x}",
+                    self.session_id
+                )));
+            }
+            self.channels[ch].joined = true;
+            return Ok(());
+        }
         match (self.status, frame) {
-            (ReceiverStatus::AwaitingHello, Frame::Hello(hello)) => {
-                let ours = self.geometry;
-                let mut problems = Vec::new();
-                if hello.version != PROTOCOL_VERSION {
-                    problems.push(alloc::format!(
-                        "protocol version {} (this side speaks {PROTOCOL_VERSION})",
-                        hello.version
-                    ));
-                }
-                if hello.page_shift as u32 != ours.page_size().shift() {
-                    problems.push(alloc::format!(
-                        "page size {} (this side has {})",
-                        1u64 << hello.page_shift,
-                        ours.page_size().bytes()
-                    ));
-                }
-                if hello.page_count != ours.page_count() {
-                    problems.push(alloc::format!(
-                        "{} pages (this side has {})",
-                        hello.page_count,
-                        ours.page_count()
-                    ));
-                }
-                if hello.features != 0 {
-                    problems.push(alloc::format!(
-                        "features {:#x} (this side supports none)",
-                        hello.features
-                    ));
-                }
-                if !problems.is_empty() {
-                    return Err(MigrationError::Incompatible(alloc::format!(
-                        "source offers {}",
-                        problems.join(", ")
-                    )));
-                }
-                Frame::Accept {
-                    version: PROTOCOL_VERSION,
-                    features: 0,
-                }
-                .emit(out);
-                self.status = ReceiverStatus::Receiving;
-                Ok(())
+            (DestinationStatus::AwaitingHello, Frame::Hello(hello)) if ch == 0 => {
+                self.on_hello(&hello)
             }
             (
-                ReceiverStatus::Receiving,
-                Frame::Page {
-                    index,
-                    encoding,
-                    payload,
+                DestinationStatus::Receiving,
+                Frame::Pages {
+                    generation,
+                    entries,
                 },
-            ) => self.apply_page(index, encoding, payload, host),
-            (ReceiverStatus::Receiving, Frame::RoundEnd { round, pages }) => {
-                if round != self.round {
+            ) => self.apply_pages(ch, generation, entries, host),
+            (
+                DestinationStatus::Receiving,
+                Frame::RoundEnd {
+                    round,
+                    channel,
+                    pages,
+                },
+            ) => {
+                let rx = &mut self.channels[ch];
+                if channel as usize != ch {
+                    return Err(MigrationError::RoundMismatch {
+                        round,
+                        reason: "round marker names another channel",
+                    });
+                }
+                if round != rx.round {
                     return Err(MigrationError::RoundMismatch {
                         round,
                         reason: "round markers must count up from 1",
                     });
                 }
-                if pages != self.pages_in_round {
+                if pages != rx.pages_in_round {
                     return Err(MigrationError::RoundMismatch {
                         round,
                         reason: "page count differs from the pages received",
                     });
                 }
-                self.round = self.round.saturating_add(1);
-                self.pages_in_round = 0;
-                Ok(())
+                rx.round = rx.round.saturating_add(1);
+                rx.pages_in_round = 0;
+                self.try_switchover(now, host)
             }
-            (ReceiverStatus::Receiving, Frame::DeviceState(bytes)) => {
-                if self.pages_in_round != 0 {
+            (DestinationStatus::Receiving, Frame::DeviceState(bytes)) if ch == 0 => {
+                if self.channels[0].pages_in_round != 0 || self.switchover.is_some() {
                     return Err(MigrationError::RoundMismatch {
-                        round: self.round,
+                        round: self.channels[0].round,
                         reason: "device state inside an open round",
                     });
                 }
@@ -301,53 +512,26 @@ impl Receiver {
                 Ok(())
             }
             (
-                ReceiverStatus::Receiving,
+                DestinationStatus::Receiving,
                 Frame::Switchover {
                     rounds,
                     digest_follows,
                 },
-            ) => {
-                if !self.device_state_seen {
+            ) if ch == 0 => {
+                if !self.device_state_seen || self.switchover.is_some() {
                     return Err(self.unexpected(FrameKind::Switchover));
                 }
-                if rounds.checked_add(1) != Some(self.round) {
+                if rounds.checked_add(1) != Some(self.channels[0].round) {
                     return Err(MigrationError::RoundMismatch {
                         round: rounds,
                         reason: "switchover names a different round count",
                     });
                 }
-                let missing = self.geometry.page_count() - self.received.count_ones();
-                if missing != 0 {
-                    return Err(MigrationError::BadPagePayload {
-                        page: self.received_gap(),
-                        reason: if missing == 1 {
-                            "never received before switchover"
-                        } else {
-                            "and others never received before switchover"
-                        },
-                    });
-                }
-                host.restore_state(&self.device_state)?;
-                if self.config.verify {
-                    let mut builder = DigestBuilder::new();
-                    for &h in &self.page_hashes {
-                        builder.push_page_hash(h);
-                    }
-                    self.digest = Some(builder.finish());
-                }
-                host.start()?;
-                self.started_at = Some(now);
-                Frame::Ready.emit(out);
-                // Without a digest to come, the migration is over once the guest runs.
-                self.status = if digest_follows {
-                    ReceiverStatus::Running
-                } else {
-                    ReceiverStatus::Complete
-                };
-                Ok(())
+                self.switchover = Some((rounds, digest_follows));
+                self.try_switchover(now, host)
             }
-            (ReceiverStatus::Running, Frame::Complete { digest }) => {
-                let ours = self.digest;
+            (DestinationStatus::Running, Frame::Complete { digest }) if ch == 0 => {
+                let ours = self.digest();
                 let verdict = match ours {
                     None => Verdict::NotChecked,
                     Some(d) if d == digest => Verdict::Match,
@@ -357,7 +541,7 @@ impl Receiver {
                     verdict,
                     digest: ours.unwrap_or(0),
                 }
-                .emit(out);
+                .emit_with(&mut self.out, self.checksum);
                 self.verdict = Some(verdict);
                 if verdict == Verdict::Mismatch {
                     return Err(MigrationError::DigestMismatch {
@@ -365,66 +549,240 @@ impl Receiver {
                         destination: ours.unwrap_or_default(),
                     });
                 }
-                self.status = ReceiverStatus::Complete;
+                self.status = DestinationStatus::Complete;
                 Ok(())
             }
-            (_, frame) => Err(self.unexpected(frame.kind())),
+            (_, frame) => Err(self.unexpected(frame.kind().unwrap_or(kind))),
         }
+    }
+
+    fn on_hello(&mut self, hello: &crate::wire::Hello<'_>) -> Result<(), MigrationError> {
+        let ours = &self.layout;
+        let mut problems = Vec::new();
+        if hello.page_shift as u32 != ours.page_size().shift() {
+            problems.push(alloc::format!(
+                "page size {} (this side has {})",
+                1u64 << hello.page_shift,
+                ours.page_size().bytes()
+            ));
+        }
+        let same_table = hello.regions.len() == ours.regions().len()
+            && hello
+                .regions
+                .iter()
+                .zip(ours.regions())
+                .all(|(a, b)| a == *b);
+        if !same_table {
+            if hello.regions.len() == 1 && ours.regions().len() == 1 {
+                let (theirs, mine) = (hello.regions.iter().next(), ours.regions()[0]);
+                let theirs = theirs.unwrap_or(mine);
+                if theirs.pages != mine.pages {
+                    problems.push(alloc::format!(
+                        "{} pages (this side has {})",
+                        theirs.pages,
+                        mine.pages
+                    ));
+                } else {
+                    problems.push(alloc::format!(
+                        "region {} at {:#x} (this side has region {} at {:#x})",
+                        theirs.id,
+                        theirs.guest_base,
+                        mine.id,
+                        mine.guest_base
+                    ));
+                }
+            } else {
+                problems.push(alloc::format!(
+                    "a layout of {} region(s), {} pages, that differs from this side's {} region(s), {} pages",
+                    hello.regions.len(),
+                    hello.page_count(),
+                    ours.regions().len(),
+                    ours.page_count()
+                ));
+            }
+        }
+        if hello.channels > self.config.max_channels {
+            problems.push(alloc::format!(
+                "{} channels (this side takes at most {})",
+                hello.channels,
+                self.config.max_channels
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(MigrationError::Incompatible(alloc::format!(
+                "source offers {}",
+                problems.join(", ")
+            )));
+        }
+        let mut ours_features = FEATURE_CHANNELS;
+        if self.config.checksum {
+            ours_features |= FEATURE_CHECKSUM;
+        }
+        let features = hello.features & FEATURES_KNOWN & ours_features;
+        self.checksum = features & FEATURE_CHECKSUM != 0;
+        self.session_id = hello.session_id;
+        self.channels = vec![
+            ChannelRx {
+                joined: false,
+                round: 1,
+                pages_in_round: 0,
+            };
+            hello.channels as usize
+        ];
+        self.channels[0].joined = true;
+        Frame::Accept {
+            version: PROTOCOL_VERSION,
+            features,
+            max_device_state: self.config.max_device_state as u64,
+        }
+        .emit(&mut self.out);
+        self.status = DestinationStatus::Receiving;
+        Ok(())
+    }
+
+    /// Starts the guest once the switchover arrived and every channel closed the final round.
+    fn try_switchover<H>(&mut self, now: Nanos, host: &mut H) -> Result<(), MigrationError>
+    where
+        H: PageWrite + DestinationGuest,
+    {
+        let Some((rounds, digest_follows)) = self.switchover else {
+            return Ok(());
+        };
+        if self
+            .channels
+            .iter()
+            .any(|c| !c.joined || c.round != rounds + 1)
+        {
+            return Ok(()); // another channel still delivers the final round
+        }
+        let missing = self.layout.page_count() - self.received_count;
+        if missing != 0 {
+            return Err(MigrationError::BadPagePayload {
+                page: self.received_gap(),
+                reason: if missing == 1 {
+                    "never received before switchover"
+                } else {
+                    "and others never received before switchover"
+                },
+            });
+        }
+        host.restore_state(&self.device_state)?;
+        host.start()?;
+        self.started_at = Some(now);
+        Frame::Ready.emit_with(&mut self.out, self.checksum);
+        self.switchover = None;
+        // Without a digest to come, the migration is over once the guest runs.
+        self.status = if digest_follows {
+            DestinationStatus::Running
+        } else {
+            DestinationStatus::Complete
+        };
+        Ok(())
     }
 
     /// The first page never received (for the error message).
     fn received_gap(&self) -> u64 {
-        (0..self.geometry.page_count())
+        (0..self.layout.page_count())
             .find(|&p| !self.received.get(p))
             .unwrap_or(0)
     }
 
+    fn apply_pages<H: PageWrite>(
+        &mut self,
+        ch: usize,
+        generation: u32,
+        entries: PageEntries<'_>,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
+        if self.switchover.is_some() && ch == 0 {
+            return Err(self.unexpected(FrameKind::Pages));
+        }
+        if generation != self.channels[ch].round {
+            return Err(MigrationError::RoundMismatch {
+                round: generation,
+                reason: "pages of a generation other than the channel's open round",
+            });
+        }
+        for entry in entries.iter() {
+            let entry = entry?;
+            self.apply_page(generation, entry.index, entry.encoding, entry.payload, host)?;
+            self.channels[ch].pages_in_round += 1;
+        }
+        Ok(())
+    }
+
     fn apply_page<H: PageWrite>(
         &mut self,
+        generation: u32,
         index: u64,
-        encoding: PageEncoding,
+        encoding: Encoding,
         payload: &[u8],
         host: &mut H,
     ) -> Result<(), MigrationError> {
-        if !self.geometry.contains(PageIndex(index)) {
+        if index >= self.layout.page_count() {
             return Err(MigrationError::PageOutOfRange {
                 page: index,
-                page_count: self.geometry.page_count(),
+                page_count: self.layout.page_count(),
             });
         }
-        let page_size = self.geometry.page_size().bytes();
-        let hash = match encoding {
-            PageEncoding::Raw => {
+        let page_size = self.layout.page_size().bytes();
+        self.pages_received += 1;
+        // Check the payload before the policy sees the copy: a bad copy is an error even if
+        // it would have been stale.
+        let data: &[u8] = match encoding {
+            Encoding::RAW => {
                 if payload.len() != page_size {
                     return Err(MigrationError::BadPagePayload {
                         page: index,
                         reason: "raw payload is not one page long",
                     });
                 }
-                host.write_page(PageIndex(index), payload)?;
-                if self.config.verify {
-                    page_hash(payload)
-                } else {
-                    0
-                }
+                payload
             }
-            PageEncoding::Zero => {
+            Encoding::ZERO => {
                 if !payload.is_empty() {
                     return Err(MigrationError::BadPagePayload {
                         page: index,
                         reason: "zero page with a payload",
                     });
                 }
-                host.write_zero_page(PageIndex(index), &self.zero_page)?;
-                self.zero_hash
+                &self.zero_page
+            }
+            other => {
+                let Some(decoder) = self.decoders.iter_mut().find(|d| d.encoding() == other) else {
+                    return Err(MigrationError::BadPagePayload {
+                        page: index,
+                        reason: "an encoding this destination has no decoder for",
+                    });
+                };
+                decoder
+                    .decode(index, payload, &mut self.scratch)
+                    .map_err(|reason| MigrationError::BadPagePayload {
+                        page: index,
+                        reason,
+                    })?;
+                &self.scratch
             }
         };
-        if self.config.verify {
-            self.page_hashes[index as usize] = hash;
+        if !self.policy.accept(index, generation) {
+            self.stale_pages += 1;
+            return Ok(());
         }
-        self.received.set(index);
-        self.pages_in_round += 1;
-        self.pages_received += 1;
+        if encoding == Encoding::ZERO {
+            host.write_zero_page(PageIndex(index), data)?;
+        } else {
+            host.write_page(PageIndex(index), data)?;
+        }
+        if self.config.verify {
+            let hash = page_hash(index, data);
+            let slot = &mut self.page_hashes[index as usize];
+            self.digest.replace(*slot, hash);
+            *slot = hash;
+        }
+        if !self.received.get(index) {
+            self.received.set(index);
+            self.received_count += 1;
+        }
         Ok(())
     }
 }

@@ -108,8 +108,14 @@ pub struct MigrationReport {
     pub control_bytes: u64,
     /// Size of the CPU and device state.
     pub device_state_bytes: u64,
-    /// Guest time lost to the migration (throttling, dirty-log syncs), where the host reports it.
-    pub degradation: Nanos,
+    /// Connections the migration used (1 unless the driver opened more).
+    pub channels: u16,
+    /// Time the source spent hashing its memory for verification (after the destination
+    /// started, so outside the downtime).
+    pub verification_time: Nanos,
+    /// Whether the switchover was handed to the transport: from then on the destination may
+    /// run the guest, and the source never resumes its own copy on its own.
+    pub committed: bool,
     /// Every round, stop-and-copy last.
     pub rounds: Vec<RoundReport>,
     /// The rule that ended the pre-copy rounds.
@@ -117,9 +123,9 @@ pub struct MigrationReport {
     /// Whether the destination's digest matched (None when verification was off or not reached).
     pub verified: Option<bool>,
     /// The source's memory digest at switchover.
-    pub source_digest: Option<u64>,
+    pub source_digest: Option<u128>,
     /// The destination's memory digest at switchover.
-    pub destination_digest: Option<u64>,
+    pub destination_digest: Option<u128>,
 }
 
 impl MigrationReport {

@@ -9,9 +9,82 @@
 //!   number of rounds, when the dirty set stops shrinking (or the dirty rate reaches the
 //!   bandwidth) for k rounds, or at a deadline.
 //! - [`Scheduler`]: applies both at the end of each round and says which rule fired.
+//! - [`DeliveryEstimator`]: the link's real rate, from bytes the transport reports delivered
+//!   (written to the wire or acknowledged by the peer) over a window of at least
+//!   [`DeliveryEstimator::WINDOW`], not from bytes dropped into a socket buffer. A small last
+//!   round handed to a deep buffer at memcpy speed says nothing about the link; timing it would
+//!   make the downtime estimate far too low and stop-and-copy too early.
+
+use alloc::collections::VecDeque;
 
 use crate::report::StopReason;
 use crate::time::{ByteRate, Nanos};
+
+/// Estimates the link's rate from delivery reports while the link had a backlog.
+#[derive(Clone, Debug, Default)]
+pub struct DeliveryEstimator {
+    /// (time, bytes delivered so far) since the backlog last emptied, oldest first.
+    samples: VecDeque<(Nanos, u64)>,
+    handed: u64,
+    delivered: u64,
+    reported: bool,
+}
+
+impl DeliveryEstimator {
+    /// The shortest span a rate is measured over, when that much history exists.
+    pub const WINDOW: Nanos = Nanos::from_millis(100);
+    const MAX_SAMPLES: usize = 4096;
+
+    /// An estimator with no history.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The engine handed `bytes` more to the transport at `now`.
+    pub fn handed(&mut self, now: Nanos, bytes: u64) {
+        if self.handed == self.delivered {
+            // The link was idle until now: a window must not span the idle time.
+            self.samples.clear();
+            self.samples.push_back((now, self.delivered));
+        }
+        self.handed += bytes;
+    }
+
+    /// The transport reports `bytes` more delivered at `now`.
+    pub fn delivered(&mut self, now: Nanos, bytes: u64) {
+        self.reported = true;
+        self.delivered = (self.delivered + bytes).min(self.handed);
+        if self.samples.len() == Self::MAX_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((now, self.delivered));
+        // Keep only what the newest window needs: drop samples older than the newest one that
+        // is already a full window old.
+        while self.samples.len() > 2 && now - self.samples[1].0 >= Self::WINDOW {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Whether the transport ever reported a delivery.
+    pub fn has_reports(&self) -> bool {
+        self.reported
+    }
+
+    /// Bytes handed but not yet delivered (in socket buffers and in flight).
+    pub fn backlog(&self) -> u64 {
+        self.handed - self.delivered
+    }
+
+    /// The delivery rate over the newest window of at least [`Self::WINDOW`] (or all the
+    /// history since the link was last idle, if shorter); `None` without delivery reports.
+    pub fn rate(&self) -> Option<ByteRate> {
+        let (&(t0, b0), &(t1, b1)) = (self.samples.front()?, self.samples.back()?);
+        if t1 <= t0 || b1 <= b0 {
+            return None;
+        }
+        Some(ByteRate::measured(b1 - b0, t1 - t0))
+    }
+}
 
 /// Per-round bandwidth limits (Clark's rule). The default is no limit at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -177,17 +250,26 @@ impl Scheduler {
     }
 
     /// Records a finished round and decides what comes next. `elapsed` is the time since the
-    /// migration started; `page_wire_bytes` is what one dirty page costs on the wire.
+    /// migration started; `page_wire_bytes` is what one dirty page costs on the wire;
+    /// `link_rate` is the delivery-based estimate ([`DeliveryEstimator::rate`]), used in place
+    /// of the round's own bytes over duration when the transport reports deliveries.
     pub fn end_round(
         &mut self,
         outcome: RoundOutcome,
         elapsed: Nanos,
         page_wire_bytes: u64,
+        link_rate: Option<ByteRate>,
     ) -> Decision {
-        let sample = ByteRate::measured(outcome.bytes, outcome.duration);
-        let trustworthy = outcome.duration >= MIN_SAMPLE_TIME || outcome.bytes >= MIN_SAMPLE_BYTES;
-        if trustworthy || self.bandwidth.is_none() {
-            self.bandwidth = Some(sample);
+        if let Some(rate) = link_rate {
+            // Measured from deliveries: the only honest figure when the transport buffers.
+            self.bandwidth = Some(rate);
+        } else {
+            let sample = ByteRate::measured(outcome.bytes, outcome.duration);
+            let trustworthy =
+                outcome.duration >= MIN_SAMPLE_TIME || outcome.bytes >= MIN_SAMPLE_BYTES;
+            if trustworthy || self.bandwidth.is_none() {
+                self.bandwidth = Some(sample);
+            }
         }
         let bandwidth = self.bandwidth.unwrap_or(ByteRate::UNLIMITED);
         let dirty_bytes = outcome.dirty_pages.saturating_mul(page_wire_bytes);
@@ -258,7 +340,7 @@ mod tests {
         let mut s = Scheduler::new(plan, rules);
         assert_eq!(s.limit(), mb(10));
         assert_eq!(
-            s.end_round(outcome(1, 10, 1000, 100), Nanos::from_secs(1), 4096),
+            s.end_round(outcome(1, 10, 1000, 100), Nanos::from_secs(1), 4096, None),
             Decision::Continue { limit: mb(15) }
         );
     }
@@ -267,7 +349,7 @@ mod tests {
     fn stops_when_downtime_target_met() {
         let mut s = Scheduler::new(RatePlan::default(), StopRules::default());
         // 100 MiB/s measured; 1000 dirty pages of 4 KiB take ~41 ms.
-        let d = s.end_round(outcome(1, 100, 1000, 1000), Nanos::from_secs(1), 4096);
+        let d = s.end_round(outcome(1, 100, 1000, 1000), Nanos::from_secs(1), 4096, None);
         assert_eq!(d, Decision::StopAndCopy(StopReason::DowntimeTarget));
         assert!(s.estimated_downtime() < Nanos::from_millis(50));
     }
@@ -283,11 +365,11 @@ mod tests {
         };
         let mut s = Scheduler::new(RatePlan::default(), rules);
         assert!(matches!(
-            s.end_round(outcome(1, 100, 1000, many), Nanos::ZERO, 4096),
+            s.end_round(outcome(1, 100, 1000, many), Nanos::ZERO, 4096, None),
             Decision::Continue { .. }
         ));
         assert_eq!(
-            s.end_round(outcome(2, 100, 1000, many / 2), Nanos::ZERO, 4096),
+            s.end_round(outcome(2, 100, 1000, many / 2), Nanos::ZERO, 4096, None),
             Decision::StopAndCopy(StopReason::MaxRounds)
         );
 
@@ -297,7 +379,7 @@ mod tests {
         };
         let mut s = Scheduler::new(RatePlan::default(), rules);
         assert_eq!(
-            s.end_round(outcome(1, 100, 1000, many), Nanos::from_secs(6), 4096),
+            s.end_round(outcome(1, 100, 1000, many), Nanos::from_secs(6), 4096, None),
             Decision::StopAndCopy(StopReason::Deadline)
         );
 
@@ -308,7 +390,7 @@ mod tests {
         let mut s = Scheduler::new(RatePlan::default(), rules);
         let mut decisions = Vec::new();
         for r in 1..=5 {
-            decisions.push(s.end_round(outcome(r, 100, 1000, many), Nanos::ZERO, 4096));
+            decisions.push(s.end_round(outcome(r, 100, 1000, many), Nanos::ZERO, 4096, None));
         }
         // Round 1 sets the first minimum; rounds 2, 3, 4 do not shrink it.
         assert!(matches!(decisions[2], Decision::Continue { .. }));

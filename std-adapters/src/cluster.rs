@@ -1,5 +1,5 @@
 //! `memferry cluster`: a small datacenter over virtual time, run by paper 000's placement
-//! policy (`memferry::policy`), each migration it triggers simulated by the real engine
+//! policy ([`crate::policy`]), each migration it triggers simulated by the real engine
 //! ([`crate::sim`]).
 //!
 //! Hosts sit in clusters; VMs on them have a CPU demand that changes every `phase` (a seeded
@@ -8,15 +8,15 @@
 //! the policy's duration sheds one VM to the least-loaded host of its own cluster. The VM moves
 //! once its simulated migration completes; migrations load both hosts' network meanwhile.
 
-use memferry::policy::{
-    ClusterId, HostId, HostInfo, HostLoad, MigrationEstimator, Policy, PolicyConfig, VmId, VmInfo,
-    VmSelection,
-};
 use memferry::time::{ByteRate, Nanos};
 use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::Serialize;
 
+use crate::policy::{
+    ClusterId, HostId, HostInfo, HostLoad, MigrationEstimator, Policy, PolicyConfig, VmId, VmInfo,
+    VmSelection,
+};
 use crate::sim::{simulate, LinkModel, Scenario, WorkloadModel};
 use crate::workload::below;
 

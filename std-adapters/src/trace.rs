@@ -1057,14 +1057,14 @@ fn decode_chunked(
                         "a chunk's bitmap does not hold the number of pages it announces",
                     ));
                 }
-                into.or_words_at(first_word, words);
+                into.or_words_at(first_word as u64 * WORD_BITS, words);
             }
             FORM_FULL => {
                 if count != span {
                     return Err(malformed("a full chunk does not announce all of its pages"));
                 }
                 // `or_words_at` clears the bits past the guest's end in a partial last chunk.
-                into.or_words_at(first_word, &ALL_ONES[..word_count]);
+                into.or_words_at(first_word as u64 * WORD_BITS, &ALL_ONES[..word_count]);
             }
             _ => return Err(malformed("a chunk uses the reserved form 3")),
         }

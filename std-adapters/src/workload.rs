@@ -18,7 +18,8 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use crate::memory::GuestRegion;
 
 /// What the workload does.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct WorkloadConfig {
     /// Writes per second (0: idle).
     pub writes_per_sec: u64,

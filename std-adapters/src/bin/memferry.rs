@@ -560,7 +560,7 @@ fn main() -> ExitCode {
             seed,
             json,
         } => {
-            use memferry::policy::VmSelection;
+            use memferry_std::policy::VmSelection;
             let selection = match select.as_str() {
                 "cpu" => VmSelection::HighestCpu,
                 "time" => VmSelection::LeastMigrationTime,

@@ -481,7 +481,7 @@ fn model_figures(
     report: &MigrationReport,
     geometry: Geometry,
 ) -> ModelFigures {
-    use memferry::model::{HybridModel, PreCopyModel, WireCost};
+    use crate::model::{HybridModel, PreCopyModel, WireCost};
     let page_size = geometry.page_size().bytes() as u64;
     let first = report.rounds.first();
     let dirty_rate = first.map_or(ByteRate(0), |r| {
@@ -544,7 +544,7 @@ fn lower_bounds(
             _ => {}
         }
     }
-    let least_bytes = memferry::model::least_bytes(
+    let least_bytes = crate::model::least_bytes(
         geometry.page_count(),
         zero,
         duplicates,

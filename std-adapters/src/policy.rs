@@ -18,14 +18,14 @@
 //! Every tie is broken by the smaller id, and every float is compared with a total order after
 //! clamping, so the same inputs always give the same decisions.
 
-use alloc::collections::{BTreeMap, BTreeSet};
-use alloc::vec::Vec;
-use core::cmp::Ordering;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+
+use memferry::page::PageSize;
+use memferry::schedule::StopRules;
+use memferry::time::{ByteRate, Nanos};
 
 use crate::model::{PreCopyModel, PreCopyPrediction, WireCost};
-use crate::page::PageSize;
-use crate::schedule::StopRules;
-use crate::time::{ByteRate, Nanos};
 
 /// A host (physical machine).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -1,4 +1,4 @@
-//! Property tests of the analytic pre-copy model ([`memferry::model::PreCopyModel`]): for random
+//! Property tests of the analytic pre-copy model ([`memferry_std::model::PreCopyModel`]): for random
 //! guests, links and stop rules, the prediction is well formed (bytes at least the memory size,
 //! at most `max(max_rounds, 1) + 1` rounds with stop-and-copy last, totals that add up, a met
 //! downtime target when that is the stop reason), and more bandwidth never predicts a longer
@@ -6,10 +6,10 @@
 //! the non-convergence rule on, the model (like the scheduler it mirrors) can predict a longer
 //! migration on a faster link; `non_convergence_rule_breaks_monotonicity` shows one case.
 
-use memferry::model::{PreCopyModel, WireCost, MAX_MODELLED_ROUNDS};
 use memferry::page::PageSize;
 use memferry::report::StopReason;
 use memferry::time::{ByteRate, Nanos};
+use memferry_std::model::{PreCopyModel, WireCost, MAX_MODELLED_ROUNDS};
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;

@@ -7,7 +7,7 @@
 //!   bandwidth). Round 1 sends all memory, `V_1 = M`; each round takes `t_i = V_i / B`; the next
 //!   round sends what the guest dirtied meanwhile, `V_{i+1} = D · t_i`; hence
 //!   `t_i = M · D^(i-1) / B^i` (counting rounds from 1). The rounds end under the same rules as
-//!   memferry's scheduler ([`crate::schedule::StopRules`]), then stop-and-copy sends the rest
+//!   memferry's scheduler ([`memferry::schedule::StopRules`]), then stop-and-copy sends the rest
 //!   and its transfer time is the downtime. [`PreCopyModel::predict`] plays the series round by
 //!   round in integer bytes and nanoseconds; [`PreCopyModel::series_round_secs`] is the bare
 //!   closed form.
@@ -23,13 +23,11 @@
 //! more take [`Nanos::MAX`], an unlimited rate makes it take no time (the rules of
 //! [`ByteRate::time_for`]), and sums saturate.
 
-use alloc::vec::Vec;
-
-use crate::page::PageSize;
-use crate::report::StopReason;
-use crate::schedule::StopRules;
-use crate::time::{ByteRate, Nanos};
-use crate::wire;
+use memferry::page::PageSize;
+use memferry::report::StopReason;
+use memferry::schedule::StopRules;
+use memferry::time::{ByteRate, Nanos};
+use memferry::wire;
 
 /// The most push rounds [`PreCopyModel::predict`] plays out; a larger
 /// [`PreCopyModel::max_rounds`] is treated as this many. It bounds the prediction's memory when a
@@ -79,7 +77,7 @@ impl WireCost {
 ///
 /// The guest dirties memory at a constant `dirty_rate` (distinct bytes of guest memory per
 /// second, so a round never dirties more than `memory_bytes`); the link carries `bandwidth` wire
-/// bytes per second in every round, stop-and-copy included (a fixed [`crate::schedule::RatePlan`];
+/// bytes per second in every round, stop-and-copy included (a fixed [`memferry::schedule::RatePlan`];
 /// Clark's rising per-round limits are not modelled). Zero pages, compression, working-set
 /// prediction, latency and the device state are not modelled either.
 ///
@@ -332,7 +330,8 @@ impl PreCopyPrediction {
     }
 }
 
-/// `base^exp` by repeated squaring (`f64::powi` needs std).
+/// `base^exp` by repeated squaring, the same on every platform (`f64::powi`'s precision is
+/// unspecified and may differ between targets).
 fn pow_u32(base: f64, mut exp: u32) -> f64 {
     let mut result = 1.0;
     let mut square = base;

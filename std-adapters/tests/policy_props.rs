@@ -1,4 +1,4 @@
-//! Property tests of paper 000's placement policy ([`memferry::policy`]): for random clusters of
+//! Property tests of paper 000's placement policy ([`memferry_std::policy`]): for random clusters of
 //! hosts and VMs, every decision moves a VM that runs on an overloaded source to another host of
 //! the same cluster that had room for it and stays at or below the threshold; no VM moves twice
 //! and no host sends two VMs in one call; destination choice picks the least-loaded qualifying
@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use memferry::policy::{
+use memferry::time::{ByteRate, Nanos};
+use memferry_std::policy::{
     choose_destination, rank_vms, ClusterId, HostId, HostInfo, HostLoad, MigrationEstimator,
     Policy, PolicyConfig, VmId, VmInfo, VmSelection,
 };
-use memferry::time::{ByteRate, Nanos};
 use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;

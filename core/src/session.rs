@@ -1,0 +1,1062 @@
+//! The source side of a migration: one [`Source`] session per migration, a sans-IO state
+//! machine in quinn-proto's style.
+//!
+//! The session owns the handshake (version, features by intersection, session id, region
+//! table, the destination's device-state limit), the channels, control frames, pacing, the
+//! encoding of pages, timers, the switchover (commit point) and the report. Which pages go and
+//! when the rounds stop is the [`Strategy`]'s business ([`crate::strategy`]).
+//!
+//! # Driving it
+//! The caller owns sockets, threads and the clock, and bounds the output:
+//! - [`Source::poll_transmit`]`(now, channel, buf, host)` writes at most `buf.len()` bytes for
+//!   `channel` into `buf` and returns how many. The engine never produces output the transport
+//!   has no room for. Write those bytes to that channel's connection, in order.
+//! - [`Source::handle_input`]`(now, channel, bytes, host)` takes the destination's bytes and
+//!   returns how many it consumed (whole frames; keep the rest).
+//! - [`Source::poll_timeout`] says when to call [`Source::handle_timeout`] (the peer timeout,
+//!   and when a rate-limited round may send again). A time at or before now means "call
+//!   `poll_transmit` again now".
+//! - [`Source::on_delivered`]`(now, bytes)` reports bytes the transport has really delivered
+//!   (written to the wire, or acknowledged: for TCP, written minus what `TIOCOUTQ` says is still
+//!   queued). The bandwidth the stop rules use comes from these reports, over a window of at
+//!   least 100 ms; a driver that never reports falls back to timing its writes.
+//!
+//! A loop that serves every driver (simulator, real clock, tests):
+//! ```text
+//! loop {
+//!     for ch in channels { while room(ch) { n = poll_transmit(now, ch, buf, host)?; if n == 0 { break } write(ch, buf[..n]) } }
+//!     if status is Done or Failed { break }
+//!     wait for input or until poll_timeout(); handle_input(..) / handle_timeout(..)
+//! }
+//! ```
+//! [`Source::poll`] is that loop's body for one channel and a `Vec`, for simple drivers.
+//!
+//! # Failures and the commit point
+//! Any error is returned by the call that met it; an abort frame for the destination is then
+//! queued on channel 0 (keep calling `poll_transmit(0)` until it returns 0 to send it), and
+//! every later call returns `Ok(0)` / the same error from [`Source::failure`]. Before the
+//! switchover frame is handed to the transport, a failure resumes a paused guest: the source
+//! loses nothing. After it (the destination may be running the guest) the source **never
+//! resumes on its own**: [`Source::status`] says the guest is paused and committed, and the
+//! caller decides, with [`Source::resume_source`] only once it knows the destination's copy is
+//! not running.
+
+use alloc::boxed::Box;
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+
+use crate::bitmap::DirtyBitmap;
+use crate::codec::{self, PageEncoder};
+use crate::digest::MemoryDigest;
+use crate::error::{HostError, MigrationError};
+use crate::memory::{sync_all, SourceHost};
+use crate::page::{MemoryLayout, PageIndex};
+use crate::report::{MigrationReport, RoundReport, StopReason};
+use crate::schedule::DeliveryEstimator;
+use crate::strategy::{Decision, PreCopy, PreCopyConfig, Strategy, StrategyContext};
+use crate::time::{ByteRate, Nanos};
+use crate::wire::{
+    self, ChannelRole, ChecksumPolicy, Frame, FrameKind, Hello, PagesWriter, Verdict, WireError,
+    FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
+};
+
+/// A connection of a migration: 0 carries the control frames (and pages), 1.. carry pages.
+pub type ChannelId = u16;
+
+/// Settings of the session, whatever the strategy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Connections the driver opens (1 to [`wire::MAX_CHANNELS`]). Default 1.
+    pub channels: u16,
+    /// Offer per-frame checksums. Default on; turn off under TLS or when sending from live
+    /// memory. Used only if the destination agrees.
+    pub checksum: bool,
+    /// Hash the source's memory after the destination starts and compare the digests.
+    /// Default on.
+    pub verify: bool,
+    /// How long to wait for the destination when waiting for it. Default 60 s.
+    pub peer_timeout: Nanos,
+    /// Names the migration on every connection; pick it at random per migration. Default 0.
+    pub session_id: u64,
+    /// Bytes hashed per `poll_transmit` call while verifying (keeps each call short).
+    pub hash_batch_bytes: usize,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            channels: 1,
+            checksum: true,
+            verify: true,
+            peer_timeout: Nanos::from_secs(60),
+            session_id: 0,
+            hash_batch_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Where a source session stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SourceStatus {
+    /// Hello sent; waiting for the destination's accept.
+    Handshake,
+    /// Sending pages (the guest runs, or is paused in the final round).
+    Sending,
+    /// Everything handed to the transport; waiting for the destination to run.
+    AwaitingDestination,
+    /// The destination runs; hashing and comparing digests.
+    Verifying,
+    /// Done: the destination runs the guest; the source stays paused and is released.
+    Done,
+    /// Failed. `source_paused` is true only if the failure came after the commit point: the
+    /// destination may run the guest, so the source was left paused for the caller to decide.
+    Failed {
+        /// Whether the source guest is still paused.
+        source_paused: bool,
+    },
+}
+
+/// What [`Source::poll`] wants next. In every case, first write out what it appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Next {
+    /// More to do now: call `poll` again.
+    Continue,
+    /// The round's bandwidth limit is used up: call `poll` again at or after this time.
+    WaitUntil(Nanos),
+    /// Waiting for the destination: feed its bytes to `receive`, then call `poll`.
+    WaitForPeer,
+    /// The migration is complete; `report()` is final and the source is released.
+    Done,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Start,
+    AwaitAccept,
+    Sending,
+    AwaitReady,
+    Hashing { next: u64 },
+    AwaitVerdict,
+    Done,
+    Failed,
+}
+
+#[derive(Default)]
+struct ChannelTx {
+    /// Control bytes waiting to go out on this channel, from `sent`.
+    queue: Vec<u8>,
+    sent: usize,
+    /// Page entries this channel sent in the current round.
+    pages_in_round: u64,
+}
+
+impl ChannelTx {
+    fn pending(&self) -> &[u8] {
+        &self.queue[self.sent..]
+    }
+
+    fn drain_into(&mut self, buf: &mut [u8]) -> usize {
+        let n = self.pending().len().min(buf.len());
+        buf[..n].copy_from_slice(&self.queue[self.sent..self.sent + n]);
+        self.sent += n;
+        if self.sent == self.queue.len() {
+            self.queue.clear();
+            self.sent = 0;
+        }
+        n
+    }
+}
+
+/// The source side of one migration, with strategy `S` (pre-copy by default).
+pub struct Source<S: Strategy = PreCopy> {
+    layout: MemoryLayout,
+    config: SessionConfig,
+    strategy: S,
+    state: State,
+    /// Pages the current round sends; `cursor` is where the walk stands.
+    send: DirtyBitmap,
+    cursor: u64,
+    /// Every page of the round is handed out; the round ends at the next call (so its
+    /// duration covers the write of its last batch).
+    exhausted: bool,
+    round: u32,
+    round_start: Nanos,
+    round_report: RoundReport,
+    stop_and_copy: bool,
+    channels: Vec<ChannelTx>,
+    checksum: bool,
+    max_device_state: u64,
+    estimator: DeliveryEstimator,
+    start: Nanos,
+    paused: bool,
+    paused_at: Nanos,
+    ready_at: Nanos,
+    /// The switchover frame is queued on channel 0 (committed once it is handed out).
+    switchover_queued: bool,
+    last_heard: Nanos,
+    last_now: Nanos,
+    rate_wake: Option<Nanos>,
+    digest: MemoryDigest,
+    hash_started: Nanos,
+    encoder: Option<Box<dyn PageEncoder>>,
+    scratch: Vec<u8>,
+    report: MigrationReport,
+    failure: Option<MigrationError>,
+    resume_error: Option<HostError>,
+}
+
+impl Source<PreCopy> {
+    /// A pre-copy migration of a guest of `layout`, configured as milestone 1's engine was:
+    /// one channel, checksums and verification per `config.verify`.
+    pub fn pre_copy(layout: MemoryLayout, config: PreCopyConfig) -> Self {
+        Source::new(
+            layout,
+            SessionConfig {
+                verify: config.verify,
+                ..SessionConfig::default()
+            },
+            PreCopy::new(config),
+        )
+    }
+}
+
+impl<S: Strategy> Source<S> {
+    /// A migration of a guest of `layout`, run by `strategy`.
+    pub fn new(layout: MemoryLayout, config: SessionConfig, strategy: S) -> Self {
+        let pages = layout.page_count();
+        let channels = config.channels.clamp(1, wire::MAX_CHANNELS);
+        let report = MigrationReport {
+            strategy: strategy.name(),
+            page_size: layout.page_size().bytes() as u64,
+            page_count: pages,
+            channels,
+            ..MigrationReport::default()
+        };
+        Source {
+            config: SessionConfig { channels, ..config },
+            strategy,
+            state: State::Start,
+            send: DirtyBitmap::new(pages),
+            cursor: 0,
+            exhausted: false,
+            round: 0,
+            round_start: Nanos::ZERO,
+            round_report: RoundReport::default(),
+            stop_and_copy: false,
+            channels: (0..channels).map(|_| ChannelTx::default()).collect(),
+            checksum: true,
+            max_device_state: u64::MAX,
+            estimator: DeliveryEstimator::new(),
+            start: Nanos::ZERO,
+            paused: false,
+            paused_at: Nanos::ZERO,
+            ready_at: Nanos::ZERO,
+            switchover_queued: false,
+            last_heard: Nanos::ZERO,
+            last_now: Nanos::ZERO,
+            rate_wake: None,
+            digest: MemoryDigest::new(),
+            hash_started: Nanos::ZERO,
+            encoder: None,
+            scratch: vec![0; layout.page_size().bytes()],
+            report,
+            failure: None,
+            resume_error: None,
+            layout,
+        }
+    }
+
+    /// Encodes pages with `encoder` (after the zero check) instead of sending them raw. The
+    /// destination must have a decoder for every encoding it produces.
+    pub fn with_encoder(mut self, encoder: Box<dyn PageEncoder>) -> Self {
+        self.encoder = Some(encoder);
+        self
+    }
+
+    /// The layout being migrated.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// The strategy, for inspection.
+    pub fn strategy(&self) -> &S {
+        &self.strategy
+    }
+
+    /// The report so far (final once the status is `Done` or `Failed`).
+    pub fn report(&self) -> &MigrationReport {
+        &self.report
+    }
+
+    /// The round in progress (0 before round 1).
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Whether the guest is paused by this migration right now.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Whether the migration has finished (successfully or not).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Done | State::Failed)
+    }
+
+    /// The first error the migration met, if it failed.
+    pub fn failure(&self) -> Option<&MigrationError> {
+        self.failure.as_ref()
+    }
+
+    /// If resuming the source guest after a failure itself failed: why.
+    pub fn resume_error(&self) -> Option<&HostError> {
+        self.resume_error.as_ref()
+    }
+
+    /// Whether the destination may be running the guest (the switchover was handed out).
+    pub fn is_committed(&self) -> bool {
+        self.report.committed
+    }
+
+    /// Where the migration stands.
+    pub fn status(&self) -> SourceStatus {
+        match self.state {
+            State::Start | State::AwaitAccept => SourceStatus::Handshake,
+            State::Sending => SourceStatus::Sending,
+            State::AwaitReady => SourceStatus::AwaitingDestination,
+            State::Hashing { .. } | State::AwaitVerdict => SourceStatus::Verifying,
+            State::Done => SourceStatus::Done,
+            State::Failed => SourceStatus::Failed {
+                source_paused: self.paused,
+            },
+        }
+    }
+
+    /// Resumes the source guest after a failure past the commit point. Safe only when the
+    /// caller knows the destination's copy does not run and never will (it reported failure
+    /// before starting, or its process is gone for good); otherwise two copies of the guest run.
+    /// Does nothing if the guest is not paused.
+    pub fn resume_source<H: SourceHost>(&mut self, host: &mut H) -> Result<(), HostError> {
+        if self.paused && self.state == State::Failed {
+            host.resume()?;
+            self.paused = false;
+        }
+        Ok(())
+    }
+
+    /// Bytes the transport reports delivered since the last report (see the module docs).
+    pub fn on_delivered(&mut self, now: Nanos, bytes: u64) {
+        self.estimator.delivered(now, bytes);
+    }
+
+    /// The link's rate as measured from delivery reports.
+    pub fn link_rate(&self) -> Option<ByteRate> {
+        self.estimator.rate()
+    }
+
+    /// When to call [`Source::handle_timeout`] (or `poll_transmit`, if the time has come).
+    /// `None`: nothing is due until input arrives or the caller offers room.
+    pub fn poll_timeout(&self) -> Option<Nanos> {
+        match self.state {
+            State::Start | State::Hashing { .. } => Some(self.last_now),
+            State::AwaitAccept | State::AwaitReady | State::AwaitVerdict => {
+                Some(self.last_heard + self.config.peer_timeout)
+            }
+            State::Sending if self.exhausted => Some(self.last_now),
+            State::Sending => self.rate_wake,
+            State::Done | State::Failed => None,
+        }
+    }
+
+    /// Handles the timers due at `now`: gives up on a silent destination.
+    pub fn handle_timeout<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
+        self.last_now = self.last_now.max(now);
+        let waiting_for = match self.state {
+            State::AwaitAccept => "its accept",
+            State::AwaitReady => "it to run the guest",
+            State::AwaitVerdict => "its verdict on the digest",
+            _ => return Ok(()),
+        };
+        if now >= self.last_heard + self.config.peer_timeout {
+            let error = MigrationError::Timeout {
+                waiting_for,
+                after: now - self.last_heard,
+            };
+            return self.fail(now, error, host);
+        }
+        Ok(())
+    }
+
+    /// Writes at most `buf.len()` bytes of output for `channel` into `buf`; returns how many.
+    /// Also advances the migration (ends rounds, verifies). See the module docs.
+    pub fn poll_transmit<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        channel: ChannelId,
+        buf: &mut [u8],
+        host: &mut H,
+    ) -> Result<usize, MigrationError> {
+        self.last_now = self.last_now.max(now);
+        let ch = channel as usize;
+        if ch >= self.channels.len() {
+            return Ok(0);
+        }
+        if self.failure.is_some() {
+            let n = self.channels[ch].drain_into(buf);
+            self.account(now, n);
+            return Ok(n);
+        }
+        if let Err(e) = self.advance(now, host) {
+            return self.fail(now, e, host);
+        }
+        let mut n = self.channels[ch].drain_into(buf);
+        if n < buf.len()
+            && self.state == State::Sending
+            && !self.exhausted
+            && self.channels[ch].pending().is_empty()
+        {
+            match self.send_pages(now, ch, &mut buf[n..], host) {
+                Ok(m) => n += m,
+                Err(e) => {
+                    self.account(now, n);
+                    return self.fail(now, e, host);
+                }
+            }
+            if self.exhausted {
+                // The round's RoundEnd (and, after the final round, the state and switchover)
+                // may fit behind the pages.
+                n += self.channels[ch].drain_into(&mut buf[n..]);
+            }
+        }
+        self.account(now, n);
+        Ok(n)
+    }
+
+    fn account(&mut self, now: Nanos, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.report.bytes_sent += n as u64;
+        self.estimator.handed(now, n as u64);
+        if self.switchover_queued && self.channels[0].pending().is_empty() && !self.report.committed
+        {
+            self.report.committed = true;
+        }
+    }
+
+    /// Takes bytes from the destination that arrived on `channel`. Returns how many were
+    /// consumed (whole frames only: keep the rest and pass it again with more).
+    pub fn handle_input<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        channel: ChannelId,
+        input: &[u8],
+        host: &mut H,
+    ) -> Result<usize, MigrationError> {
+        let _ = channel;
+        self.last_now = self.last_now.max(now);
+        if let Some(e) = &self.failure {
+            return Err(e.clone());
+        }
+        let policy = if self.checksum || self.state == State::AwaitAccept {
+            ChecksumPolicy::Required
+        } else {
+            ChecksumPolicy::Optional
+        };
+        let mut used = 0;
+        while used < input.len() {
+            let (frame, len) = match Frame::parse_with(&input[used..], policy) {
+                Ok(parsed) => parsed,
+                Err(WireError::Incomplete { .. }) => break,
+                Err(e) => return self.fail(now, e.into(), host),
+            };
+            used += len;
+            self.last_heard = now;
+            self.report.bytes_received += len as u64;
+            if let Err(e) = self.on_frame(now, frame, host) {
+                return self.fail(now, e, host);
+            }
+        }
+        Ok(used)
+    }
+
+    /// Cancels the migration (an operator's request, or a transport that closed). Before the
+    /// commit point the guest resumes; an abort frame is queued on channel 0.
+    pub fn cancel<H: SourceHost>(&mut self, now: Nanos, why: &str, host: &mut H) -> MigrationError {
+        match self.fail::<(), H>(now, MigrationError::Cancelled(why.to_string()), host) {
+            Err(e) => e,
+            Ok(()) => unreachable!("fail always returns an error"),
+        }
+    }
+
+    /// One step for a single-channel driver that writes everything it is given: offers
+    /// `batch_bytes` (1 MiB by default) of room on channel 0, appends what comes to `out`, and
+    /// says what to wait for. On error an abort frame is appended too.
+    pub fn poll<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        host: &mut H,
+        out: &mut Vec<u8>,
+    ) -> Result<Next, MigrationError> {
+        self.poll_with_room(now, host, out, 1 << 20)
+    }
+
+    /// [`Source::poll`] with an explicit room.
+    pub fn poll_with_room<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        host: &mut H,
+        out: &mut Vec<u8>,
+        room: usize,
+    ) -> Result<Next, MigrationError> {
+        let at = out.len();
+        out.resize(at + room.max(wire::page_frame_len(self.scratch.len())), 0);
+        let result = self.poll_transmit(now, 0, &mut out[at..], host);
+        match result {
+            Ok(n) => out.truncate(at + n),
+            Err(e) => {
+                out.truncate(at);
+                self.drain_channel(0, out);
+                return Err(e);
+            }
+        }
+        if let Some(e) = &self.failure {
+            return Err(e.clone());
+        }
+        Ok(match self.state {
+            State::Done => Next::Done,
+            State::AwaitAccept | State::AwaitReady | State::AwaitVerdict => Next::WaitForPeer,
+            State::Sending if out.len() == at && !self.exhausted => match self.rate_wake {
+                Some(t) => Next::WaitUntil(t.max(now + Nanos(1))),
+                None => Next::Continue,
+            },
+            _ => Next::Continue,
+        })
+    }
+
+    /// For single-channel drivers: takes the destination's bytes; on error the abort frame is
+    /// appended to `out`.
+    pub fn receive<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        input: &[u8],
+        host: &mut H,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, MigrationError> {
+        let result = self.handle_input(now, 0, input, host);
+        if result.is_err() {
+            self.drain_channel(0, out);
+        }
+        result
+    }
+
+    /// Appends everything queued on `channel` to `out` (abort frames after a failure).
+    pub fn drain_channel(&mut self, channel: ChannelId, out: &mut Vec<u8>) {
+        if let Some(tx) = self.channels.get_mut(channel as usize) {
+            let pending = tx.pending().len();
+            let at = out.len();
+            out.resize(at + pending, 0);
+            let n = tx.drain_into(&mut out[at..]);
+            self.account(self.last_now, n);
+        }
+    }
+
+    fn fail<T, H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        error: MigrationError,
+        host: &mut H,
+    ) -> Result<T, MigrationError> {
+        if let Some(first) = &self.failure {
+            return Err(first.clone());
+        }
+        if self.paused {
+            self.report.downtime = now - self.paused_at;
+            // Before the commit point the source loses nothing by resuming; after it, the
+            // destination may run the guest, and resuming here would run it twice.
+            if !self.report.committed {
+                match host.resume() {
+                    Ok(()) => self.paused = false,
+                    Err(e) => self.resume_error = Some(e),
+                }
+            }
+        }
+        if self.start != Nanos::ZERO || self.round > 0 {
+            self.report.total_time = now - self.start;
+        }
+        if self.round_report.round == self.round && self.round > 0 && !self.round_closed() {
+            self.round_report.duration = now - self.round_start;
+            self.report.rounds.push(self.round_report.clone());
+        }
+        let mut abort = Vec::new();
+        error.emit_abort(&mut abort);
+        self.report.control_bytes += abort.len() as u64;
+        self.channels[0].queue.extend_from_slice(&abort);
+        self.state = State::Failed;
+        self.failure = Some(error.clone());
+        Err(error)
+    }
+
+    fn round_closed(&self) -> bool {
+        self.report
+            .rounds
+            .last()
+            .is_some_and(|r| r.round == self.round)
+    }
+
+    fn queue(&mut self, channel: usize, frame: Frame<'_>) {
+        let n = frame.emit_with(&mut self.channels[channel].queue, self.checksum);
+        self.report.control_bytes += n as u64;
+    }
+
+    fn page_wire_bytes(&self) -> u64 {
+        wire::page_frame_len(self.layout.page_size().bytes()) as u64
+    }
+
+    fn on_frame<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        frame: Frame<'_>,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
+        match frame {
+            Frame::Abort { code, message } => {
+                return Err(MigrationError::PeerAborted {
+                    code,
+                    message: String::from_utf8_lossy(message).into_owned(),
+                })
+            }
+            Frame::Ignored { .. } => return Ok(()),
+            Frame::PageRequest(pages) => return self.strategy.on_page_request(now, pages),
+            _ => {}
+        }
+        if self.state == State::Sending && self.stop_and_copy && self.exhausted {
+            if frame == Frame::Ready {
+                // The destination answered before the driver polled again.
+                self.close_final_round(now);
+            }
+        }
+        match (self.state, frame) {
+            (
+                State::AwaitAccept,
+                Frame::Accept {
+                    version,
+                    features,
+                    max_device_state,
+                },
+            ) => self.on_accept(now, version, features, max_device_state, host),
+            (State::AwaitReady, Frame::Ready) => {
+                self.ready_at = now;
+                self.report.downtime = now - self.paused_at;
+                if self.config.verify {
+                    self.hash_started = now;
+                    self.state = State::Hashing { next: 0 };
+                } else {
+                    self.finish(now);
+                }
+                Ok(())
+            }
+            (State::AwaitVerdict, Frame::Verified { verdict, digest }) => {
+                let ours = self.digest.value();
+                if verdict == Verdict::NotChecked {
+                    self.report.verified = None;
+                    self.finish(now);
+                    return Ok(());
+                }
+                self.report.destination_digest = Some(digest);
+                // The source compares the digests itself: a verdict is never trusted.
+                let matches = digest == ours;
+                self.report.verified = Some(matches && verdict == Verdict::Match);
+                if !matches || verdict != Verdict::Match {
+                    return Err(MigrationError::DigestMismatch {
+                        source: ours,
+                        destination: digest,
+                    });
+                }
+                self.finish(now);
+                Ok(())
+            }
+            (state, frame) => Err(MigrationError::UnexpectedFrame {
+                expected: match state {
+                    State::AwaitAccept => "Accept",
+                    State::AwaitReady => "Ready",
+                    State::AwaitVerdict => "Verified",
+                    _ => "nothing from the destination at this point",
+                },
+                got: frame.kind().unwrap_or(FrameKind::Abort),
+            }),
+        }
+    }
+
+    fn on_accept<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        version: u16,
+        features: u64,
+        max_device_state: u64,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
+        let offered = self.offered_features();
+        if version != PROTOCOL_VERSION || features & !offered != 0 {
+            return Err(MigrationError::Incompatible(alloc::format!(
+                "destination accepted with version {version} and features {features:#x}; this source speaks version {PROTOCOL_VERSION} and offered {offered:#x}"
+            )));
+        }
+        if self.channels.len() > 1 && features & FEATURE_CHANNELS == 0 {
+            return Err(MigrationError::Incompatible(alloc::format!(
+                "the destination takes one connection; this source opened {}",
+                self.channels.len()
+            )));
+        }
+        self.checksum = features & FEATURE_CHECKSUM != 0;
+        self.max_device_state = max_device_state;
+        self.check_state_hint(host)?;
+        for ch in 1..self.channels.len() {
+            self.queue(
+                ch,
+                Frame::Join {
+                    channel: ch as u16,
+                    session_id: self.config.session_id,
+                    role: ChannelRole::Bulk,
+                },
+            );
+        }
+        self.send.clear();
+        let mut round = RoundReport::default();
+        let mut cx = StrategyContext {
+            layout: &self.layout,
+            send: &mut self.send,
+            round: &mut round,
+            link_rate: None,
+            elapsed: now - self.start,
+            page_wire_bytes: wire::page_frame_len(self.layout.page_size().bytes()) as u64,
+        };
+        self.strategy.start(now, &mut cx)?;
+        self.begin_round(now);
+        self.state = State::Sending;
+        Ok(())
+    }
+
+    fn check_state_hint<H: SourceHost>(&mut self, host: &mut H) -> Result<(), MigrationError> {
+        if let Some(size) = host.device_state_size_hint() {
+            if size > self.max_device_state {
+                return Err(MigrationError::Incompatible(alloc::format!(
+                    "the device state ({size} bytes) exceeds the destination's limit of {} bytes",
+                    self.max_device_state
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn offered_features(&self) -> u64 {
+        let mut f = 0;
+        if self.config.checksum {
+            f |= FEATURE_CHECKSUM;
+        }
+        if self.channels.len() > 1 {
+            f |= FEATURE_CHANNELS;
+        }
+        f
+    }
+
+    fn finish(&mut self, now: Nanos) {
+        self.report.resume_time = now - self.ready_at;
+        self.report.total_time = now - self.start;
+        // The source is released: it stays paused for good, and is no longer ours to resume.
+        self.paused = false;
+        self.state = State::Done;
+    }
+
+    fn begin_round(&mut self, now: Nanos) {
+        self.round += 1;
+        self.round_start = now;
+        self.cursor = 0;
+        self.exhausted = false;
+        self.rate_wake = None;
+        for ch in &mut self.channels {
+            ch.pages_in_round = 0;
+        }
+        self.round_report = RoundReport {
+            round: self.round,
+            stop_and_copy: self.stop_and_copy,
+            start: now - self.start,
+            rate_limit: if self.stop_and_copy {
+                self.strategy.final_rate_limit()
+            } else {
+                self.strategy.rate_limit()
+            },
+            held_back: if self.stop_and_copy {
+                0
+            } else {
+                self.strategy.held_back()
+            },
+            ..RoundReport::default()
+        };
+    }
+
+    fn close_final_round(&mut self, now: Nanos) {
+        self.round_report.duration = now - self.round_start;
+        self.round_report.bandwidth =
+            ByteRate::measured(self.round_report.bytes, self.round_report.duration);
+        self.report.pages_sent += self.round_report.pages;
+        self.report.zero_pages_sent += self.round_report.zero_pages;
+        self.report.rounds.push(self.round_report.clone());
+        self.exhausted = false;
+        self.state = State::AwaitReady;
+    }
+
+    fn advance<H: SourceHost>(&mut self, now: Nanos, host: &mut H) -> Result<(), MigrationError> {
+        match self.state {
+            State::Start => {
+                self.start = now;
+                self.last_heard = now;
+                // Starts dirty logging afresh: round 1 sends everything anyway.
+                sync_all(&self.layout, host, &mut self.send)?;
+                self.send.clear();
+                let mut table = Vec::new();
+                let regions = wire::region_table(self.layout.regions(), &mut table);
+                let hello = Hello {
+                    version: PROTOCOL_VERSION,
+                    page_shift: self.layout.page_size().shift() as u8,
+                    channels: self.channels.len() as u16,
+                    session_id: self.config.session_id,
+                    features: self.offered_features(),
+                    regions,
+                };
+                self.queue(0, Frame::Hello(hello));
+                self.state = State::AwaitAccept;
+            }
+            State::Sending if self.exhausted => {
+                if self.stop_and_copy {
+                    self.close_final_round(now);
+                } else {
+                    self.end_round(now, host)?;
+                }
+            }
+            State::Hashing { next } => {
+                let page_size = self.layout.page_size().bytes();
+                let batch = (self.config.hash_batch_bytes / page_size).max(1) as u64;
+                let end = (next + batch).min(self.layout.page_count());
+                for page in next..end {
+                    host.read_page(PageIndex(page), &mut self.scratch)?;
+                    self.digest.add_page(page, &self.scratch);
+                }
+                if end < self.layout.page_count() {
+                    self.state = State::Hashing { next: end };
+                } else {
+                    let digest = self.digest.value();
+                    self.report.source_digest = Some(digest);
+                    self.report.verification_time = now - self.hash_started;
+                    self.queue(0, Frame::Complete { digest });
+                    self.state = State::AwaitVerdict;
+                    self.last_heard = now;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn end_round<H: SourceHost>(&mut self, now: Nanos, host: &mut H) -> Result<(), MigrationError> {
+        self.round_report.duration = now - self.round_start;
+        self.report.pages_sent += self.round_report.pages;
+        self.report.zero_pages_sent += self.round_report.zero_pages;
+        self.send.clear();
+        let link_rate = if self.estimator.has_reports() {
+            self.estimator.rate()
+        } else {
+            None
+        };
+        let page_wire_bytes = self.page_wire_bytes();
+        let mut cx = StrategyContext {
+            layout: &self.layout,
+            send: &mut self.send,
+            round: &mut self.round_report,
+            link_rate,
+            elapsed: now - self.start,
+            page_wire_bytes,
+        };
+        let decision = self.strategy.end_round(now, &mut cx, host)?;
+        self.report.rounds.push(self.round_report.clone());
+        match decision {
+            Decision::StopAndCopy(reason) => self.enter_stop_and_copy(now, reason, host)?,
+            _ => self.begin_round(now),
+        }
+        Ok(())
+    }
+
+    fn enter_stop_and_copy<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        reason: StopReason,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
+        self.check_state_hint(host)?;
+        host.pause()?;
+        self.paused = true;
+        self.paused_at = now;
+        self.stop_and_copy = true;
+        self.report.stop_reason = Some(reason);
+        self.report.preparation_time = now - self.start;
+        let page_wire_bytes = self.page_wire_bytes();
+        let mut round = RoundReport::default();
+        let mut cx = StrategyContext {
+            layout: &self.layout,
+            send: &mut self.send,
+            round: &mut round,
+            link_rate: None,
+            elapsed: now - self.start,
+            page_wire_bytes,
+        };
+        self.strategy.final_round(now, &mut cx, host)?;
+        self.begin_round(now);
+        Ok(())
+    }
+
+    /// Fills `buf` with `Pages` frames of the current round for channel `ch`, within the
+    /// round's rate limit. Marks the round exhausted (and queues its markers) when the walk
+    /// reaches the end.
+    fn send_pages<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        ch: usize,
+        buf: &mut [u8],
+        host: &mut H,
+    ) -> Result<usize, MigrationError> {
+        if !self.stop_and_copy {
+            let page_wire_bytes = self.page_wire_bytes();
+            let mut cx = StrategyContext {
+                layout: &self.layout,
+                send: &mut self.send,
+                round: &mut self.round_report,
+                link_rate: None,
+                elapsed: now - self.start,
+                page_wire_bytes,
+            };
+            self.strategy.during_round(now, &mut cx, host)?;
+        }
+        let page_size = self.layout.page_size().bytes();
+        let entry_max = wire::PAGE_ENTRY_LEN + page_size;
+        let limit = self.round_report.rate_limit;
+        let allowed = limit
+            .bytes_in(now - self.round_start)
+            .saturating_sub(self.round_report.bytes);
+        let frame_fixed = wire::FRAME_OVERHEAD + wire::PAGES_HEADER_LEN;
+        if (allowed as usize) < frame_fixed + entry_max {
+            let wake = self.round_start
+                + limit.time_for(self.round_report.bytes + (frame_fixed + entry_max) as u64);
+            self.rate_wake = Some(wake.max(now + Nanos(1)));
+            return Ok(0);
+        }
+        self.rate_wake = None;
+        let room = buf.len().min(allowed.min(usize::MAX as u64) as usize);
+        let mut written = 0;
+        let mut next = self.send.iter_ones_from(self.cursor).next();
+        while let Some(page) = next {
+            let Some(mut writer) =
+                PagesWriter::new(&mut buf[written..room], self.round, self.checksum)
+            else {
+                break;
+            };
+            let mut entries = 0u64;
+            let mut zeros = 0u64;
+            let mut pages = self.send.iter_ones_from(page);
+            next = pages.next();
+            while let Some(p) = next {
+                let encoded = if host.is_known_zero(PageIndex(p)) {
+                    codec::encode_page(&mut writer, p, None, page_size, &mut codec::Raw)
+                } else if let Some(encoder) = self.encoder.as_mut() {
+                    if !writer.fits(page_size) {
+                        None
+                    } else {
+                        host.read_page(PageIndex(p), &mut self.scratch)?;
+                        codec::encode_page(
+                            &mut writer,
+                            p,
+                            Some(&self.scratch),
+                            page_size,
+                            encoder.as_mut(),
+                        )
+                    }
+                } else {
+                    codec::encode_page_raw(&mut writer, p, page_size, |slot| {
+                        host.read_page(PageIndex(p), slot)
+                    })?
+                };
+                let Some(encoded) = encoded else { break };
+                entries += 1;
+                if encoded.encoding == wire::Encoding::ZERO {
+                    zeros += 1;
+                }
+                next = pages.next();
+            }
+            let len = writer.finish();
+            if len == 0 {
+                break;
+            }
+            written += len;
+            self.round_report.pages += entries;
+            self.round_report.zero_pages += zeros;
+            self.round_report.bytes += len as u64;
+            self.channels[ch].pages_in_round += entries;
+        }
+        match next {
+            Some(p) => self.cursor = p,
+            None => self.finish_walk(host)?,
+        }
+        Ok(written)
+    }
+
+    /// The round's last page is handed out: queue each channel's round marker, and after the
+    /// final round the device state and the switchover.
+    fn finish_walk<H: SourceHost>(&mut self, host: &mut H) -> Result<(), MigrationError> {
+        self.cursor = self.layout.page_count();
+        self.exhausted = true;
+        for ch in 0..self.channels.len() {
+            let pages = self.channels[ch].pages_in_round;
+            self.queue(
+                ch,
+                Frame::RoundEnd {
+                    round: self.round,
+                    channel: ch as u16,
+                    pages,
+                },
+            );
+        }
+        if !self.stop_and_copy {
+            return Ok(());
+        }
+        let state = host.save_state()?;
+        self.report.device_state_bytes = state.len() as u64;
+        if state.len() as u64 > self.max_device_state {
+            return Err(MigrationError::Incompatible(alloc::format!(
+                "the device state ({} bytes) exceeds the destination's limit of {} bytes",
+                state.len(),
+                self.max_device_state
+            )));
+        }
+        for chunk in state.chunks(wire::MAX_BODY_LEN) {
+            self.queue(0, Frame::DeviceState(chunk));
+        }
+        if state.is_empty() {
+            self.queue(0, Frame::DeviceState(&[]));
+        }
+        self.queue(
+            0,
+            Frame::Switchover {
+                rounds: self.round,
+                digest_follows: self.config.verify,
+            },
+        );
+        self.switchover_queued = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,264 @@
+//! Iterative pre-copy (paper 002 after Clark et al.): round 1 sends every page, each later
+//! round the pages dirtied during the previous one, at the round's bandwidth limit
+//! ([`crate::schedule`]); when a stop rule fires the guest pauses and the last dirty set goes.
+//!
+//! With a writable-working-set predictor, pages predicted hot are held back from the round
+//! (they would only be dirtied again) and always sent by the final round at the latest. The
+//! predictor is any [`Predictor`]: one of [`crate::track`]'s, chosen by [`PredictorKind`], or
+//! your own through [`PreCopy::with_predictor`].
+
+use alloc::boxed::Box;
+use alloc::string::String;
+
+use crate::bitmap::DirtyBitmap;
+use crate::error::MigrationError;
+use crate::memory::{sync_all, SourceHost};
+use crate::schedule::{self, RatePlan, RoundOutcome, Scheduler, StopRules};
+use crate::time::{ByteRate, Nanos};
+use crate::track::{Predictor, PredictorKind};
+
+use super::{Decision, Strategy, StrategyContext};
+
+/// Settings of a pre-copy migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PreCopyConfig {
+    /// Per-round bandwidth limits. Default: none.
+    pub rate: RatePlan,
+    /// When the rounds end.
+    pub stop: StopRules,
+    /// How many bytes the convenience driver [`crate::session::Source::poll`] offers per call.
+    /// Default 1 MiB, the write size at which loopback TCP reaches full speed.
+    pub batch_bytes: usize,
+    /// Hash the source's memory after switchover and have the destination compare. Default on.
+    pub verify: bool,
+    /// Which of the built-in predictors holds hot pages back. Default none (plain pre-copy).
+    pub predictor: PredictorKind,
+    /// Dirty-log samples taken during round 1 to teach the predictor the working set before
+    /// round 2 (paper 002's pre-processing phase). Default 4; ignored without a predictor.
+    pub learning_samples: u32,
+}
+
+impl Default for PreCopyConfig {
+    fn default() -> Self {
+        PreCopyConfig {
+            rate: RatePlan::default(),
+            stop: StopRules::default(),
+            batch_bytes: 1 << 20,
+            verify: true,
+            predictor: PredictorKind::None,
+            learning_samples: 4,
+        }
+    }
+}
+
+/// The pre-copy strategy.
+pub struct PreCopy {
+    config: PreCopyConfig,
+    scheduler: Scheduler,
+    predictor: Option<Box<dyn Predictor + Send>>,
+    /// Pages dirtied during the current round (at its end: everything still to send).
+    dirty: DirtyBitmap,
+    /// Scratch for one dirty-log sync.
+    sample: DirtyBitmap,
+    /// Pages held back as predicted hot, not yet sent since they were last dirtied.
+    held: DirtyBitmap,
+    /// Scratch for the predicted-hot set.
+    hot: DirtyBitmap,
+    next_sample_at: u64,
+    sample_interval: u64,
+}
+
+impl PreCopy {
+    /// Pre-copy with `config` (its predictor is built from `config.predictor`).
+    pub fn new(config: PreCopyConfig) -> Self {
+        let mut p = PreCopy {
+            config,
+            scheduler: Scheduler::new(config.rate, config.stop),
+            predictor: None,
+            dirty: DirtyBitmap::new(0),
+            sample: DirtyBitmap::new(0),
+            held: DirtyBitmap::new(0),
+            hot: DirtyBitmap::new(0),
+            next_sample_at: u64::MAX,
+            sample_interval: u64::MAX,
+        };
+        p.predictor = match config.predictor {
+            PredictorKind::None => None,
+            // Built at start, when the page count is known.
+            _ => Some(Box::new(crate::track::NoPrediction)),
+        };
+        p
+    }
+
+    /// Pre-copy holding back the pages `predictor` says are hot: any [`Predictor`], from this
+    /// crate or yours. `config.predictor` is ignored.
+    pub fn with_predictor(config: PreCopyConfig, predictor: Box<dyn Predictor + Send>) -> Self {
+        let mut p = Self::new(PreCopyConfig {
+            predictor: PredictorKind::None,
+            ..config
+        });
+        p.predictor = Some(predictor);
+        p
+    }
+
+    /// The scheduler (rate limits and stop rules), for inspection.
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    fn predicting(&self) -> bool {
+        self.predictor.is_some()
+    }
+}
+
+impl Strategy for PreCopy {
+    fn name(&self) -> String {
+        match (&self.predictor, self.config.predictor) {
+            (None, _) => String::from("pre-copy"),
+            // Not built before `start`: name it from the configuration.
+            (Some(_), kind) if kind != PredictorKind::None => {
+                alloc::format!("pre-copy+{}", kind.name())
+            }
+            (Some(p), _) => alloc::format!("pre-copy+{}", p.name()),
+        }
+    }
+
+    fn start(&mut self, _now: Nanos, cx: &mut StrategyContext<'_>) -> Result<(), MigrationError> {
+        let pages = cx.layout.page_count();
+        if self.config.predictor != PredictorKind::None {
+            self.predictor = Some(self.config.predictor.build(pages));
+        }
+        self.dirty = DirtyBitmap::new(pages);
+        if self.predicting() {
+            self.sample = DirtyBitmap::new(pages);
+            self.held = DirtyBitmap::new(pages);
+            self.hot = DirtyBitmap::new(pages);
+            if self.config.learning_samples > 0 {
+                self.sample_interval = (pages / (self.config.learning_samples as u64 + 1)).max(1);
+                self.next_sample_at = self.sample_interval;
+            }
+        }
+        cx.send.fill();
+        Ok(())
+    }
+
+    fn rate_limit(&self) -> ByteRate {
+        self.scheduler.limit()
+    }
+
+    fn final_rate_limit(&self) -> ByteRate {
+        self.scheduler.final_limit()
+    }
+
+    fn held_back(&self) -> u64 {
+        if self.predicting() {
+            self.held.count_ones()
+        } else {
+            0
+        }
+    }
+
+    /// The pre-processing phase: short dirty-log samples during round 1, shown to the
+    /// predictor so it knows the working set before round 2 decides what to hold back.
+    fn during_round(
+        &mut self,
+        now: Nanos,
+        cx: &mut StrategyContext<'_>,
+        host: &mut dyn SourceHost,
+    ) -> Result<(), MigrationError> {
+        if cx.round.round != 1 || cx.round.pages < self.next_sample_at {
+            return Ok(());
+        }
+        let Some(predictor) = self.predictor.as_mut() else {
+            return Ok(());
+        };
+        self.sample.clear();
+        sync_all(cx.layout, host, &mut self.sample)?;
+        predictor.observe(&self.sample, now);
+        self.dirty.union_with(&self.sample);
+        self.next_sample_at = self.next_sample_at.saturating_add(self.sample_interval);
+        Ok(())
+    }
+
+    fn end_round(
+        &mut self,
+        now: Nanos,
+        cx: &mut StrategyContext<'_>,
+        host: &mut dyn SourceHost,
+    ) -> Result<Decision, MigrationError> {
+        if let Some(predictor) = self.predictor.as_mut() {
+            self.sample.clear();
+            sync_all(cx.layout, host, &mut self.sample)?;
+            // Predict before observing this sync: the recency predictors count the sync just
+            // observed as recent, so predicting after it would hold back everything dirty.
+            self.hot.clear();
+            predictor.predict(now, &mut self.hot);
+            predictor.observe(&self.sample, now);
+            self.dirty.union_with(&self.sample);
+        } else {
+            sync_all(cx.layout, host, &mut self.dirty)?;
+        }
+        let dirty_pages = self.dirty.count_ones();
+        let held_back = cx.round.held_back;
+        let redirtied = if held_back > 0 {
+            self.held.count_intersection(&self.dirty)
+        } else {
+            0
+        };
+        // Everything stop-and-copy would send now: this round's dirt and what is held back.
+        if self.predicting() {
+            self.dirty.union_with(&self.held);
+            self.held.clear();
+        }
+        let pending_pages = dirty_pages + held_back - redirtied;
+        let r = &mut *cx.round;
+        let decision = self.scheduler.end_round(
+            RoundOutcome {
+                round: r.round,
+                bytes: r.bytes,
+                duration: r.duration,
+                dirty_pages,
+                pending_pages,
+            },
+            cx.elapsed,
+            cx.page_wire_bytes,
+            cx.link_rate,
+        );
+        r.dirty_pages = dirty_pages;
+        r.held_back_redirtied = redirtied;
+        r.dirty_rate_pages_per_sec = ByteRate::measured(dirty_pages, r.duration)
+            .0
+            .min(u64::MAX - 1);
+        r.bandwidth = self
+            .scheduler
+            .bandwidth()
+            .unwrap_or(ByteRate::measured(r.bytes, r.duration));
+        r.estimated_downtime = self.scheduler.estimated_downtime();
+
+        // Next round sends what is pending, less what is predicted hot.
+        core::mem::swap(cx.send, &mut self.dirty);
+        self.dirty.clear();
+        match decision {
+            schedule::Decision::StopAndCopy(reason) => Ok(Decision::StopAndCopy(reason)),
+            schedule::Decision::Continue { .. } => {
+                if self.predicting() {
+                    self.held.union_with(cx.send);
+                    self.held.intersect_with(&self.hot);
+                    cx.send.difference_with(&self.hot);
+                }
+                Ok(Decision::NextRound)
+            }
+        }
+    }
+
+    fn final_round(
+        &mut self,
+        _now: Nanos,
+        cx: &mut StrategyContext<'_>,
+        host: &mut dyn SourceHost,
+    ) -> Result<(), MigrationError> {
+        // Pages written between the last sync and the pause.
+        sync_all(cx.layout, host, cx.send)?;
+        Ok(())
+    }
+}
