@@ -530,6 +530,11 @@ impl<S: Strategy> Source<S> {
         if let Some(e) = &self.failure {
             return Err(e.clone());
         }
+        if !self.channels[0].pending().is_empty() {
+            // Output that did not fit the room is still queued (a device state larger than
+            // the room, say): the caller must poll again before waiting for the peer.
+            return Ok(Next::Continue);
+        }
         Ok(match self.state {
             State::Done => Next::Done,
             State::AwaitAccept | State::AwaitReady | State::AwaitVerdict => Next::WaitForPeer,
@@ -718,16 +723,6 @@ impl<S: Strategy> Source<S> {
         self.checksum = features & FEATURE_CHECKSUM != 0;
         self.max_device_state = max_device_state;
         self.check_state_hint(host)?;
-        for ch in 1..self.channels.len() {
-            self.queue(
-                ch,
-                Frame::Join {
-                    channel: ch as u16,
-                    session_id: self.config.session_id,
-                    role: ChannelRole::Bulk,
-                },
-            );
-        }
         self.send.clear();
         let mut round = RoundReport::default();
         let mut cx = StrategyContext {
@@ -832,6 +827,19 @@ impl<S: Strategy> Source<S> {
                     regions,
                 };
                 self.queue(0, Frame::Hello(hello));
+                // Each extra connection opens with its Join, so a listener can order the
+                // connections before it answers the hello. The destination must see channel
+                // 0's hello before another channel's bytes.
+                for ch in 1..self.channels.len() {
+                    self.queue(
+                        ch,
+                        Frame::Join {
+                            channel: ch as u16,
+                            session_id: self.config.session_id,
+                            role: ChannelRole::Bulk,
+                        },
+                    );
+                }
                 self.state = State::AwaitAccept;
             }
             State::Sending if self.exhausted => {

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use memferry::migrate::PreCopyConfig;
+use memferry::strategy::PreCopyConfig;
 use memferry::schedule::{RatePlan, StopRules};
 use memferry::time::{ByteRate, Nanos};
 use memferry::track::PredictorKind;

@@ -12,10 +12,11 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use memferry::bitmap::AtomicDirtyBitmap;
-use memferry::migrate::{PreCopyConfig, PreCopySource};
-use memferry::page::{Geometry, PageSize};
-use memferry::receive::{Receiver, ReceiverConfig};
+use memferry::page::{Geometry, MemoryLayout, PageSize};
+use memferry::receive::{Destination, DestinationConfig};
 use memferry::report::{MigrationReport, RoundReport};
+use memferry::session::{SessionConfig, Source};
+use memferry::strategy::{PreCopy, PreCopyConfig};
 use memferry::time::ByteRate;
 use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
@@ -104,7 +105,7 @@ pub fn prepare_source(options: &GuestOptions, seed: u64) -> Result<SourceHost, J
 }
 
 /// Migrates `host` over (`reader`, `writer`), limited to `link` bytes per second on the wire.
-/// Returns the final report; on failure the source guest runs again.
+/// Returns the final report; on failure before the switchover the source guest runs again.
 pub fn migrate(
     host: &mut SourceHost,
     config: PreCopyConfig,
@@ -113,12 +114,48 @@ pub fn migrate(
     link: ByteRate,
     on_round: impl FnMut(&RoundReport),
 ) -> Result<MigrationReport, JobError> {
-    let mut engine = PreCopySource::new(host.region().geometry(), config);
-    let mut writer = RateLimited::new(writer, link);
+    migrate_channels(host, config, vec![(reader, writer)], link, on_round)
+}
+
+/// [`migrate`] over several connections (channel 0 first): pages are sharded across them.
+/// `link` is shared: each connection gets an equal part of it.
+pub fn migrate_channels(
+    host: &mut SourceHost,
+    config: PreCopyConfig,
+    channels: Vec<(BoxRead, BoxWrite)>,
+    link: ByteRate,
+    on_round: impl FnMut(&RoundReport),
+) -> Result<MigrationReport, JobError> {
+    let n = channels.len().max(1) as u64;
+    let share = if link.is_unlimited() {
+        link
+    } else {
+        ByteRate((link.0 / n).max(1))
+    };
+    let channels: Vec<(BoxRead, BoxWrite)> = channels
+        .into_iter()
+        .map(|(r, w)| (r, Box::new(RateLimited::new(w, share)) as BoxWrite))
+        .collect();
+    let session = SessionConfig {
+        channels: channels.len() as u16,
+        verify: config.verify,
+        session_id: session_id(),
+        ..SessionConfig::default()
+    };
+    let layout = MemoryLayout::single(host.region().geometry());
+    let mut engine = Source::new(layout, session, PreCopy::new(config));
     let clock = Clock::new();
-    let result = drive::run_source(&mut engine, host, reader, &mut writer, &clock, on_round);
+    let result = drive::run_source(&mut engine, host, channels, &clock, on_round);
     result?;
     Ok(engine.report().clone())
+}
+
+/// A random id for a migration (so a stray connection of another one is refused).
+fn session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
 }
 
 /// The largest guest a listener accepts unless told otherwise: 1 TiB.
@@ -126,22 +163,35 @@ pub const DEFAULT_MAX_GUEST: u64 = 1 << 40;
 
 /// Receives one migration from (`reader`, `writer`): reads the hello, maps a guest of the size
 /// it names (refusing more than `max_memory` bytes), and runs the receiver to completion.
-pub fn serve(
+pub fn serve(reader: BoxRead, writer: BoxWrite, max_memory: u64) -> Result<DestinationHost, JobError> {
+    serve_channels(reader, writer, max_memory, || {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this listener takes one connection per migration",
+        ))
+    })
+}
+
+/// [`serve`] for a source that may open several connections: `accept_more` accepts each
+/// further one (they are ordered by the channel their `Join` names).
+pub fn serve_channels(
     mut reader: BoxRead,
     mut writer: BoxWrite,
     max_memory: u64,
+    mut accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
 ) -> Result<DestinationHost, JobError> {
     let clock = Clock::new();
     let mut buffer = FrameBuffer::new();
     let hello = drive::read_hello(&mut reader, &mut buffer)?;
-    let geometry = PageSize::new(1u64 << hello.page_shift)
-        .ok()
-        .and_then(|size| Geometry::new(size, hello.page_count).ok())
-        .filter(|g| g.memory_bytes() <= max_memory)
+    let layout = hello.layout.clone();
+    let geometry = Some(layout.geometry())
+        .filter(|g| g.memory_bytes() <= max_memory && layout.regions().len() == 1)
         .ok_or_else(|| {
             let why = format!(
-                "the source offers {} pages of 2^{} bytes, more than this listener's limit of {max_memory} bytes",
-                hello.page_count, hello.page_shift
+                "the source offers {} pages of {} bytes in {} region(s); this listener takes one region of at most {max_memory} bytes",
+                layout.page_count(),
+                layout.page_size().bytes(),
+                layout.regions().len()
             );
             refuse(&mut writer, &why);
             JobError::Setup(why)
@@ -149,7 +199,7 @@ pub fn serve(
     // Reservation reserves for real (every page is faulted in), so refuse a guest this host
     // cannot hold rather than let the kernel's OOM killer decide.
     if let Some(available) = available_memory() {
-        let needed = geometry.memory_bytes() + geometry.page_count() * 8;
+        let needed = geometry.memory_bytes() + geometry.page_count() * 20;
         if needed > available {
             let why = format!(
                 "the guest needs {needed} bytes here (memory and page hashes) but this host has only {available} bytes available"
@@ -164,16 +214,34 @@ pub fn serve(
             geometry.memory_bytes()
         ))
     })?;
-    let mut receiver = Receiver::new(geometry, ReceiverConfig::default());
-    drive::run_destination(
-        &mut receiver,
-        &mut host,
-        &mut reader,
-        &mut writer,
-        &mut buffer,
-        &clock,
-    )?;
-    host.verdict = receiver.verdict();
+    // The extra connections announce their channel in their first frame.
+    let mut extra: Vec<Option<(BoxRead, FrameBuffer, BoxWrite)>> =
+        (1..hello.channels).map(|_| None).collect();
+    for _ in 1..hello.channels {
+        let (mut r, mut w) = accept_more().map_err(|e| {
+            let why = format!("accepting another connection of the migration failed: {e}");
+            refuse(&mut writer, &why);
+            JobError::Setup(why)
+        })?;
+        let mut b = FrameBuffer::new();
+        let (channel, session) = drive::read_join(&mut r, &mut b)?;
+        let slot = (channel as usize)
+            .checked_sub(1)
+            .and_then(|i| extra.get_mut(i))
+            .filter(|s| s.is_none() && session == hello.session_id);
+        let Some(slot) = slot else {
+            let why = format!("a connection joined as channel {channel} of session {session:#x}, which this migration does not expect");
+            refuse(&mut w, &why);
+            refuse(&mut writer, &why);
+            return Err(JobError::Setup(why));
+        };
+        *slot = Some((r, b, w));
+    }
+    let mut channels = vec![(reader, buffer, writer)];
+    channels.extend(extra.into_iter().flatten());
+    let mut destination = Destination::new(layout, DestinationConfig::default());
+    drive::run_destination(&mut destination, &mut host, channels, &clock)?;
+    host.verdict = destination.verdict();
     Ok(host)
 }
 
@@ -223,8 +291,22 @@ pub fn run_demo(
     transport: TransportKind,
     on_round: impl FnMut(&RoundReport),
 ) -> Result<DemoOutcome, JobError> {
+    run_demo_channels(guest, seed, config, link, transport, 1, on_round)
+}
+
+/// [`run_demo`] over `channels` connections.
+pub fn run_demo_channels(
+    guest: &GuestOptions,
+    seed: u64,
+    config: PreCopyConfig,
+    link: ByteRate,
+    transport: TransportKind,
+    channels: u16,
+    on_round: impl FnMut(&RoundReport),
+) -> Result<DemoOutcome, JobError> {
+    let channels = channels.max(1);
     let mut source = prepare_source(guest, seed)?;
-    let ((src_r, src_w), dest_thread) = match transport {
+    let (ends, dest_thread) = match transport {
         TransportKind::Tcp => {
             let listener = TcpListener::bind("127.0.0.1:0")
                 .map_err(|e| JobError::Setup(format!("cannot listen on 127.0.0.1: {e}")))?;
@@ -234,21 +316,40 @@ pub fn run_demo(
             let dest = std::thread::spawn(move || {
                 let (r, w, _) = tcp::accept(&listener)
                     .map_err(|e| JobError::Setup(format!("accept failed: {e}")))?;
-                serve(r, w, u64::MAX)
+                serve_channels(r, w, u64::MAX, || {
+                    tcp::accept(&listener).map(|(r, w, _)| (r, w))
+                })
             });
-            let ends = tcp::connect(addr)
-                .map_err(|e| JobError::Setup(format!("cannot connect to {addr}: {e}")))?;
+            let mut ends = Vec::new();
+            for _ in 0..channels {
+                ends.push(
+                    tcp::connect(addr)
+                        .map_err(|e| JobError::Setup(format!("cannot connect to {addr}: {e}")))?,
+                );
+            }
             (ends, dest)
         }
         TransportKind::Loopback => {
-            let (src, (dst_r, dst_w)) = loopback::pair();
-            (
-                src,
-                std::thread::spawn(move || serve(dst_r, dst_w, u64::MAX)),
-            )
+            let mut ends = Vec::new();
+            let mut far = Vec::new();
+            for _ in 0..channels {
+                let (src, dst) = loopback::pair();
+                ends.push(src);
+                far.push(dst);
+            }
+            let dest = std::thread::spawn(move || {
+                let mut far = far.into_iter();
+                let (r, w) = far.next().expect("one channel at least");
+                serve_channels(r, w, u64::MAX, move || {
+                    far.next().ok_or_else(|| {
+                        std::io::Error::new(std::io::ErrorKind::NotFound, "no more connections")
+                    })
+                })
+            });
+            (ends, dest)
         }
     };
-    let sent = migrate(&mut source, config, src_r, src_w, link, on_round);
+    let sent = migrate_channels(&mut source, config, ends, link, on_round);
     let received = dest_thread
         .join()
         .map_err(|_| JobError::Setup("the destination thread panicked".into()))?;

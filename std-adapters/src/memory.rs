@@ -2,18 +2,20 @@
 //! writes while the migration thread reads, the atomic dirty bitmap the workload marks, and the
 //! two hosts the core engine talks to: [`SourceHost`] and [`DestinationHost`].
 //!
-//! Memory shared with a running guest is read the way every VMM reads it: with plain copies
-//! that may race with the guest's writes. A page torn by a concurrent write is harmless because
-//! the writer marks the page dirty *after* writing it, so the page is sent again in a later
-//! round, and the last round runs with the guest paused.
+//! Memory shared with a running guest is read and written with relaxed atomic 64-bit loads and
+//! stores, never with a plain `copy_nonoverlapping` from memory another thread writes (that is
+//! undefined behaviour in Rust's memory model). A page torn by a concurrent write is harmless
+//! because the writer marks the page dirty *after* writing it, so the page is sent again in a
+//! later round, and the last round runs with the guest paused.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use memferry::bitmap::{AtomicDirtyBitmap, DirtyBitmap};
 use memferry::error::HostError;
 use memferry::memory::{DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest};
-use memferry::page::{Geometry, PageIndex};
+use memferry::page::{Geometry, PageIndex, Region};
 use memmap2::MmapMut;
 
 use crate::workload::WorkloadHandle;
@@ -82,9 +84,15 @@ impl GuestRegion {
         if buf.len() != size {
             return Err(HostError::new("read buffer is not one page long"));
         }
-        // SAFETY: `at + size` lies inside the mapping (checked above); the source may be
-        // written concurrently by the guest, which is the documented VMM memory model.
-        unsafe { std::ptr::copy_nonoverlapping(self.map.as_ptr().add(at), buf.as_mut_ptr(), size) };
+        // SAFETY: `at + size` lies inside the mapping (checked above), `at` is a multiple of the
+        // page size and the mapping is page-aligned, so every u64 is aligned. The guest may write
+        // concurrently: both sides use atomic accesses, so the race is defined behaviour.
+        let words = unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(at).cast::<AtomicU64>(), size / 8)
+        };
+        for (word, out) in words.iter().zip(buf.chunks_exact_mut(8)) {
+            out.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+        }
         Ok(())
     }
 
@@ -107,10 +115,10 @@ impl GuestRegion {
             at.is_multiple_of(8) && at + 8 <= self.map.len(),
             "store outside the guest"
         );
-        // SAFETY: aligned and in bounds; a volatile store so the write really happens.
-        unsafe {
-            std::ptr::write_volatile(self.map.as_ptr().cast_mut().add(at).cast::<u64>(), value)
-        };
+        // SAFETY: aligned and in bounds; atomic, because the migration thread reads the same
+        // word concurrently.
+        let word = unsafe { &*self.map.as_ptr().add(at).cast::<AtomicU64>() };
+        word.store(value, Ordering::Relaxed);
     }
 
     /// The whole memory as a slice. Only meaningful while nothing writes it (a paused or
@@ -192,7 +200,13 @@ impl PageRead for SourceHost {
 }
 
 impl DirtyLog for SourceHost {
-    fn sync(&mut self, into: &mut DirtyBitmap) -> Result<(), HostError> {
+    fn sync_region(
+        &mut self,
+        _region: &Region,
+        _first_page: u64,
+        into: &mut DirtyBitmap,
+    ) -> Result<(), HostError> {
+        // One region covering the whole guest: its bitmap is the guest's.
         self.dirty.fetch_and_clear_into(into);
         Ok(())
     }

@@ -132,8 +132,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use memferry::bitmap::DirtyBitmap;
 use memferry::error::HostError;
-use memferry::memory::DirtyLog;
-use memferry::page::{Geometry, PageSize};
+use memferry::memory::{sync_all, DirtyLog};
+use memferry::page::{Geometry, MemoryLayout, PageSize};
 use memferry::time::Nanos;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed, Xxh3};
 
@@ -1857,7 +1857,7 @@ pub fn record_log(
     }
     let mut writer = TraceWriter::new(out, &header)?;
     let mut dirty = DirtyBitmap::new(geometry.page_count());
-    log.sync(&mut dirty).map_err(RecordError::Host)?;
+    sync_all(&MemoryLayout::single(geometry), log, &mut dirty).map_err(RecordError::Host)?;
 
     let started = Instant::now();
     let mut previous = started;
@@ -1869,7 +1869,7 @@ pub fn record_log(
             std::thread::sleep(deadline - now);
         }
         dirty.clear();
-        log.sync(&mut dirty).map_err(RecordError::Host)?;
+        sync_all(&MemoryLayout::single(geometry), log, &mut dirty).map_err(RecordError::Host)?;
         let sampled = Instant::now();
         let duration = sampled - previous;
         previous = sampled;

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use memferry::migrate::PreCopyConfig;
+use memferry::strategy::PreCopyConfig;
 use memferry::page::PageSize;
 use memferry::report::MigrationReport;
 use memferry::schedule::{RatePlan, StopRules};
@@ -207,6 +207,10 @@ struct GuestArgs {
 
 #[derive(Args)]
 struct MigrationArgs {
+    /// TCP connections to shard pages across (QEMU's multifd, Cloud Hypervisor's
+    /// connections): 1 to 16. The listener accepts whatever the source announces.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    channels: u16,
     /// Writable-working-set predictor that holds hot pages back to stop-and-copy:
     /// none, wsclock, lru, splay or history, optionally with parameters
     /// (e.g. `lru:syncs=3,cap=100000`, `history:m=2,n=4`).
@@ -432,12 +436,13 @@ fn main() -> ExitCode {
                     eprintln!("{}", output::progress_line(r, page_size));
                 }
             };
-            match demo::run_demo(
+            match demo::run_demo_channels(
                 &options,
                 guest.seed,
                 migration.config(),
                 migration.bandwidth,
                 transport,
+                migration.channels,
                 progress,
             ) {
                 Ok(outcome) => {
@@ -679,7 +684,8 @@ fn main() -> ExitCode {
                 Err(e) => return fail(format!("accept failed: {e}")),
             };
             eprintln!("memferry: receiving from {peer}");
-            match demo::serve(r, w, max_memory) {
+            let more = || tcp::accept(&listener).map(|(r, w, _)| (r, w));
+            match demo::serve_channels(r, w, max_memory, more) {
                 Ok(host) => {
                     let g = host.region().geometry();
                     if json {
@@ -716,17 +722,19 @@ fn main() -> ExitCode {
                 Ok(h) => h,
                 Err(e) => return fail(e),
             };
-            let (r, w) = match tcp::connect(&addr) {
-                Ok(c) => c,
-                Err(e) => return fail(format!("cannot connect to {addr}: {e}")),
-            };
+            let mut ends = Vec::new();
+            for _ in 0..migration.channels {
+                match tcp::connect(&addr) {
+                    Ok(c) => ends.push(c),
+                    Err(e) => return fail(format!("cannot connect to {addr}: {e}")),
+                }
+            }
             let quiet = migration.quiet;
             let page_size = options.page_size.bytes() as u64;
-            let result = demo::migrate(
+            let result = demo::migrate_channels(
                 &mut host,
                 migration.config(),
-                r,
-                w,
+                ends,
                 migration.bandwidth,
                 |r| {
                     if !quiet {
@@ -744,7 +752,12 @@ fn main() -> ExitCode {
                     exit_for(&report)
                 }
                 Err(JobError::Drive(e)) => fail(format!(
-                    "migration failed, the source guest keeps running: {e}"
+                    "migration failed: {e}{}",
+                    if host.is_paused() {
+                        " (the destination may run the guest: the source stays paused)"
+                    } else {
+                        "; the source guest keeps running"
+                    }
                 )),
                 Err(e) => fail(e),
             }

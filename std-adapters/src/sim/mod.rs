@@ -22,9 +22,11 @@ use std::collections::HashMap;
 use memferry::bitmap::DirtyBitmap;
 use memferry::error::{HostError, MigrationError};
 use memferry::memory::{DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest};
-use memferry::migrate::{Poll, PreCopyConfig, PreCopySource};
+use memferry::page::{MemoryLayout, Region};
+use memferry::receive::{Destination, DestinationConfig, DestinationStatus};
+use memferry::session::{Next, Source};
+use memferry::strategy::PreCopyConfig;
 use memferry::page::{Geometry, PageIndex, PageSize};
-use memferry::receive::{Receiver, ReceiverConfig, ReceiverStatus};
 use memferry::report::MigrationReport;
 use memferry::time::{ByteRate, Nanos};
 use memferry::wire;
@@ -249,7 +251,13 @@ impl PageRead for SimGuest {
 }
 
 impl DirtyLog for SimGuest {
-    fn sync(&mut self, into: &mut DirtyBitmap) -> Result<(), HostError> {
+    fn sync_region(
+        &mut self,
+        _region: &Region,
+        _first_page: u64,
+        into: &mut DirtyBitmap,
+    ) -> Result<(), HostError> {
+        // One region covering the guest (a trace reads as one region too).
         into.union_with(&self.dirty);
         self.dirty.clear();
         Ok(())
@@ -361,14 +369,17 @@ pub fn simulate_with_progress(
         verify: scenario.verify && scenario.engine.verify,
         ..scenario.engine
     };
-    let mut engine = PreCopySource::new(geometry, engine_config);
-    let mut receiver = Receiver::new(
-        geometry,
-        ReceiverConfig {
+    let layout = MemoryLayout::single(geometry);
+    let mut engine = Source::pre_copy(layout.clone(), engine_config);
+    let mut receiver = Destination::new(
+        layout,
+        DestinationConfig {
             verify: scenario.verify,
-            ..ReceiverConfig::default()
+            ..DestinationConfig::default()
         },
     );
+    // Bytes that reached the destination but do not yet make a whole frame.
+    let mut inbox: Vec<u8> = Vec::new();
     let mut destination = SimDestination::default();
     let link = scenario.link;
     let cpu = scenario.cpu;
@@ -392,8 +403,10 @@ pub fn simulate_with_progress(
             reported += 1;
         }
         let rounds_before = engine.report().rounds.len();
-        let polled = engine.poll(now, &mut guest, &mut out).map_err(fail)?;
-        if polled == Poll::Done {
+        let polled = engine
+            .poll_with_room(now, &mut guest, &mut out, scenario.engine.batch_bytes.max(1))
+            .map_err(fail)?;
+        if polled == Next::Done {
             break;
         }
         // A round that just ended had its dirty pages shown to the predictor: the source's CPU
@@ -425,24 +438,26 @@ pub fn simulate_with_progress(
                 .max(receive_cpu);
             guest.run(now, now + step);
             now += step;
+            // The link delivered them: the engine's bandwidth comes from these reports.
+            engine.on_delivered(now, out.len() as u64);
             let arrival = now + link.latency;
+            inbox.extend_from_slice(&out);
             let used = receiver
-                .receive(arrival, &out, &mut destination, &mut replies)
+                .receive(arrival, &inbox, &mut destination, &mut replies)
                 .map_err(fail)?;
-            debug_assert_eq!(used, out.len(), "the engine emits whole frames");
+            inbox.drain(..used);
             out.clear();
             if !replies.is_empty() {
                 in_flight.push((arrival + link.latency, std::mem::take(&mut replies)));
             }
         }
         let wake = match polled {
-            Poll::Continue => None,
-            Poll::WaitUntil(t) => Some(t),
-            Poll::WaitForPeer => match in_flight.first() {
+            Next::WaitUntil(t) => Some(t),
+            Next::WaitForPeer => match in_flight.first() {
                 Some((t, _)) => Some(*t),
                 None => return Err("the engine waits for a reply that will never come".into()),
             },
-            Poll::Done => unreachable!(),
+            _ => None,
         };
         if let Some(t) = wake {
             if t > now {
@@ -461,7 +476,7 @@ pub fn simulate_with_progress(
     if let Some(e) = guest.writer.error() {
         return Err(format!("the workload's trace failed: {e}"));
     }
-    if scenario.verify && receiver.status() != ReceiverStatus::Complete {
+    if scenario.verify && receiver.status() != DestinationStatus::Complete {
         return Err("the destination did not complete".into());
     }
     let report = engine.report().clone();
