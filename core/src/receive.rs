@@ -353,11 +353,19 @@ impl<P: PagePolicy> Destination<P> {
             let (frame, len) = match Frame::parse_with(&input[used..], policy) {
                 Ok(parsed) => parsed,
                 Err(WireError::Incomplete { .. }) => break,
+                Err(_) if self.status == DestinationStatus::Complete => return Ok(input.len()),
                 Err(e) => return self.fail(e.into()),
             };
             used += len;
             self.bytes_received += len as u64;
             self.last_heard = Some(now);
+            if self.status == DestinationStatus::Complete
+                && !matches!(frame, Frame::Abort { .. })
+            {
+                // The guest runs and the migration is over: only the source's abort (it
+                // disagrees with the verdict) is news; anything else cannot change it.
+                continue;
+            }
             if let Err(e) = self.on_frame(now, channel as usize, frame, host) {
                 return self.fail(e);
             }

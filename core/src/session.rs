@@ -196,6 +196,12 @@ pub struct Source<S: Strategy = PreCopy> {
     ready_at: Nanos,
     /// The switchover frame is queued on channel 0 (committed once it is handed out).
     switchover_queued: bool,
+    /// Where in channel 0's queue the device state and switchover begin.
+    switchover_from: usize,
+    /// The room [`Source::poll`] offers.
+    poll_room: usize,
+    /// The destination said Ready: the downtime is measured and final.
+    ready_seen: bool,
     last_heard: Nanos,
     last_now: Nanos,
     rate_wake: Option<Nanos>,
@@ -212,14 +218,16 @@ impl Source<PreCopy> {
     /// A pre-copy migration of a guest of `layout`, configured as milestone 1's engine was:
     /// one channel, checksums and verification per `config.verify`.
     pub fn pre_copy(layout: MemoryLayout, config: PreCopyConfig) -> Self {
-        Source::new(
+        let mut source = Source::new(
             layout,
             SessionConfig {
                 verify: config.verify,
                 ..SessionConfig::default()
             },
             PreCopy::new(config),
-        )
+        );
+        source.poll_room = config.batch_bytes.max(1);
+        source
     }
 }
 
@@ -255,6 +263,9 @@ impl<S: Strategy> Source<S> {
             paused_at: Nanos::ZERO,
             ready_at: Nanos::ZERO,
             switchover_queued: false,
+            switchover_from: 0,
+            poll_room: 1 << 20,
+            ready_seen: false,
             last_heard: Nanos::ZERO,
             last_now: Nanos::ZERO,
             rate_wake: None,
@@ -465,6 +476,10 @@ impl<S: Strategy> Source<S> {
         if let Some(e) = &self.failure {
             return Err(e.clone());
         }
+        if self.state == State::Done {
+            // The migration is over: nothing the destination says can change it now.
+            return Ok(input.len());
+        }
         let policy = if self.checksum || self.state == State::AwaitAccept {
             ChecksumPolicy::Required
         } else {
@@ -482,6 +497,9 @@ impl<S: Strategy> Source<S> {
             self.report.bytes_received += len as u64;
             if let Err(e) = self.on_frame(now, frame, host) {
                 return self.fail(now, e, host);
+            }
+            if self.state == State::Done {
+                return Ok(input.len());
             }
         }
         Ok(used)
@@ -505,7 +523,7 @@ impl<S: Strategy> Source<S> {
         host: &mut H,
         out: &mut Vec<u8>,
     ) -> Result<Next, MigrationError> {
-        self.poll_with_room(now, host, out, 1 << 20)
+        self.poll_with_room(now, host, out, self.poll_room)
     }
 
     /// [`Source::poll`] with an explicit room.
@@ -583,7 +601,9 @@ impl<S: Strategy> Source<S> {
             return Err(first.clone());
         }
         if self.paused {
-            self.report.downtime = now - self.paused_at;
+            if !self.ready_seen {
+                self.report.downtime = now - self.paused_at;
+            }
             // Before the commit point the source loses nothing by resuming; after it, the
             // destination may run the guest, and resuming here would run it twice.
             if !self.report.committed {
@@ -599,6 +619,18 @@ impl<S: Strategy> Source<S> {
         if self.round_report.round == self.round && self.round > 0 && !self.round_closed() {
             self.round_report.duration = now - self.round_start;
             self.report.rounds.push(self.round_report.clone());
+        }
+        if self.switchover_queued && !self.report.committed {
+            // Never let the switchover go out behind a failure: the source guest runs again.
+            // A frame cut short reaches the destination as a bad frame before the abort.
+            let tx = &mut self.channels[0];
+            let cut = self.switchover_from.max(tx.sent);
+            tx.queue.truncate(cut);
+            if tx.sent == tx.queue.len() {
+                tx.queue.clear();
+                tx.sent = 0;
+            }
+            self.switchover_queued = false;
         }
         let mut abort = Vec::new();
         error.emit_abort(&mut abort);
@@ -642,11 +674,20 @@ impl<S: Strategy> Source<S> {
             Frame::PageRequest(pages) => return self.strategy.on_page_request(now, pages),
             _ => {}
         }
-        if self.state == State::Sending && self.stop_and_copy && self.exhausted {
-            if frame == Frame::Ready {
-                // The destination answered before the driver polled again.
-                self.close_final_round(now);
-            }
+        if frame == Frame::Ready && !self.report.committed {
+            // The switchover has not been handed out whole: no honest destination runs yet.
+            return Err(MigrationError::UnexpectedFrame {
+                expected: "nothing before the switchover is sent",
+                got: FrameKind::Ready,
+            });
+        }
+        if self.state == State::Sending
+            && self.stop_and_copy
+            && self.exhausted
+            && frame == Frame::Ready
+        {
+            // The destination answered before the driver polled again.
+            self.close_final_round(now);
         }
         match (self.state, frame) {
             (
@@ -659,6 +700,7 @@ impl<S: Strategy> Source<S> {
             ) => self.on_accept(now, version, features, max_device_state, host),
             (State::AwaitReady, Frame::Ready) => {
                 self.ready_at = now;
+                self.ready_seen = true;
                 self.report.downtime = now - self.paused_at;
                 if self.config.verify {
                     self.hash_started = now;
@@ -730,6 +772,7 @@ impl<S: Strategy> Source<S> {
             send: &mut self.send,
             round: &mut round,
             link_rate: None,
+            backlog_bytes: 0,
             elapsed: now - self.start,
             page_wire_bytes: wire::page_frame_len(self.layout.page_size().bytes()) as u64,
         };
@@ -889,6 +932,11 @@ impl<S: Strategy> Source<S> {
             send: &mut self.send,
             round: &mut self.round_report,
             link_rate,
+            backlog_bytes: if self.estimator.has_reports() {
+                self.estimator.backlog()
+            } else {
+                0
+            },
             elapsed: now - self.start,
             page_wire_bytes,
         };
@@ -921,6 +969,7 @@ impl<S: Strategy> Source<S> {
             send: &mut self.send,
             round: &mut round,
             link_rate: None,
+            backlog_bytes: 0,
             elapsed: now - self.start,
             page_wire_bytes,
         };
@@ -946,6 +995,7 @@ impl<S: Strategy> Source<S> {
                 send: &mut self.send,
                 round: &mut self.round_report,
                 link_rate: None,
+                backlog_bytes: 0,
                 elapsed: now - self.start,
                 page_wire_bytes,
             };
@@ -1051,6 +1101,7 @@ impl<S: Strategy> Source<S> {
                 self.max_device_state
             )));
         }
+        self.switchover_from = self.channels[0].queue.len();
         for chunk in state.chunks(wire::MAX_BODY_LEN) {
             self.queue(0, Frame::DeviceState(chunk));
         }

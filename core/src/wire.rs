@@ -265,7 +265,7 @@ pub enum WireError {
     BadPageShift(u8),
     /// A frame without a checksum where checksums were not negotiated off (or before
     /// negotiation).
-    MissingChecksum(FrameKind),
+    MissingChecksum(u8),
     /// A region table that is empty, too long, or not a valid layout.
     BadRegionTable(&'static str),
     /// A page entry inside a `Pages` frame that overruns the frame.
@@ -298,9 +298,10 @@ impl fmt::Display for WireError {
                 "the peer speaks memferry wire version {v}; this side speaks version {PROTOCOL_VERSION} only (upgrade the older side)"
             ),
             WireError::BadPageShift(s) => write!(f, "page shift {s} is outside 12..=21"),
-            WireError::MissingChecksum(k) => {
-                write!(f, "a {k:?} frame without a checksum, which was not negotiated off")
-            }
+            WireError::MissingChecksum(k) => write!(
+                f,
+                "a frame of kind {k} without a checksum, which was not negotiated off"
+            ),
             WireError::BadRegionTable(why) => write!(f, "bad region table: {why}"),
             WireError::BadPageEntry { entry } => {
                 write!(f, "page entry {entry} overruns its frame")
@@ -662,6 +663,9 @@ impl<'a> Frame<'a> {
             return Err(WireError::ReservedBitsSet);
         }
         let Some(kind) = FrameKind::from_u8(kind_byte) else {
+            if !checked && policy == ChecksumPolicy::Required {
+                return Err(WireError::MissingChecksum(kind_byte));
+            }
             if flags & FLAG_IGNORABLE != 0 {
                 return Ok((Frame::Ignored { kind: kind_byte }, len));
             }
@@ -670,7 +674,7 @@ impl<'a> Frame<'a> {
         let must_check = policy == ChecksumPolicy::Required
             || matches!(kind, FrameKind::Hello | FrameKind::Accept | FrameKind::Join);
         if !checked && must_check {
-            return Err(WireError::MissingChecksum(kind));
+            return Err(WireError::MissingChecksum(kind_byte));
         }
         let end = if checked { len - TRAILER_LEN } else { len };
         let body = &frame[HEADER_LEN..end];
@@ -1328,7 +1332,7 @@ mod tests {
         Frame::Ready.emit_with(&mut out, false);
         assert_eq!(
             Frame::parse(&out),
-            Err(WireError::MissingChecksum(FrameKind::Ready))
+            Err(WireError::MissingChecksum(FrameKind::Ready as u8))
         );
         assert!(Frame::parse_with(&out, ChecksumPolicy::Optional).is_ok());
     }

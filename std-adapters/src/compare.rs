@@ -9,8 +9,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use memferry::strategy::PreCopyConfig;
 use memferry::schedule::{RatePlan, StopRules};
+use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
 use memferry::track::PredictorKind;
 use serde::Serialize;

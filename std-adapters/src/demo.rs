@@ -154,7 +154,11 @@ pub fn migrate_channels(
 fn session_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }
 
@@ -163,7 +167,11 @@ pub const DEFAULT_MAX_GUEST: u64 = 1 << 40;
 
 /// Receives one migration from (`reader`, `writer`): reads the hello, maps a guest of the size
 /// it names (refusing more than `max_memory` bytes), and runs the receiver to completion.
-pub fn serve(reader: BoxRead, writer: BoxWrite, max_memory: u64) -> Result<DestinationHost, JobError> {
+pub fn serve(
+    reader: BoxRead,
+    writer: BoxWrite,
+    max_memory: u64,
+) -> Result<DestinationHost, JobError> {
     serve_channels(reader, writer, max_memory, || {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,

@@ -160,7 +160,10 @@ fn spawn_reader(channel: u16, mut reader: BoxRead, events: mpsc::Sender<Event>) 
                         return;
                     }
                     Ok(n) => {
-                        if events.send(Event::Bytes(channel, buf[..n].to_vec())).is_err() {
+                        if events
+                            .send(Event::Bytes(channel, buf[..n].to_vec()))
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -307,7 +310,9 @@ fn source_loop<S: Strategy, H: SourceHost>(
                 Ok(e) => Some(e),
                 Err(mpsc::TryRecvError::Empty) => None,
                 Err(mpsc::TryRecvError::Disconnected) => {
-                    return Err(engine.cancel(clock.now(), "all connections closed", host).into())
+                    return Err(engine
+                        .cancel(clock.now(), "all connections closed", host)
+                        .into())
                 }
             }
         } else {
@@ -318,7 +323,9 @@ fn source_loop<S: Strategy, H: SourceHost>(
                     None
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(engine.cancel(clock.now(), "all connections closed", host).into())
+                    return Err(engine
+                        .cancel(clock.now(), "all connections closed", host)
+                        .into())
                 }
             }
         };
@@ -365,8 +372,7 @@ fn explain_write_failure<S: Strategy, H: SourceHost>(
     error: io::Error,
 ) -> DriveError {
     let deadline = Instant::now() + Duration::from_secs(1);
-    while let Ok(event) = events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-    {
+    while let Ok(event) = events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         if let Event::Bytes(ch, bytes) = event {
             inbox.extend_from_slice(&bytes);
             if let Err(e @ MigrationError::PeerAborted { .. }) =
@@ -524,7 +530,10 @@ fn read_first_frame<T>(
 
 /// Reads until the opening hello has arrived and returns what it says. Its bytes stay in
 /// `buffer` for the destination to consume.
-pub fn read_hello(reader: &mut dyn Read, buffer: &mut FrameBuffer) -> Result<HelloInfo, DriveError> {
+pub fn read_hello(
+    reader: &mut dyn Read,
+    buffer: &mut FrameBuffer,
+) -> Result<HelloInfo, DriveError> {
     read_first_frame(reader, buffer, "Hello", |frame| {
         let Frame::Hello(hello) = frame else {
             return None;
@@ -544,7 +553,10 @@ pub fn read_hello(reader: &mut dyn Read, buffer: &mut FrameBuffer) -> Result<Hel
 
 /// Reads the `Join` that opens an extra channel; returns (channel, session id). Its bytes stay
 /// in `buffer`.
-pub fn read_join(reader: &mut dyn Read, buffer: &mut FrameBuffer) -> Result<(u16, u64), DriveError> {
+pub fn read_join(
+    reader: &mut dyn Read,
+    buffer: &mut FrameBuffer,
+) -> Result<(u16, u64), DriveError> {
     read_first_frame(reader, buffer, "Join", |frame| match frame {
         Frame::Join {
             channel,
@@ -582,7 +594,14 @@ where
     for ch in 0..inboxes.len() {
         if !inboxes[ch].is_empty() {
             let mut bytes = std::mem::take(&mut inboxes[ch]);
-            let r = apply(destination, host, ch as u16, &mut bytes, &mut inboxes[ch], clock);
+            let r = apply(
+                destination,
+                host,
+                ch as u16,
+                &mut bytes,
+                &mut inboxes[ch],
+                clock,
+            );
             reply(destination, &mut writers[0], &mut out, r)?;
         }
     }

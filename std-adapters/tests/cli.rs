@@ -146,11 +146,22 @@ fn a_guest_larger_than_the_host_is_refused_before_reservation() {
     let (mut listener, addr) = listen(&[]);
     // A bare hello for a 1 TiB guest, as a hostile or mistaken source would send.
     let mut hello = Vec::new();
+    let mut table = Vec::new();
+    let regions = memferry::wire::region_table(
+        &[memferry::page::Region {
+            id: 0,
+            guest_base: 0,
+            pages: 1 << 28,
+        }],
+        &mut table,
+    );
     memferry::wire::Frame::Hello(memferry::wire::Hello {
-        version: 1,
+        version: memferry::wire::PROTOCOL_VERSION,
         page_shift: 12,
-        page_count: 1 << 28,
+        channels: 1,
+        session_id: 7,
         features: 0,
+        regions,
     })
     .emit(&mut hello);
     let mut stream = std::net::TcpStream::connect(&addr).unwrap();

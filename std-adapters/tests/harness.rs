@@ -3,8 +3,8 @@
 //! the simulator where its assumptions hold, and `memferry compare` prints the same numbers on
 //! every run.
 
-use memferry::migrate::PreCopyConfig;
 use memferry::schedule::{RatePlan, StopRules};
+use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
 use memferry_std::compare;
 use memferry_std::sim::{simulate, ContentModel, LinkModel, Scenario, WorkloadModel};

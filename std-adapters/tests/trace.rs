@@ -875,7 +875,12 @@ struct CountingLog {
 }
 
 impl DirtyLog for CountingLog {
-    fn sync(&mut self, into: &mut DirtyBitmap) -> Result<(), HostError> {
+    fn sync_region(
+        &mut self,
+        _region: &memferry::page::Region,
+        _first_page: u64,
+        into: &mut DirtyBitmap,
+    ) -> Result<(), HostError> {
         if self.syncs == 0 {
             into.set(0); // written before the recording started
         } else {

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use memferry::digest::memory_digest;
 use memferry::error::MigrationError;
-use memferry::migrate::PreCopyConfig;
 use memferry::page::PageSize;
 use memferry::report::MigrationReport;
 use memferry::schedule::StopRules;
+use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
 use memferry::wire::{page_frame_len, FRAME_OVERHEAD};
 use memferry_std::demo::{self, run_demo, GuestOptions, JobError, TransportKind};
@@ -218,13 +218,20 @@ fn corrupted_stream_aborts_cleanly(offset: u64) -> MigrationError {
     );
     let dest_result = destination.join().unwrap();
 
-    let Err(JobError::Drive(DriveError::Migration(source_error))) = result else {
+    let Err(JobError::Drive(DriveError::Migration {
+        error: source_error,
+        ..
+    })) = result
+    else {
         panic!(
             "the source should fail with a migration error, got {:?}",
             result.map(|r| r.verified)
         );
     };
-    let Err(JobError::Drive(DriveError::Migration(dest_error))) = dest_result else {
+    let Err(JobError::Drive(DriveError::Migration {
+        error: dest_error, ..
+    })) = dest_result
+    else {
         panic!("the destination should refuse the stream");
     };
     assert!(
@@ -308,7 +315,7 @@ fn corrupted_frame_during_stop_and_copy_resumes_the_paused_source() {
         |_| {},
     );
     assert!(destination.join().unwrap().is_err());
-    let Err(JobError::Drive(DriveError::Migration(e))) = result else {
+    let Err(JobError::Drive(DriveError::Migration { error: e, .. })) = result else {
         panic!("expected a migration error")
     };
     assert!(matches!(e, MigrationError::PeerAborted { .. }), "{e}");
@@ -350,6 +357,7 @@ fn a_destination_that_vanishes_mid_migration_leaves_the_source_running() {
             memferry::wire::Frame::Accept {
                 version: memferry::wire::PROTOCOL_VERSION,
                 features: 0,
+                max_device_state: 1 << 20,
             }
             .emit(&mut accept);
             std::io::Write::write_all(&mut dst_w, &accept).unwrap();

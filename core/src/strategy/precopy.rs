@@ -211,6 +211,8 @@ impl Strategy for PreCopy {
             self.held.clear();
         }
         let pending_pages = dirty_pages + held_back - redirtied;
+        // What still sits in the transport's buffers goes before the final round does.
+        let backlog_pages = cx.backlog_bytes.div_ceil(cx.page_wire_bytes.max(1));
         let r = &mut *cx.round;
         let decision = self.scheduler.end_round(
             RoundOutcome {
@@ -218,7 +220,7 @@ impl Strategy for PreCopy {
                 bytes: r.bytes,
                 duration: r.duration,
                 dirty_pages,
-                pending_pages,
+                pending_pages: pending_pages + backlog_pages,
             },
             cx.elapsed,
             cx.page_wire_bytes,

@@ -7,10 +7,10 @@ use std::net::TcpListener;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use memferry::strategy::PreCopyConfig;
 use memferry::page::PageSize;
 use memferry::report::MigrationReport;
 use memferry::schedule::{RatePlan, StopRules};
+use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
 use memferry::track::PredictorKind;
 use memferry_std::compare;

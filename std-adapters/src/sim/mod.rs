@@ -22,12 +22,12 @@ use std::collections::HashMap;
 use memferry::bitmap::DirtyBitmap;
 use memferry::error::{HostError, MigrationError};
 use memferry::memory::{DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest};
+use memferry::page::{Geometry, PageIndex, PageSize};
 use memferry::page::{MemoryLayout, Region};
 use memferry::receive::{Destination, DestinationConfig, DestinationStatus};
+use memferry::report::MigrationReport;
 use memferry::session::{Next, Source};
 use memferry::strategy::PreCopyConfig;
-use memferry::page::{Geometry, PageIndex, PageSize};
-use memferry::report::MigrationReport;
 use memferry::time::{ByteRate, Nanos};
 use memferry::wire;
 use serde::Serialize;
@@ -404,7 +404,12 @@ pub fn simulate_with_progress(
         }
         let rounds_before = engine.report().rounds.len();
         let polled = engine
-            .poll_with_room(now, &mut guest, &mut out, scenario.engine.batch_bytes.max(1))
+            .poll_with_room(
+                now,
+                &mut guest,
+                &mut out,
+                scenario.engine.batch_bytes.max(1),
+            )
             .map_err(fail)?;
         if polled == Next::Done {
             break;
