@@ -359,9 +359,7 @@ impl<P: PagePolicy> Destination<P> {
             used += len;
             self.bytes_received += len as u64;
             self.last_heard = Some(now);
-            if self.status == DestinationStatus::Complete
-                && !matches!(frame, Frame::Abort { .. })
-            {
+            if self.status == DestinationStatus::Complete && !matches!(frame, Frame::Abort { .. }) {
                 // The guest runs and the migration is over: only the source's abort (it
                 // disagrees with the verdict) is news; anything else cannot change it.
                 continue;

@@ -39,7 +39,8 @@
 //! loses nothing. After it (the destination may be running the guest) the source **never
 //! resumes on its own**: [`Source::status`] says the guest is paused and committed, and the
 //! caller decides, with [`Source::resume_source`] only once it knows the destination's copy is
-//! not running.
+//! not running. One exception is safe: an abort from the destination before its `Ready` (a
+//! destination that failed never starts the guest) resumes the source as before the commit.
 
 use alloc::boxed::Box;
 use alloc::string::{String, ToString};
@@ -605,8 +606,12 @@ impl<S: Strategy> Source<S> {
                 self.report.downtime = now - self.paused_at;
             }
             // Before the commit point the source loses nothing by resuming; after it, the
-            // destination may run the guest, and resuming here would run it twice.
-            if !self.report.committed {
+            // destination may run the guest, and resuming here would run it twice. Except:
+            // a destination that aborts before it said Ready has refused for good (a failed
+            // destination never starts), so its abort proves the guest runs nowhere else.
+            let destination_refused =
+                matches!(error, MigrationError::PeerAborted { .. }) && !self.ready_seen;
+            if !self.report.committed || destination_refused {
                 match host.resume() {
                     Ok(()) => self.paused = false,
                     Err(e) => self.resume_error = Some(e),

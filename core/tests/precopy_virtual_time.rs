@@ -1539,12 +1539,21 @@ fn corrupted_page_during_stop_and_copy_aborts_and_resumes_the_source() {
     assert_eq!(sim.guest.resume_calls, 1);
 }
 
-/// Changed promise (v2): the same corruption, but the switchover was handed out before the
-/// destination's abort came back: the source stays paused until the caller resumes it.
+/// The same corruption, but the switchover was handed out before the destination's abort came
+/// back: the source is past the commit point, yet the abort (sent before any `Ready`) proves the
+/// destination refused for good and never runs the guest, so the source resumes.
 #[test]
-fn corrupted_page_after_the_commit_point_leaves_the_source_paused() {
-    let mut sim = corrupt_page(true, false);
-    assert_paused_then_resumable(&mut sim);
+fn corrupted_page_after_the_commit_point_resumes_on_the_destinations_abort() {
+    let sim = corrupt_page(true, false);
+    assert!(sim.source.report().committed);
+    assert_eq!(
+        sim.source.status(),
+        SourceStatus::Failed {
+            source_paused: false
+        }
+    );
+    assert!(!sim.guest.paused, "the source guest runs again");
+    assert_eq!(sim.guest.resume_calls, 1);
 }
 
 #[test]

@@ -196,7 +196,7 @@ pub fn serve_channels(
         .filter(|g| g.memory_bytes() <= max_memory && layout.regions().len() == 1)
         .ok_or_else(|| {
             let why = format!(
-                "the source offers {} pages of {} bytes in {} region(s); this listener takes one region of at most {max_memory} bytes",
+                "the source offers {} pages of {} bytes in {} region(s); this listener takes one region, limit {max_memory} bytes",
                 layout.page_count(),
                 layout.page_size().bytes(),
                 layout.regions().len()

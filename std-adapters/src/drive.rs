@@ -279,8 +279,27 @@ fn source_loop<S: Strategy, H: SourceHost>(
                 }
                 progress = true;
                 if writers[ch].send((buf, n)).is_err() {
-                    let why = format!("the writer of channel {ch} stopped");
-                    return Err(engine.cancel(clock.now(), &why, host).into());
+                    // The writer stopped because a write failed: find out why.
+                    let mut error = io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        format!("the connection of channel {ch} failed"),
+                    );
+                    let deadline = Instant::now() + Duration::from_secs(1);
+                    while let Ok(event) =
+                        events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    {
+                        match event {
+                            Event::WriteFailed(_, e) => {
+                                error = e;
+                                break;
+                            }
+                            Event::Bytes(_, bytes) => inbox.extend_from_slice(&bytes),
+                            _ => {}
+                        }
+                    }
+                    return Err(explain_write_failure(
+                        engine, host, events, inbox, clock, ch as u16, error,
+                    ));
                 }
             }
         }
@@ -371,6 +390,16 @@ fn explain_write_failure<S: Strategy, H: SourceHost>(
     channel: u16,
     error: io::Error,
 ) -> DriveError {
+    if !inbox.is_empty() {
+        if let Err(e @ MigrationError::PeerAborted { .. }) =
+            engine.handle_input(clock.now(), 0, inbox, host)
+        {
+            return DriveError::Migration {
+                error: e,
+                transport: Some(error),
+            };
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(1);
     while let Ok(event) = events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         if let Event::Bytes(ch, bytes) = event {

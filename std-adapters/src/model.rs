@@ -54,12 +54,13 @@ impl WireCost {
         per_page_overhead: 0,
     };
 
-    /// The cost of memferry's own page frames ([`wire::page_frame_len`]) for uncompressed pages
-    /// of `page_size`.
+    /// The cost of memferry's own page entries for uncompressed pages of `page_size`: pages
+    /// travel in batch frames, so each costs its entry header ([`wire::PAGE_ENTRY_LEN`]); the
+    /// frame's own header is shared by up to a megabyte of pages and left out.
     pub const fn memferry(page_size: PageSize) -> WireCost {
         WireCost {
             page_size: page_size.bytes() as u64,
-            per_page_overhead: wire::page_frame_len(0) as u64,
+            per_page_overhead: wire::PAGE_ENTRY_LEN as u64,
         }
     }
 
@@ -606,20 +607,20 @@ mod tests {
     #[test]
     fn wire_cost_adds_per_page_overhead() {
         let w = WireCost::memferry(PageSize::DEFAULT);
-        assert_eq!(w.per_page_overhead, 25);
-        assert_eq!(w.wire_bytes(4096 * 10), 4121 * 10);
-        assert_eq!(w.wire_bytes(1), 26);
+        assert_eq!(w.per_page_overhead, 16);
+        assert_eq!(w.wire_bytes(4096 * 10), 4112 * 10);
+        assert_eq!(w.wire_bytes(1), 17);
         assert_eq!(w.wire_bytes(0), 0);
         assert_eq!(WireCost::NONE.wire_bytes(12345), 12345);
         assert_eq!(w.wire_bytes(u64::MAX), u64::MAX);
 
         let m = clark(GIB, 100 * MB, 1000 * MB).with_wire(w);
         let p = m.predict();
-        assert_eq!(p.rounds[0].bytes, (GIB / 4096) * 4121);
-        assert!((m.ratio() - 0.1 * 4121.0 / 4096.0).abs() < 1e-12);
+        assert_eq!(p.rounds[0].bytes, (GIB / 4096) * 4112);
+        assert!((m.ratio() - 0.1 * 4112.0 / 4096.0).abs() < 1e-12);
         // A dirty rate just under B in memory bytes is over B in wire bytes.
-        assert!(clark(GIB, 995 * MB, 1000 * MB).converges());
-        assert!(!clark(GIB, 995 * MB, 1000 * MB).with_wire(w).converges());
+        assert!(clark(GIB, 998 * MB, 1000 * MB).converges());
+        assert!(!clark(GIB, 998 * MB, 1000 * MB).with_wire(w).converges());
     }
 
     #[test]

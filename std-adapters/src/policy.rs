@@ -577,7 +577,8 @@ mod tests {
         let ranked = rank_vms(VmSelection::LeastMigrationTime, &vms, &e);
         assert_eq!(ranked, [VmId(1), VmId(2), VmId(4), VmId(3)]);
         let secs = e.migration_time(&vms[1]).as_secs_f64();
-        assert!((2.7..2.9).contains(&secs), "{secs}");
+        // Batched page frames cost 16 bytes a page (wire v2), 25 in v1.
+        assert!((2.65..2.9).contains(&secs), "{secs}");
         assert!(e.migration_time(&vms[3]) < e.migration_time(&vms[0]));
         assert_eq!(select_vm(VmSelection::default(), &vms, &e), Some(VmId(1)));
         assert_eq!(select_vm(VmSelection::HighestCpu, &[], &e), None);

@@ -14,7 +14,7 @@ use memferry::report::MigrationReport;
 use memferry::schedule::StopRules;
 use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
-use memferry::wire::{page_frame_len, FRAME_OVERHEAD};
+use memferry::wire::{page_frame_len, FRAME_OVERHEAD, PAGES_HEADER_LEN, PAGE_ENTRY_LEN};
 use memferry_std::demo::{self, run_demo, GuestOptions, JobError, TransportKind};
 use memferry_std::drive::DriveError;
 use memferry_std::transport::{loopback, FaultInjector};
@@ -41,12 +41,18 @@ fn assert_counts_add_up(report: &MigrationReport) {
     assert_eq!(report.pages_sent, pages);
     assert_eq!(report.zero_pages_sent, zero);
     assert_eq!(report.bytes_sent, page_bytes + report.control_bytes);
-    // Each page frame costs its header, index and encoding, plus the payload unless zero.
+    // Each page entry costs its header plus the payload unless zero; pages travel in batch
+    // frames, each with its header, batch header and checksum (wire v2).
     let raw = report.pages_sent - report.zero_pages_sent;
-    assert_eq!(
-        page_bytes,
-        raw * page_frame_len(report.page_size as usize) as u64
-            + report.zero_pages_sent * page_frame_len(0) as u64
+    let entries = raw * (PAGE_ENTRY_LEN as u64 + report.page_size)
+        + report.zero_pages_sent * PAGE_ENTRY_LEN as u64;
+    assert!(page_bytes >= entries);
+    let per_frame = (FRAME_OVERHEAD + PAGES_HEADER_LEN) as u64;
+    assert_eq!((page_bytes - entries) % per_frame, 0);
+    let frames = (page_bytes - entries) / per_frame;
+    assert!(
+        frames >= 1 && frames <= pages,
+        "{frames} frames for {pages} pages"
     );
     assert!(report.control_bytes >= 5 * FRAME_OVERHEAD as u64);
     assert_eq!(

@@ -549,7 +549,8 @@ fn lower_bounds(
     geometry: Geometry,
 ) -> LowerBounds {
     let page_size = geometry.page_size().bytes();
-    let full = wire::page_frame_len(page_size) as u64;
+    // Pages travel in batch frames: each costs its entry header; frame headers are shared.
+    let full = (page_size + wire::PAGE_ENTRY_LEN) as u64;
     // Classes at the end: a written page is no longer zero or a known duplicate.
     let mut zero = 0u64;
     let mut templates_seen = std::collections::HashSet::new();
@@ -569,7 +570,7 @@ fn lower_bounds(
         zero,
         duplicates,
         page_size as u64,
-        wire::page_frame_len(0) as u64,
+        wire::PAGE_ENTRY_LEN as u64,
     );
     // The oracle's final writable working set: every page written in the last w before the
     // pause must cross the link while the guest is paused, where w is no longer than the last
