@@ -1,9 +1,12 @@
 //! Wire-format benchmarks: the per-page cost of the frame layer, which every page of a
 //! migration pays once on each side.
 //!
-//! - `page_frame/encode`: [`PageFrameWriter::write`] copying a 4 KiB page into a reused output
-//!   buffer (zero check and xxh3 checksum included), for a random page and for a zero page.
-//! - `page_frame/decode`: [`Frame::parse`] of the random page's frame (checksum verified).
+//! - `page_frame/encode`: a one-page `Pages` frame built in place with [`PagesWriter`] and
+//!   [`codec::encode_page_raw`] (copy, zero check and xxh3 checksum included), for a random
+//!   page and for a zero page.
+//! - `batch_256/encode`: 256 pages in one batch frame (1 MiB), per page.
+//! - `page_frame/decode`: [`Frame::parse`] of the random page's frame and a walk of its
+//!   entries (checksum verified).
 //! - `is_zero`: [`is_zero`] over a 4 KiB zero page, the worst case (every byte is read).
 //!
 //! Throughput is in bytes of page (encode, `is_zero`) or of frame (decode).
@@ -13,7 +16,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use memferry::wire::{is_zero, page_frame_len, Frame, PageEncoding, PageFrameWriter};
+use memferry::codec;
+use memferry::wire::{is_zero, page_frame_len, Encoding, Frame, PagesWriter};
 
 const PAGE: usize = 4096;
 
@@ -30,19 +34,27 @@ fn random_page() -> Vec<u8> {
         .collect()
 }
 
-/// Appends one page frame for `page` to `out`, as the pre-copy engine does.
-fn encode(out: &mut Vec<u8>, index: u64, page: &[u8]) -> (usize, PageEncoding) {
-    PageFrameWriter::write(out, index, page.len(), |buf| {
-        buf.copy_from_slice(page);
-        Ok::<(), Infallible>(())
-    })
-    .unwrap_or_else(|never| match never {})
+/// Writes frames of `per_frame` copies of `page` into `out`, as the engine does; returns the
+/// bytes written and the last page's encoding.
+fn encode(out: &mut [u8], index: u64, page: &[u8], per_frame: usize) -> (usize, Encoding) {
+    let mut w = PagesWriter::new(out, 1, true).expect("room for a frame");
+    let mut encoding = Encoding::RAW;
+    for i in 0..per_frame as u64 {
+        let e = codec::encode_page_raw(&mut w, index + i, page.len(), |buf| {
+            buf.copy_from_slice(page);
+            Ok::<(), Infallible>(())
+        })
+        .unwrap_or_else(|never| match never {})
+        .expect("the page fits");
+        encoding = e.encoding;
+    }
+    (w.finish(), encoding)
 }
 
 fn page_frame(c: &mut Criterion) {
     let page = random_page();
     let zero = vec![0u8; PAGE];
-    let mut out = Vec::with_capacity(page_frame_len(PAGE));
+    let mut out = vec![0u8; 2 << 20];
 
     let mut group = c.benchmark_group("page_frame");
     group
@@ -50,27 +62,41 @@ fn page_frame(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(3))
         .throughput(Throughput::Bytes(PAGE as u64));
     group.bench_function("encode/random_4k", |b| {
-        b.iter(|| {
-            out.clear();
-            black_box(encode(&mut out, black_box(42), black_box(&page)))
-        })
+        b.iter(|| black_box(encode(&mut out, black_box(42), black_box(&page), 1)))
     });
     group.bench_function("encode/zero_4k", |b| {
-        b.iter(|| {
-            out.clear();
-            black_box(encode(&mut out, black_box(42), black_box(&zero)))
-        })
+        b.iter(|| black_box(encode(&mut out, black_box(42), black_box(&zero), 1)))
     });
 
-    let mut frame = Vec::new();
-    let (len, encoding) = encode(&mut frame, 42, &page);
-    assert_eq!((len, encoding), (page_frame_len(PAGE), PageEncoding::Raw));
+    let mut frame = vec![0u8; page_frame_len(PAGE)];
+    let (len, encoding) = encode(&mut frame, 42, &page, 1);
+    assert_eq!((len, encoding), (page_frame_len(PAGE), Encoding::RAW));
     group.throughput(Throughput::Bytes(len as u64));
     group.bench_function("decode/random_4k", |b| {
         b.iter(|| {
-            let parsed = Frame::parse(black_box(&frame));
-            black_box(parsed.expect("a frame we just encoded parses"))
+            let (parsed, _) =
+                Frame::parse(black_box(&frame)).expect("a frame we just encoded parses");
+            let Frame::Pages { entries, .. } = parsed else {
+                unreachable!()
+            };
+            black_box(
+                entries
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|e| e.payload.len())
+                    .sum::<usize>(),
+            )
         })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("batch_256");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Bytes(256 * PAGE as u64));
+    group.bench_function("encode/random_4k", |b| {
+        b.iter(|| black_box(encode(&mut out, black_box(42), black_box(&page), 256)))
     });
     group.finish();
 }

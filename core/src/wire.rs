@@ -877,7 +877,7 @@ impl<'a> Frame<'a> {
             FrameKind::Need => Frame::Need(U64List(counted(8)?)),
             FrameKind::Have => Frame::Have(U128List(counted(16)?)),
             FrameKind::ReceivedSet => {
-                if body.len() < 16 || (body.len() - 16) % 8 != 0 {
+                if body.len() < 16 || !(body.len() - 16).is_multiple_of(8) {
                     return Err(bad_len());
                 }
                 let bits = le_u64(body, 8);

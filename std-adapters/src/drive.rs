@@ -620,17 +620,10 @@ where
     drop(events_tx);
     let mut out = Vec::new();
     // Whatever arrived with the opening frames.
-    for ch in 0..inboxes.len() {
-        if !inboxes[ch].is_empty() {
-            let mut bytes = std::mem::take(&mut inboxes[ch]);
-            let r = apply(
-                destination,
-                host,
-                ch as u16,
-                &mut bytes,
-                &mut inboxes[ch],
-                clock,
-            );
+    for (ch, inbox) in inboxes.iter_mut().enumerate() {
+        if !inbox.is_empty() {
+            let bytes = std::mem::take(inbox);
+            let r = apply(destination, host, ch as u16, &bytes, inbox, clock);
             reply(destination, &mut writers[0], &mut out, r)?;
         }
     }
@@ -642,14 +635,14 @@ where
             .poll_timeout()
             .map_or(MAX_WAIT, |t| clock.until(t).min(MAX_WAIT));
         match events.recv_timeout(wait) {
-            Ok(Event::Bytes(ch, mut bytes)) => {
+            Ok(Event::Bytes(ch, bytes)) => {
                 let inbox = &mut inboxes[ch as usize];
                 let r = if inbox.is_empty() {
-                    apply(destination, host, ch, &mut bytes, inbox, clock)
+                    apply(destination, host, ch, &bytes, inbox, clock)
                 } else {
                     inbox.extend_from_slice(&bytes);
-                    let mut all = std::mem::take(inbox);
-                    apply(destination, host, ch, &mut all, inbox, clock)
+                    let all = std::mem::take(inbox);
+                    apply(destination, host, ch, &all, inbox, clock)
                 };
                 reply(destination, &mut writers[0], &mut out, r)?;
             }
@@ -686,7 +679,7 @@ fn apply<P: PagePolicy, H: PageWrite + DestinationGuest>(
     destination: &mut Destination<P>,
     host: &mut H,
     channel: u16,
-    bytes: &mut Vec<u8>,
+    bytes: &[u8],
     rest: &mut Vec<u8>,
     clock: &Clock,
 ) -> Result<(), MigrationError> {
