@@ -328,6 +328,11 @@ impl<S: Strategy> Source<S> {
         self.resume_error.as_ref()
     }
 
+    /// Whether the destination said it runs the guest (its `Ready` arrived).
+    pub fn destination_started(&self) -> bool {
+        self.ready_seen
+    }
+
     /// Whether the destination may be running the guest (the switchover was handed out).
     pub fn is_committed(&self) -> bool {
         self.report.committed
