@@ -377,6 +377,10 @@ impl<S: Strategy> Source<S> {
     /// When to call [`Source::handle_timeout`] (or `poll_transmit`, if the time has come).
     /// `None`: nothing is due until input arrives or the caller offers room.
     pub fn poll_timeout(&self) -> Option<Nanos> {
+        if self.channels.iter().any(|c| !c.pending().is_empty()) {
+            // Frames are queued (perhaps by a call for another channel): send them now.
+            return Some(self.last_now);
+        }
         match self.state {
             State::Start | State::Hashing { .. } => Some(self.last_now),
             State::AwaitAccept | State::AwaitReady | State::AwaitVerdict => {

@@ -148,7 +148,29 @@ enum Event {
     WriteFailed(u16, io::Error),
 }
 
-fn spawn_reader(channel: u16, mut reader: BoxRead, events: mpsc::Sender<Event>) {
+/// Where reader threads put what they read: unbounded on the source (replies are small), bounded
+/// on the destination, so a source faster than the destination applies pages is held back by
+/// TCP instead of filling this process's memory.
+trait EventSink: Send + 'static {
+    fn send(&self, event: Event) -> Result<(), ()>;
+}
+
+impl EventSink for mpsc::Sender<Event> {
+    fn send(&self, event: Event) -> Result<(), ()> {
+        mpsc::Sender::send(self, event).map_err(|_| ())
+    }
+}
+
+impl EventSink for SyncSender<Event> {
+    fn send(&self, event: Event) -> Result<(), ()> {
+        SyncSender::send(self, event).map_err(|_| ())
+    }
+}
+
+/// Chunks read but not yet applied, per destination channel.
+const DESTINATION_QUEUE_PER_CHANNEL: usize = 4;
+
+fn spawn_reader(channel: u16, mut reader: BoxRead, events: impl EventSink) {
     std::thread::Builder::new()
         .name(format!("memferry-read-{channel}"))
         .spawn(move || {
@@ -315,11 +337,14 @@ fn source_loop<S: Strategy, H: SourceHost>(
             _ if progress => Duration::ZERO,
             Some(t) if t <= now => {
                 engine.handle_timeout(now, host)?;
-                // Work is due but no buffer is free: wait for a writer to hand one back.
+                // Work is due (hashing, a round's end, queued frames). With a free buffer, call
+                // again at once (after a look at the events, so writers' hand-backs and
+                // replies are seen); with none, wait for a writer to hand one back.
                 if free.iter().any(|f| !f.is_empty()) {
-                    continue;
+                    Duration::ZERO
+                } else {
+                    MAX_WAIT
                 }
-                MAX_WAIT
             }
             Some(t) => clock.until(t).min(MAX_WAIT),
             None => MAX_WAIT,
@@ -359,7 +384,21 @@ fn source_loop<S: Strategy, H: SourceHost>(
                 let used = engine.handle_input(clock.now(), ch, inbox, host)?;
                 inbox.drain(..used);
             }
+            Event::Closed(ch, None) if ch != 0 => {
+                // A bulk channel closed cleanly: the destination finished, or went away (then
+                // channel 0 tells, or a write fails, or the peer timeout fires). Its replies,
+                // Verified among them, come on channel 0 and may still be queued.
+            }
             Event::Closed(ch, err) => {
+                // Replies read before the close may still be queued behind it.
+                while let Ok(Event::Bytes(c, bytes)) = events.try_recv() {
+                    inbox.extend_from_slice(&bytes);
+                    let used = engine.handle_input(clock.now(), c, inbox, host)?;
+                    inbox.drain(..used);
+                }
+                if engine.status() == SourceStatus::Done {
+                    return Ok(());
+                }
                 let why = match &err {
                     Some(e) => format!("reading from the destination (channel {ch}) failed: {e}"),
                     None => format!("the destination closed channel {ch}"),
@@ -609,7 +648,8 @@ where
     P: PagePolicy,
     H: PageWrite + DestinationGuest,
 {
-    let (events_tx, events) = mpsc::channel();
+    let (events_tx, events) =
+        mpsc::sync_channel(DESTINATION_QUEUE_PER_CHANNEL * channels.len().max(1));
     let mut writers = Vec::new();
     let mut inboxes = Vec::new();
     for (ch, (reader, buffer, writer)) in channels.into_iter().enumerate() {

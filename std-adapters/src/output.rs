@@ -109,6 +109,12 @@ pub struct ReportJson {
     pub source_digest: Option<String>,
     /// Destination digest.
     pub destination_digest: Option<String>,
+    /// Connections the migration used.
+    pub channels: u16,
+    /// Time the source spent hashing its memory for verification (outside the downtime).
+    pub verification_time_ms: f64,
+    /// Whether the switchover was handed out (the destination may run the guest).
+    pub committed: bool,
     /// Every round.
     pub per_round: Vec<RoundJson>,
     /// The workload that ran, if any.
@@ -145,8 +151,11 @@ impl ReportJson {
             memory_bytes: report.memory_bytes(),
             page_size: report.page_size,
             strategy: report.strategy.clone(),
-            source_digest: report.source_digest.map(|d| format!("{d:016x}")),
-            destination_digest: report.destination_digest.map(|d| format!("{d:016x}")),
+            source_digest: report.source_digest.map(|d| format!("{d:032x}")),
+            destination_digest: report.destination_digest.map(|d| format!("{d:032x}")),
+            channels: report.channels,
+            verification_time_ms: ms(report.verification_time),
+            committed: report.committed,
             per_round: report.rounds.iter().map(RoundJson::from).collect(),
             workload,
         }
