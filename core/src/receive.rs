@@ -343,11 +343,10 @@ impl<P: PagePolicy> Destination<P> {
                 self.channels.len()
             )));
         }
-        let policy = if self.checksum || self.status == DestinationStatus::AwaitingHello {
-            ChecksumPolicy::Required
-        } else {
-            ChecksumPolicy::Optional
-        };
+        let policy = ChecksumPolicy::after_handshake(
+            self.status != DestinationStatus::AwaitingHello,
+            self.checksum,
+        );
         let mut used = 0;
         while used < input.len() {
             let (frame, len) = match Frame::parse_with(&input[used..], policy) {
@@ -688,9 +687,12 @@ impl<P: PagePolicy> Destination<P> {
 
     /// The first page never received (for the error message).
     fn received_gap(&self) -> u64 {
-        (0..self.layout.page_count())
-            .find(|&p| !self.received.get(p))
-            .unwrap_or(0)
+        // Word by word: bits past the end are clear, and a gap exists when this is called.
+        let words = self.received.as_words();
+        words
+            .iter()
+            .position(|&w| w != u64::MAX)
+            .map_or(0, |i| i as u64 * 64 + (!words[i]).trailing_zeros() as u64)
     }
 
     fn apply_pages<H: PageWrite>(

@@ -490,11 +490,8 @@ impl<S: Strategy> Source<S> {
             // The migration is over: nothing the destination says can change it now.
             return Ok(input.len());
         }
-        let policy = if self.checksum || self.state == State::AwaitAccept {
-            ChecksumPolicy::Required
-        } else {
-            ChecksumPolicy::Optional
-        };
+        let policy =
+            ChecksumPolicy::after_handshake(self.state != State::AwaitAccept, self.checksum);
         let mut used = 0;
         while used < input.len() {
             let (frame, len) = match Frame::parse_with(&input[used..], policy) {
@@ -667,10 +664,6 @@ impl<S: Strategy> Source<S> {
         self.report.control_bytes += n as u64;
     }
 
-    fn page_wire_bytes(&self) -> u64 {
-        wire::page_frame_len(self.layout.page_size().bytes()) as u64
-    }
-
     fn on_frame<H: SourceHost>(
         &mut self,
         now: Nanos,
@@ -781,15 +774,8 @@ impl<S: Strategy> Source<S> {
         self.check_state_hint(host)?;
         self.send.clear();
         let mut round = RoundReport::default();
-        let mut cx = StrategyContext {
-            layout: &self.layout,
-            send: &mut self.send,
-            round: &mut round,
-            link_rate: None,
-            backlog_bytes: 0,
-            elapsed: now - self.start,
-            page_wire_bytes: wire::page_frame_len(self.layout.page_size().bytes()) as u64,
-        };
+        let mut cx =
+            StrategyContext::new(&self.layout, &mut self.send, &mut round, now - self.start);
         self.strategy.start(now, &mut cx)?;
         self.begin_round(now);
         self.state = State::Sending;
@@ -940,20 +926,19 @@ impl<S: Strategy> Source<S> {
         } else {
             None
         };
-        let page_wire_bytes = self.page_wire_bytes();
-        let mut cx = StrategyContext {
-            layout: &self.layout,
-            send: &mut self.send,
-            round: &mut self.round_report,
-            link_rate,
-            backlog_bytes: if self.estimator.has_reports() {
-                self.estimator.backlog()
-            } else {
-                0
-            },
-            elapsed: now - self.start,
-            page_wire_bytes,
+        let backlog_bytes = if self.estimator.has_reports() {
+            self.estimator.backlog()
+        } else {
+            0
         };
+        let mut cx = StrategyContext::new(
+            &self.layout,
+            &mut self.send,
+            &mut self.round_report,
+            now - self.start,
+        );
+        cx.link_rate = link_rate;
+        cx.backlog_bytes = backlog_bytes;
         let decision = self.strategy.end_round(now, &mut cx, host)?;
         self.report.rounds.push(self.round_report.clone());
         match decision {
@@ -976,17 +961,9 @@ impl<S: Strategy> Source<S> {
         self.stop_and_copy = true;
         self.report.stop_reason = Some(reason);
         self.report.preparation_time = now - self.start;
-        let page_wire_bytes = self.page_wire_bytes();
         let mut round = RoundReport::default();
-        let mut cx = StrategyContext {
-            layout: &self.layout,
-            send: &mut self.send,
-            round: &mut round,
-            link_rate: None,
-            backlog_bytes: 0,
-            elapsed: now - self.start,
-            page_wire_bytes,
-        };
+        let mut cx =
+            StrategyContext::new(&self.layout, &mut self.send, &mut round, now - self.start);
         self.strategy.final_round(now, &mut cx, host)?;
         self.begin_round(now);
         Ok(())
@@ -1003,16 +980,12 @@ impl<S: Strategy> Source<S> {
         host: &mut H,
     ) -> Result<usize, MigrationError> {
         if !self.stop_and_copy {
-            let page_wire_bytes = self.page_wire_bytes();
-            let mut cx = StrategyContext {
-                layout: &self.layout,
-                send: &mut self.send,
-                round: &mut self.round_report,
-                link_rate: None,
-                backlog_bytes: 0,
-                elapsed: now - self.start,
-                page_wire_bytes,
-            };
+            let mut cx = StrategyContext::new(
+                &self.layout,
+                &mut self.send,
+                &mut self.round_report,
+                now - self.start,
+            );
             self.strategy.during_round(now, &mut cx, host)?;
         }
         let page_size = self.layout.page_size().bytes();

@@ -626,6 +626,18 @@ pub enum ChecksumPolicy {
     Optional,
 }
 
+impl ChecksumPolicy {
+    /// The policy of a side that may relax checksums only after the handshake negotiated them
+    /// off: `Required` during the handshake or while `negotiated` is on.
+    pub fn after_handshake(handshake_done: bool, negotiated: bool) -> Self {
+        if negotiated || !handshake_done {
+            ChecksumPolicy::Required
+        } else {
+            ChecksumPolicy::Optional
+        }
+    }
+}
+
 impl<'a> Frame<'a> {
     /// Decodes the frame at the start of `buf` requiring a checksum, returning it and its
     /// length in bytes. Returns [`WireError::Incomplete`] if `buf` holds only part of it.

@@ -149,7 +149,7 @@ fn tcp_migration_with_a_running_workload_is_byte_exact() {
 }
 
 #[test]
-fn several_tcp_connections_with_a_running_workload_are_byte_exact() {
+fn several_connections_over_tcp_and_loopback_are_byte_exact() {
     // Pages sharded across 3 connections arrive out of order between them; generations decide.
     for (transport, seed) in [(TransportKind::Tcp, 21), (TransportKind::Loopback, 22)] {
         let report = migrate_and_compare_over(

@@ -46,6 +46,26 @@ pub struct StrategyContext<'a> {
     pub page_wire_bytes: u64,
 }
 
+impl<'a> StrategyContext<'a> {
+    /// A context with no link measurements (no rate, no backlog yet).
+    pub fn new(
+        layout: &'a MemoryLayout,
+        send: &'a mut DirtyBitmap,
+        round: &'a mut RoundReport,
+        elapsed: Nanos,
+    ) -> Self {
+        StrategyContext {
+            page_wire_bytes: crate::wire::page_frame_len(layout.page_size().bytes()) as u64,
+            layout,
+            send,
+            round,
+            link_rate: None,
+            backlog_bytes: 0,
+            elapsed,
+        }
+    }
+}
+
 /// What a strategy decides at the end of a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
