@@ -19,6 +19,8 @@
 //!   commit point, the report; output bounded by the caller.
 //! - [`strategy`]: what decides which pages go: pre-copy today, behind a trait.
 //! - [`receive`]: the destination state machine, with a per-strategy page policy.
+//! - [`drive`]: the one reference driver loop, over any [`drive::Link`] (the simulator's, real
+//!   connections', the tests').
 //! - [`track`]: writable-working-set predictors (WSClock, LRU, splay tree, history).
 //! - [`report`]: the metrics every migration reports.
 //! - [`digest`]: the order-independent whole-memory digest both sides agree on.
@@ -107,6 +109,7 @@ extern crate alloc;
 pub mod bitmap;
 pub mod codec;
 pub mod digest;
+pub mod drive;
 pub mod error;
 pub mod memory;
 pub mod page;

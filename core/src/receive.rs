@@ -288,6 +288,11 @@ impl<P: PagePolicy> Destination<P> {
         n
     }
 
+    /// Bytes of replies queued and not yet taken by [`Destination::poll_transmit`].
+    pub fn pending_replies(&self) -> usize {
+        self.out.len() - self.out_sent
+    }
+
     /// Appends every queued reply to `out`.
     pub fn drain_replies(&mut self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.out[self.out_sent..]);

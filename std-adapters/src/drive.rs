@@ -1,16 +1,14 @@
-//! The reference driver: runs the core's state machines over real connections with a real
-//! clock. One loop per side serves one connection or many; the core decides everything, this
-//! module only moves bytes, reads the clock and owns the threads.
+//! Real connections with a real clock, for the core's one driver loop ([`memferry::drive`]):
+//! this module implements its [`Link`] with threads and moves bytes; the loop and the engine
+//! decide everything.
 //!
-//! - [`run_source`]: one reader thread and one writer thread per channel. The engine thread
-//!   offers each channel a free buffer, asks [`Source::poll_transmit`] to fill at most that
-//!   much (so output is bounded by buffers the writers have handed back: back-pressure comes
-//!   from the shape of the loop), reports bytes the transport wrote with
-//!   [`Source::on_delivered`], feeds replies to [`Source::handle_input`] and calls
-//!   [`Source::handle_timeout`] when [`Source::poll_timeout`] says (the peer timeout lives in
-//!   the engine).
-//! - [`run_destination`]: one reader thread per channel, one engine thread applying frames in
-//!   arrival order per channel, replies written on channel 0.
+//! - [`run_source`]: one reader thread and one writer thread per channel. Each channel has two
+//!   1 MiB buffers; the engine fills a free one (never more than its length) and a writer
+//!   writes it, so output is bounded by the buffers the writers have handed back. A finished
+//!   write is reported to the engine as delivered.
+//! - [`run_destination`]: the same threads; the engine applies frames in arrival order per
+//!   channel, and a bounded queue holds a source faster than the destination back through
+//!   TCP. Replies go out on channel 0.
 //! - [`read_hello`] / [`read_join`]: read the opening frame of a connection, so a listener can
 //!   size the guest and order the channels before it builds the destination.
 //!
@@ -18,17 +16,19 @@
 //! cancels the engine (a paused source guest resumes before the commit point) and is returned
 //! with the engine's view of it.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{self, Receiver as EventQueue, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
+use memferry::drive::{self, DriveFailure, Link, LinkEvent};
 use memferry::error::MigrationError;
 use memferry::memory::{DestinationGuest, PageWrite, SourceHost};
 use memferry::page::{MemoryLayout, PageSize, Region};
-use memferry::receive::{Destination, DestinationStatus, PagePolicy};
+use memferry::receive::{Destination, PagePolicy};
 use memferry::report::RoundReport;
-use memferry::session::{Source, SourceStatus};
+use memferry::session::Source;
 use memferry::strategy::Strategy;
 use memferry::time::Nanos;
 use memferry::wire::{self, Frame, WireError};
@@ -203,7 +203,7 @@ fn spawn_reader(channel: u16, mut reader: BoxRead, events: impl EventSink) {
 fn spawn_writer(
     channel: u16,
     mut writer: BoxWrite,
-    events: mpsc::Sender<Event>,
+    events: impl EventSink,
 ) -> SyncSender<(Vec<u8>, usize)> {
     let (tx, rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS_PER_CHANNEL);
     std::thread::Builder::new()
@@ -227,6 +227,171 @@ fn spawn_writer(
     tx
 }
 
+/// The [`Link`] of real connections: a reader and a writer thread per channel, a real clock.
+///
+/// Each channel has [`BUFFERS_PER_CHANNEL`] buffers of [`WRITE_BYTES`]; a buffer is free again
+/// when its writer has written it, and that write is what [`LinkEvent::Delivered`] reports.
+struct ThreadLink {
+    clock: Clock,
+    events: EventQueue<Event>,
+    writers: Vec<SyncSender<(Vec<u8>, usize)>>,
+    free: Vec<Vec<Vec<u8>>>,
+    /// Buffers handed to writers and not yet back.
+    in_flight: usize,
+    /// Bytes read before the link started (what followed a hello in its read), delivered first.
+    early: VecDeque<(u16, Vec<u8>)>,
+    /// Every thread has ended: nothing more can happen.
+    dead: bool,
+}
+
+impl ThreadLink {
+    fn new(
+        clock: Clock,
+        channels: Vec<(BoxRead, BoxWrite)>,
+        early: VecDeque<(u16, Vec<u8>)>,
+        queue_bound: Option<usize>,
+    ) -> Self {
+        let (events_tx, events_sync, events) = match queue_bound {
+            None => {
+                let (tx, rx) = mpsc::channel();
+                (Some(tx), None, rx)
+            }
+            Some(bound) => {
+                let (tx, rx) = mpsc::sync_channel(bound);
+                (None, Some(tx), rx)
+            }
+        };
+        let mut writers = Vec::new();
+        let mut free = Vec::new();
+        for (ch, (reader, writer)) in channels.into_iter().enumerate() {
+            let ch = ch as u16;
+            match (&events_tx, &events_sync) {
+                (Some(tx), _) => {
+                    spawn_reader(ch, reader, tx.clone());
+                    writers.push(spawn_writer(ch, writer, tx.clone()));
+                }
+                (_, Some(tx)) => {
+                    spawn_reader(ch, reader, tx.clone());
+                    writers.push(spawn_writer(ch, writer, tx.clone()));
+                }
+                _ => unreachable!("one of the two queues exists"),
+            }
+            free.push(
+                (0..BUFFERS_PER_CHANNEL)
+                    .map(|_| vec![0u8; WRITE_BYTES])
+                    .collect(),
+            );
+        }
+        ThreadLink {
+            clock,
+            events,
+            writers,
+            free,
+            in_flight: 0,
+            early,
+            dead: false,
+        }
+    }
+
+    fn event(&mut self, event: Event) -> LinkEvent<io::Error> {
+        match event {
+            Event::Bytes(channel, bytes) => LinkEvent::Received { channel, bytes },
+            Event::Written(channel, buf, n) => {
+                self.free[channel as usize].push(buf);
+                self.in_flight -= 1;
+                LinkEvent::Delivered { bytes: n as u64 }
+            }
+            Event::Closed(channel, error) => LinkEvent::Closed { channel, error },
+            Event::WriteFailed(channel, error) => {
+                self.in_flight -= 1;
+                LinkEvent::Closed {
+                    channel,
+                    error: Some(error),
+                }
+            }
+        }
+    }
+
+    fn all_closed(&mut self) -> LinkEvent<io::Error> {
+        self.dead = true;
+        LinkEvent::Closed {
+            channel: 0,
+            error: Some(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "every connection closed",
+            )),
+        }
+    }
+}
+
+impl<H: ?Sized> Link<H> for ThreadLink {
+    type Error = io::Error;
+
+    fn now(&mut self) -> Nanos {
+        self.clock.now()
+    }
+
+    fn channels(&self) -> u16 {
+        self.writers.len() as u16
+    }
+
+    fn buffer(&mut self, channel: u16) -> Option<&mut [u8]> {
+        self.free
+            .get_mut(channel as usize)?
+            .last_mut()
+            .map(|b| b.as_mut_slice())
+    }
+
+    fn send(&mut self, _host: &mut H, channel: u16, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let ch = channel as usize;
+        let Some(buf) = self.free[ch].pop() else {
+            return;
+        };
+        // A writer that is gone has reported why (a WriteFailed event is queued).
+        if self.writers[ch].send((buf, len)).is_ok() {
+            self.in_flight += 1;
+        }
+    }
+
+    fn wait(&mut self, _host: &mut H, deadline: Option<Nanos>) -> LinkEvent<io::Error> {
+        if let Some((channel, bytes)) = self.early.pop_front() {
+            return LinkEvent::Received { channel, bytes };
+        }
+        if self.dead {
+            return self.all_closed();
+        }
+        let wait = deadline.map_or(MAX_WAIT, |t| self.clock.until(t).min(MAX_WAIT));
+        let event = if wait.is_zero() {
+            match self.events.try_recv() {
+                Ok(e) => e,
+                Err(mpsc::TryRecvError::Empty) => return LinkEvent::Idle,
+                Err(mpsc::TryRecvError::Disconnected) => return self.all_closed(),
+            }
+        } else {
+            match self.events.recv_timeout(wait) {
+                Ok(e) => e,
+                Err(RecvTimeoutError::Timeout) => return LinkEvent::Idle,
+                Err(RecvTimeoutError::Disconnected) => return self.all_closed(),
+            }
+        };
+        self.event(event)
+    }
+
+    fn sending(&self) -> bool {
+        self.in_flight > 0
+    }
+}
+
+fn drive_error(failure: DriveFailure<io::Error>) -> DriveError {
+    DriveError::Migration {
+        error: failure.error,
+        transport: failure.transport,
+    }
+}
+
 /// Runs `engine` to completion over `channels` (one (reader, writer) per channel, channel 0
 /// first; the engine's `SessionConfig::channels` must equal their number). `on_round` is
 /// called with each round as it finishes (the stop-and-copy round last).
@@ -241,253 +406,8 @@ where
     S: Strategy,
     H: SourceHost,
 {
-    let (events_tx, events) = mpsc::channel();
-    let mut writers = Vec::new();
-    let mut free: Vec<Vec<Vec<u8>>> = Vec::new();
-    for (ch, (reader, writer)) in channels.into_iter().enumerate() {
-        spawn_reader(ch as u16, reader, events_tx.clone());
-        writers.push(spawn_writer(ch as u16, writer, events_tx.clone()));
-        free.push(
-            (0..BUFFERS_PER_CHANNEL)
-                .map(|_| vec![0u8; WRITE_BYTES])
-                .collect(),
-        );
-    }
-    drop(events_tx);
-    let mut inbox: Vec<u8> = Vec::new();
-    let mut rounds_reported = 0;
-    let result = source_loop(
-        engine,
-        host,
-        &events,
-        &writers,
-        &mut free,
-        &mut inbox,
-        clock,
-        &mut on_round,
-        &mut rounds_reported,
-    );
-    while rounds_reported < engine.report().rounds.len() {
-        on_round(&engine.report().rounds[rounds_reported]);
-        rounds_reported += 1;
-    }
-    if result.is_err() {
-        // Hand the abort frame (queued on channel 0) to the writer, and give it a moment.
-        flush_abort(engine, host, &events, &writers, &mut free, clock);
-    }
-    result
-}
-
-#[allow(clippy::too_many_arguments)]
-fn source_loop<S: Strategy, H: SourceHost>(
-    engine: &mut Source<S>,
-    host: &mut H,
-    events: &EventQueue<Event>,
-    writers: &[SyncSender<(Vec<u8>, usize)>],
-    free: &mut [Vec<Vec<u8>>],
-    inbox: &mut Vec<u8>,
-    clock: &Clock,
-    on_round: &mut impl FnMut(&RoundReport),
-    rounds_reported: &mut usize,
-) -> Result<(), DriveError> {
-    loop {
-        let mut progress = false;
-        for ch in 0..writers.len() {
-            while let Some(mut buf) = free[ch].pop() {
-                let n = engine.poll_transmit(clock.now(), ch as u16, &mut buf, host)?;
-                if n == 0 {
-                    free[ch].push(buf);
-                    break;
-                }
-                progress = true;
-                if writers[ch].send((buf, n)).is_err() {
-                    // The writer stopped because a write failed: find out why.
-                    let mut error = io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        format!("the connection of channel {ch} failed"),
-                    );
-                    let deadline = Instant::now() + Duration::from_secs(1);
-                    while let Ok(event) =
-                        events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                    {
-                        match event {
-                            Event::WriteFailed(_, e) => {
-                                error = e;
-                                break;
-                            }
-                            Event::Bytes(_, bytes) => inbox.extend_from_slice(&bytes),
-                            _ => {}
-                        }
-                    }
-                    return Err(explain_write_failure(
-                        engine, host, events, inbox, clock, ch as u16, error,
-                    ));
-                }
-            }
-        }
-        while *rounds_reported < engine.report().rounds.len() {
-            on_round(&engine.report().rounds[*rounds_reported]);
-            *rounds_reported += 1;
-        }
-        if engine.status() == SourceStatus::Done {
-            return Ok(());
-        }
-        let now = clock.now();
-        let wait = match engine.poll_timeout() {
-            _ if progress => Duration::ZERO,
-            Some(t) if t <= now => {
-                engine.handle_timeout(now, host)?;
-                // Work is due (hashing, a round's end, queued frames). With a free buffer, call
-                // again at once (after a look at the events, so writers' hand-backs and
-                // replies are seen); with none, wait for a writer to hand one back.
-                if free.iter().any(|f| !f.is_empty()) {
-                    Duration::ZERO
-                } else {
-                    MAX_WAIT
-                }
-            }
-            Some(t) => clock.until(t).min(MAX_WAIT),
-            None => MAX_WAIT,
-        };
-        let event = if wait.is_zero() {
-            match events.try_recv() {
-                Ok(e) => Some(e),
-                Err(mpsc::TryRecvError::Empty) => None,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    return Err(engine
-                        .cancel(clock.now(), "all connections closed", host)
-                        .into())
-                }
-            }
-        } else {
-            match events.recv_timeout(wait) {
-                Ok(e) => Some(e),
-                Err(RecvTimeoutError::Timeout) => {
-                    engine.handle_timeout(clock.now(), host)?;
-                    None
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(engine
-                        .cancel(clock.now(), "all connections closed", host)
-                        .into())
-                }
-            }
-        };
-        let Some(event) = event else { continue };
-        match event {
-            Event::Written(ch, buf, n) => {
-                free[ch as usize].push(buf);
-                engine.on_delivered(clock.now(), n as u64);
-            }
-            Event::Bytes(ch, bytes) => {
-                inbox.extend_from_slice(&bytes);
-                let used = engine.handle_input(clock.now(), ch, inbox, host)?;
-                inbox.drain(..used);
-            }
-            Event::Closed(ch, None) if ch != 0 => {
-                // A bulk channel closed cleanly: the destination finished, or went away (then
-                // channel 0 tells, or a write fails, or the peer timeout fires). Its replies,
-                // Verified among them, come on channel 0 and may still be queued.
-            }
-            Event::Closed(ch, err) => {
-                // Replies read before the close may still be queued behind it.
-                while let Ok(Event::Bytes(c, bytes)) = events.try_recv() {
-                    inbox.extend_from_slice(&bytes);
-                    let used = engine.handle_input(clock.now(), c, inbox, host)?;
-                    inbox.drain(..used);
-                }
-                if engine.status() == SourceStatus::Done {
-                    return Ok(());
-                }
-                let why = match &err {
-                    Some(e) => format!("reading from the destination (channel {ch}) failed: {e}"),
-                    None => format!("the destination closed channel {ch}"),
-                };
-                let error = engine.cancel(clock.now(), &why, host);
-                return Err(DriveError::Migration {
-                    error,
-                    transport: err,
-                });
-            }
-            Event::WriteFailed(ch, e) => {
-                return Err(explain_write_failure(
-                    engine, host, events, inbox, clock, ch, e,
-                ))
-            }
-        }
-    }
-}
-
-/// A write failed: most often because the destination refused something and hung up. Its
-/// abort frame (if it sent one) explains more than "broken pipe", so look for it first.
-fn explain_write_failure<S: Strategy, H: SourceHost>(
-    engine: &mut Source<S>,
-    host: &mut H,
-    events: &EventQueue<Event>,
-    inbox: &mut Vec<u8>,
-    clock: &Clock,
-    channel: u16,
-    error: io::Error,
-) -> DriveError {
-    if !inbox.is_empty() {
-        if let Err(e @ MigrationError::PeerAborted { .. }) =
-            engine.handle_input(clock.now(), 0, inbox, host)
-        {
-            return DriveError::Migration {
-                error: e,
-                transport: Some(error),
-            };
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while let Ok(event) = events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        if let Event::Bytes(ch, bytes) = event {
-            inbox.extend_from_slice(&bytes);
-            if let Err(e @ MigrationError::PeerAborted { .. }) =
-                engine.handle_input(clock.now(), ch, inbox, host)
-            {
-                return DriveError::Migration {
-                    error: e,
-                    transport: Some(error),
-                };
-            }
-        }
-    }
-    let why = format!("writing to the destination (channel {channel}) failed: {error}");
-    let e = engine.cancel(clock.now(), &why, host);
-    DriveError::Migration {
-        error: e,
-        transport: Some(error),
-    }
-}
-
-fn flush_abort<S: Strategy, H: SourceHost>(
-    engine: &mut Source<S>,
-    host: &mut H,
-    events: &EventQueue<Event>,
-    writers: &[SyncSender<(Vec<u8>, usize)>],
-    free: &mut [Vec<Vec<u8>>],
-    clock: &Clock,
-) {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    loop {
-        if let Some(mut buf) = free[0].pop() {
-            match engine.poll_transmit(clock.now(), 0, &mut buf, host) {
-                Ok(n) if n > 0 => {
-                    if writers[0].send((buf, n)).is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                _ => return,
-            }
-        }
-        match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(Event::Written(0, buf, _)) => free[0].push(buf),
-            Ok(_) => {}
-            Err(_) => return,
-        }
-    }
+    let mut link = ThreadLink::new(*clock, channels, VecDeque::new(), None);
+    drive::drive_source(engine, host, &mut link, &mut on_round).map_err(drive_error)
 }
 
 /// A read buffer that always has room for the largest legal frame.
@@ -648,106 +568,15 @@ where
     P: PagePolicy,
     H: PageWrite + DestinationGuest,
 {
-    let (events_tx, events) =
-        mpsc::sync_channel(DESTINATION_QUEUE_PER_CHANNEL * channels.len().max(1));
-    let mut writers = Vec::new();
-    let mut inboxes = Vec::new();
+    let mut early = VecDeque::new();
+    let mut ends = Vec::new();
+    let bound = DESTINATION_QUEUE_PER_CHANNEL * channels.len().max(1);
     for (ch, (reader, buffer, writer)) in channels.into_iter().enumerate() {
-        inboxes.push(buffer.pending().to_vec());
-        spawn_reader(ch as u16, reader, events_tx.clone());
-        writers.push(writer);
-    }
-    drop(events_tx);
-    let mut out = Vec::new();
-    // Whatever arrived with the opening frames.
-    for (ch, inbox) in inboxes.iter_mut().enumerate() {
-        if !inbox.is_empty() {
-            let bytes = std::mem::take(inbox);
-            let r = apply(destination, host, ch as u16, &bytes, inbox, clock);
-            reply(destination, &mut writers[0], &mut out, r)?;
+        if !buffer.pending().is_empty() {
+            early.push_back((ch as u16, buffer.pending().to_vec()));
         }
+        ends.push((reader, writer));
     }
-    loop {
-        if destination.status() == DestinationStatus::Complete {
-            return Ok(());
-        }
-        let wait = destination
-            .poll_timeout()
-            .map_or(MAX_WAIT, |t| clock.until(t).min(MAX_WAIT));
-        match events.recv_timeout(wait) {
-            Ok(Event::Bytes(ch, bytes)) => {
-                let inbox = &mut inboxes[ch as usize];
-                let r = if inbox.is_empty() {
-                    apply(destination, host, ch, &bytes, inbox, clock)
-                } else {
-                    inbox.extend_from_slice(&bytes);
-                    let all = std::mem::take(inbox);
-                    apply(destination, host, ch, &all, inbox, clock)
-                };
-                reply(destination, &mut writers[0], &mut out, r)?;
-            }
-            Ok(Event::Closed(ch, err)) => {
-                if destination.status() == DestinationStatus::Complete {
-                    return Ok(());
-                }
-                let why = match &err {
-                    Some(e) => format!("reading from the source (channel {ch}) failed: {e}"),
-                    None => format!("the source closed channel {ch} mid-migration"),
-                };
-                let error = destination.cancel(&why);
-                let _ = reply(destination, &mut writers[0], &mut out, Ok(()));
-                return Err(DriveError::Migration {
-                    error,
-                    transport: err,
-                });
-            }
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                let r = destination.handle_timeout(clock.now());
-                reply(destination, &mut writers[0], &mut out, r)?;
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                let error = destination.cancel("every connection closed");
-                return Err(error.into());
-            }
-        }
-    }
-}
-
-/// Feeds `bytes` to the destination; what does not make a whole frame goes to `rest`.
-fn apply<P: PagePolicy, H: PageWrite + DestinationGuest>(
-    destination: &mut Destination<P>,
-    host: &mut H,
-    channel: u16,
-    bytes: &[u8],
-    rest: &mut Vec<u8>,
-    clock: &Clock,
-) -> Result<(), MigrationError> {
-    let used = destination.handle_input(clock.now(), channel, bytes, host)?;
-    rest.extend_from_slice(&bytes[used..]);
-    Ok(())
-}
-
-/// Writes the destination's replies (an abort too, after an error), then returns `result`.
-fn reply<P: PagePolicy>(
-    destination: &mut Destination<P>,
-    writer: &mut BoxWrite,
-    out: &mut Vec<u8>,
-    result: Result<(), MigrationError>,
-) -> Result<(), DriveError> {
-    destination.drain_replies(out);
-    if !out.is_empty() {
-        let written = writer.write_all(out).and_then(|_| writer.flush());
-        out.clear();
-        if let Err(e) = written {
-            // A failed write after an error is moot; otherwise it is the failure.
-            result?;
-            let error = destination.cancel(&format!("writing to the source failed: {e}"));
-            return Err(DriveError::Migration {
-                error,
-                transport: Some(e),
-            });
-        }
-    }
-    result.map_err(DriveError::from)
+    let mut link = ThreadLink::new(*clock, ends, early, Some(bound));
+    drive::drive_destination(destination, host, &mut link).map_err(drive_error)
 }
