@@ -170,6 +170,14 @@ pub enum MigrationError {
         /// How long it waited.
         after: Nanos,
     },
+    /// The link delivered nothing for too long while bytes waited to go (a stalled or
+    /// partitioned connection; only drivers that report deliveries detect it).
+    Stalled {
+        /// How long nothing was delivered.
+        after: Nanos,
+        /// Bytes handed to the transport and not delivered.
+        undelivered: u64,
+    },
     /// The caller cancelled the migration, or the transport closed before it completed.
     Cancelled(String),
 }
@@ -213,7 +221,7 @@ impl MigrationError {
             MigrationError::Incompatible(_) => AbortCode::Incompatible,
             MigrationError::PeerAborted { code, .. } => *code,
             MigrationError::DigestMismatch { .. } => AbortCode::DigestMismatch,
-            MigrationError::Timeout { .. } => AbortCode::Timeout,
+            MigrationError::Timeout { .. } | MigrationError::Stalled { .. } => AbortCode::Timeout,
             MigrationError::Cancelled(_) => AbortCode::Cancelled,
         }
     }
@@ -254,6 +262,10 @@ impl fmt::Display for MigrationError {
             MigrationError::Timeout { waiting_for, after } => write!(
                 f,
                 "the peer sent nothing for {after} while this side waited for {waiting_for}"
+            ),
+            MigrationError::Stalled { after, undelivered } => write!(
+                f,
+                "the link delivered nothing for {after} while {undelivered} bytes waited to go"
             ),
             MigrationError::Cancelled(why) => write!(f, "migration cancelled: {why}"),
         }

@@ -82,6 +82,10 @@ pub struct SessionConfig {
     pub session_id: u64,
     /// Bytes hashed per `poll_transmit` call while verifying (keeps each call short).
     pub hash_batch_bytes: usize,
+    /// The longest the link may deliver nothing while bytes wait to go, before the migration
+    /// fails with [`MigrationError::Stalled`] (before the commit point the guest resumes).
+    /// Applies only when the driver reports deliveries ([`Source::on_delivered`]). Default 10 s.
+    pub stall_timeout: Nanos,
 }
 
 impl Default for SessionConfig {
@@ -93,6 +97,7 @@ impl Default for SessionConfig {
             peer_timeout: Nanos::from_secs(60),
             session_id: 0,
             hash_batch_bytes: 1 << 20,
+            stall_timeout: Nanos::from_secs(10),
         }
     }
 }
@@ -191,6 +196,11 @@ pub struct Source<S: Strategy = PreCopy> {
     checksum: bool,
     max_device_state: u64,
     estimator: DeliveryEstimator,
+    /// When the link last made progress (delivered bytes, or got bytes while it had none).
+    link_progress: Nanos,
+    /// The strategy chose stop-and-copy: the guest pauses once the link has delivered what
+    /// it holds (bytes in socket buffers would otherwise go out inside the downtime).
+    draining: Option<StopReason>,
     start: Nanos,
     paused: bool,
     paused_at: Nanos,
@@ -259,6 +269,8 @@ impl<S: Strategy> Source<S> {
             checksum: true,
             max_device_state: u64::MAX,
             estimator: DeliveryEstimator::new(),
+            link_progress: Nanos::ZERO,
+            draining: None,
             start: Nanos::ZERO,
             paused: false,
             paused_at: Nanos::ZERO,
@@ -366,7 +378,17 @@ impl<S: Strategy> Source<S> {
 
     /// Bytes the transport reports delivered since the last report (see the module docs).
     pub fn on_delivered(&mut self, now: Nanos, bytes: u64) {
+        self.last_now = self.last_now.max(now);
         self.estimator.delivered(now, bytes);
+        if bytes > 0 {
+            self.link_progress = now;
+        }
+    }
+
+    /// When the link counts as stalled, if bytes wait and the driver reports deliveries.
+    fn stall_deadline(&self) -> Option<Nanos> {
+        (self.estimator.has_reports() && self.estimator.backlog() > 0)
+            .then(|| self.link_progress + self.config.stall_timeout)
     }
 
     /// The link's rate as measured from delivery reports.
@@ -381,14 +403,22 @@ impl<S: Strategy> Source<S> {
             // Frames are queued (perhaps by a call for another channel): send them now.
             return Some(self.last_now);
         }
-        match self.state {
+        let state = match self.state {
             State::Start | State::Hashing { .. } => Some(self.last_now),
             State::AwaitAccept | State::AwaitReady | State::AwaitVerdict => {
                 Some(self.last_heard + self.config.peer_timeout)
             }
             State::Sending if self.exhausted => Some(self.last_now),
+            State::Sending if self.draining.is_some() && self.estimator.backlog() == 0 => {
+                Some(self.last_now)
+            }
+            State::Sending if self.draining.is_some() => None,
             State::Sending => self.rate_wake,
-            State::Done | State::Failed => None,
+            State::Done | State::Failed => return None,
+        };
+        match (state, self.stall_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
@@ -399,6 +429,18 @@ impl<S: Strategy> Source<S> {
         host: &mut H,
     ) -> Result<(), MigrationError> {
         self.last_now = self.last_now.max(now);
+        if matches!(self.state, State::Done | State::Failed) {
+            return Ok(());
+        }
+        if let Some(deadline) = self.stall_deadline() {
+            if now >= deadline {
+                let error = MigrationError::Stalled {
+                    after: now - self.link_progress,
+                    undelivered: self.estimator.backlog(),
+                };
+                return self.fail(now, error, host);
+            }
+        }
         let waiting_for = match self.state {
             State::AwaitAccept => "its accept",
             State::AwaitReady => "it to run the guest",
@@ -441,6 +483,7 @@ impl<S: Strategy> Source<S> {
         if n < buf.len()
             && self.state == State::Sending
             && !self.exhausted
+            && self.draining.is_none()
             && self.channels[ch].pending().is_empty()
         {
             match self.send_pages(now, ch, &mut buf[n..], host) {
@@ -465,6 +508,9 @@ impl<S: Strategy> Source<S> {
             return;
         }
         self.report.bytes_sent += n as u64;
+        if self.estimator.backlog() == 0 {
+            self.link_progress = now;
+        }
         self.estimator.handed(now, n as u64);
         if self.switchover_queued && self.channels[0].pending().is_empty() && !self.report.committed
         {
@@ -885,6 +931,12 @@ impl<S: Strategy> Source<S> {
                 }
                 self.state = State::AwaitAccept;
             }
+            State::Sending if self.draining.is_some() => {
+                if self.estimator.backlog() == 0 {
+                    let reason = self.draining.take().expect("draining");
+                    self.enter_stop_and_copy(now, reason, host)?;
+                }
+            }
             State::Sending if self.exhausted => {
                 if self.stop_and_copy {
                     self.close_final_round(now);
@@ -942,6 +994,15 @@ impl<S: Strategy> Source<S> {
         let decision = self.strategy.end_round(now, &mut cx, host)?;
         self.report.rounds.push(self.round_report.clone());
         match decision {
+            Decision::StopAndCopy(reason)
+                if self.estimator.has_reports() && self.estimator.backlog() > 0 =>
+            {
+                // Pause once the link has delivered what it holds: those bytes would
+                // otherwise cross the link inside the downtime. The guest runs meanwhile and
+                // the final sync picks up what it writes.
+                self.exhausted = false;
+                self.draining = Some(reason);
+            }
             Decision::StopAndCopy(reason) => self.enter_stop_and_copy(now, reason, host)?,
             _ => self.begin_round(now),
         }

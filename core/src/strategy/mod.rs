@@ -36,9 +36,10 @@ pub struct StrategyContext<'a> {
     pub round: &'a mut RoundReport,
     /// The link's delivery rate, if the transport reports deliveries.
     pub link_rate: Option<ByteRate>,
-    /// Bytes handed to the transport but not yet delivered (socket buffers, in flight): they
-    /// must cross the link before the destination can run, so they count in a downtime
-    /// estimate. 0 when the transport reports no deliveries.
+    /// Bytes handed to the transport but not yet delivered (socket buffers, in flight). The
+    /// session lets them drain before it pauses the guest, which writes meanwhile: a downtime
+    /// estimate counts what it writes in that time. 0 when the transport reports no
+    /// deliveries.
     pub backlog_bytes: u64,
     /// Time since the migration started.
     pub elapsed: Nanos,

@@ -211,8 +211,17 @@ impl Strategy for PreCopy {
             self.held.clear();
         }
         let pending_pages = dirty_pages + held_back - redirtied;
-        // What still sits in the transport's buffers goes before the final round does.
-        let backlog_pages = cx.backlog_bytes.div_ceil(cx.page_wire_bytes.max(1));
+        // The session pauses only once the transport's buffers have drained; the guest keeps
+        // writing meanwhile, at this round's rate, and those pages join the final round.
+        let drain = cx
+            .link_rate
+            .map_or(Nanos::ZERO, |rate| rate.time_for(cx.backlog_bytes));
+        let backlog_pages = if cx.round.duration == Nanos::ZERO {
+            0
+        } else {
+            ((dirty_pages as u128 * drain.0 as u128).div_ceil(cx.round.duration.0 as u128))
+                .min(self.dirty.len() as u128) as u64
+        };
         let r = &mut *cx.round;
         let decision = self.scheduler.end_round(
             RoundOutcome {

@@ -17,16 +17,17 @@
 pub mod content;
 pub mod workload;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use memferry::bitmap::DirtyBitmap;
-use memferry::error::{HostError, MigrationError};
+use memferry::drive::{self, Link, LinkEvent};
+use memferry::error::HostError;
 use memferry::memory::{DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest};
 use memferry::page::{Geometry, PageIndex, PageSize};
 use memferry::page::{MemoryLayout, Region};
 use memferry::receive::{Destination, DestinationConfig, DestinationStatus};
 use memferry::report::MigrationReport;
-use memferry::session::{Next, Source};
+use memferry::session::Source;
 use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
 use memferry::wire;
@@ -165,6 +166,8 @@ pub struct SimGuest {
     paused: bool,
     pages_read: u64,
     pages_scanned: u64,
+    /// Dirty pages the dirty log reported (each costs the predictor an update).
+    dirty_reported: u64,
 }
 
 impl SimGuest {
@@ -185,6 +188,7 @@ impl SimGuest {
             paused: false,
             pages_read: 0,
             pages_scanned: 0,
+            dirty_reported: 0,
         })
     }
 
@@ -221,11 +225,13 @@ impl SimGuest {
         self.written.values().filter(|&&(_, t)| t > since).count() as u64
     }
 
-    /// Pages read (and scanned) since the last call, for the CPU model.
-    fn take_work(&mut self) -> (u64, u64) {
-        let work = (self.pages_read, self.pages_scanned);
+    /// Pages read, pages scanned and dirty pages reported since the last call, for the CPU
+    /// model.
+    fn take_work(&mut self) -> (u64, u64, u64) {
+        let work = (self.pages_read, self.pages_scanned, self.dirty_reported);
         self.pages_read = 0;
         self.pages_scanned = 0;
+        self.dirty_reported = 0;
         work
     }
 }
@@ -258,6 +264,7 @@ impl DirtyLog for SimGuest {
         into: &mut DirtyBitmap,
     ) -> Result<(), HostError> {
         // One region covering the guest (a trace reads as one region too).
+        self.dirty_reported += self.dirty.count_ones();
         into.union_with(&self.dirty);
         self.dirty.clear();
         Ok(())
@@ -361,7 +368,6 @@ pub fn simulate_with_progress(
     scenario: &Scenario,
     mut on_round: impl FnMut(&memferry::report::RoundReport),
 ) -> Result<SimOutcome, String> {
-    let mut reported = 0;
     let mut guest = SimGuest::new(scenario)?;
     let geometry = guest.geometry;
     guest.run(Nanos::ZERO, scenario.warmup);
@@ -371,126 +377,25 @@ pub fn simulate_with_progress(
     };
     let layout = MemoryLayout::single(geometry);
     let mut engine = Source::pre_copy(layout.clone(), engine_config);
-    let mut receiver = Destination::new(
+    let receiver = Destination::new(
         layout,
         DestinationConfig {
             verify: scenario.verify,
             ..DestinationConfig::default()
         },
     );
-    // Bytes that reached the destination but do not yet make a whole frame.
-    let mut inbox: Vec<u8> = Vec::new();
-    let mut destination = SimDestination::default();
-    let link = scenario.link;
-    let cpu = scenario.cpu;
-    let page_size = geometry.page_size().bytes() as u64;
-
-    let mut now = scenario.warmup;
-    let mut out = Vec::with_capacity(scenario.engine.batch_bytes + wire::MAX_FRAME_LEN);
-    let mut replies = Vec::new();
-    // Replies in flight to the source: (arrival time, bytes).
-    let mut in_flight: Vec<(Nanos, Vec<u8>)> = Vec::new();
-    let fail = |e: MigrationError| e.to_string();
-    loop {
-        if now > scenario.time_limit {
-            return Err(format!(
-                "no completion within {} of virtual time",
-                scenario.time_limit
-            ));
-        }
-        while reported < engine.report().rounds.len() {
-            on_round(&engine.report().rounds[reported]);
-            reported += 1;
-        }
-        let rounds_before = engine.report().rounds.len();
-        let polled = engine
-            .poll_with_room(
-                now,
-                &mut guest,
-                &mut out,
-                scenario.engine.batch_bytes.max(1),
-            )
-            .map_err(fail)?;
-        if polled == Next::Done {
-            break;
-        }
-        // A round that just ended had its dirty pages shown to the predictor: the source's CPU
-        // spends that time before sending on, while the guest runs.
-        let predictor = scenario.engine.predictor.name();
-        let learning = engine.report().rounds[rounds_before..]
-            .iter()
-            .map(|r| r.dirty_pages)
-            .sum::<u64>();
-        let update = cpu.predictor_cost(predictor, learning);
-        if update > Nanos::ZERO {
-            guest.run(now, now + update);
-            now += update;
-        }
-        if !out.is_empty() {
-            let (pages, scanned) = guest.take_work();
-            let frames = count_frames(&out);
-            let wire_bytes = out.len() as u64 + frames * link.per_frame_overhead as u64;
-            let send_cpu = cpu.copy.time_for(pages * page_size)
-                + cpu.zero_scan.time_for(scanned * page_size)
-                + cpu.checksum.time_for(out.len() as u64);
-            let receive_cpu =
-                cpu.checksum.time_for(out.len() as u64) + cpu.copy.time_for(pages * page_size);
-            // Reading, sending and applying overlap as a pipeline: the slowest stage sets the pace.
-            let step = link
-                .bandwidth
-                .time_for(wire_bytes)
-                .max(send_cpu)
-                .max(receive_cpu);
-            guest.run(now, now + step);
-            now += step;
-            // The link delivered them: the engine's bandwidth comes from these reports.
-            engine.on_delivered(now, out.len() as u64);
-            let arrival = now + link.latency;
-            // Whole frames go straight from the engine's buffer; only a frame cut between two
-            // polls waits in `inbox` (no copy of every byte).
-            if inbox.is_empty() {
-                let used = receiver
-                    .receive(arrival, &out, &mut destination, &mut replies)
-                    .map_err(fail)?;
-                inbox.extend_from_slice(&out[used..]);
-            } else {
-                inbox.extend_from_slice(&out);
-                let used = receiver
-                    .receive(arrival, &inbox, &mut destination, &mut replies)
-                    .map_err(fail)?;
-                inbox.drain(..used);
-            }
-            out.clear();
-            if !replies.is_empty() {
-                in_flight.push((arrival + link.latency, std::mem::take(&mut replies)));
-            }
-        }
-        let wake = match polled {
-            Next::WaitUntil(t) => Some(t),
-            Next::WaitForPeer => match in_flight.first() {
-                Some((t, _)) => Some(*t),
-                None => return Err("the engine waits for a reply that will never come".into()),
-            },
-            _ => None,
-        };
-        if let Some(t) = wake {
-            if t > now {
-                guest.run(now, t);
-                now = t;
-            }
-        }
-        // Deliver every reply that has arrived.
-        while in_flight.first().is_some_and(|(t, _)| *t <= now) {
-            let (t, bytes) = in_flight.remove(0);
-            engine
-                .receive(t.max(now), &bytes, &mut guest, &mut out)
-                .map_err(fail)?;
-        }
+    let mut link = SimLink::new(scenario, receiver);
+    let driven = drive::drive_source(&mut engine, &mut guest, &mut link, &mut on_round);
+    if let Err(failure) = driven {
+        return Err(match failure.transport {
+            Some(why) => why,
+            None => failure.error.to_string(),
+        });
     }
     if let Some(e) = guest.writer.error() {
         return Err(format!("the workload's trace failed: {e}"));
     }
-    if scenario.verify && receiver.status() != DestinationStatus::Complete {
+    if scenario.verify && link.receiver.status() != DestinationStatus::Complete {
         return Err("the destination did not complete".into());
     }
     let report = engine.report().clone();
@@ -503,6 +408,203 @@ pub fn simulate_with_progress(
         writes: guest.writes(),
         pages_written: guest.pages_written() as u64,
     })
+}
+
+/// The simulator's [`Link`]: a modelled link to a destination engine, in virtual time.
+///
+/// - Producing a batch costs the source's CPU (copying and scanning its pages, checksumming,
+///   and the predictor's update for pages the dirty log reported); the guest runs meanwhile.
+/// - The link sends buffers one after another at its bandwidth (plus a per-frame overhead).
+///   Output goes in buffers of at most [`SimLink::CHUNK`] bytes (a stream is pipelined: the
+///   destination applies the first bytes while the last are produced), and at most two
+///   batches' worth is in flight, as in the real driver; a buffer is free (delivered) once the
+///   link has carried it and the destination has taken it.
+/// - The destination engine applies a batch when it arrives (one latency later) and has spent
+///   its CPU on it; its replies reach the source one latency after that.
+pub struct SimLink {
+    now: Nanos,
+    link: LinkModel,
+    cpu: CpuModel,
+    predictor: &'static str,
+    page_size: u64,
+    time_limit: Nanos,
+    buffer: Vec<u8>,
+    /// Buffers in flight at most.
+    buffers: usize,
+    /// When the link has carried everything handed to it so far.
+    link_free_at: Nanos,
+    /// When the destination has applied everything that reached it so far.
+    destination_free_at: Nanos,
+    /// Batches in flight: (when their buffer is free again, bytes).
+    deliveries: VecDeque<(Nanos, u64)>,
+    /// Replies on their way to the source: (arrival, bytes).
+    replies: VecDeque<(Nanos, Vec<u8>)>,
+    receiver: Destination,
+    destination: SimDestination,
+    /// Bytes that reached the destination but do not yet make a whole frame.
+    inbox: Vec<u8>,
+    /// The destination's first error, reported to the source's loop as a broken link.
+    failure: Option<String>,
+}
+
+impl SimLink {
+    /// The largest buffer the engine fills at once.
+    pub const CHUNK: usize = 256 << 10;
+
+    fn new(scenario: &Scenario, receiver: Destination) -> Self {
+        let page_frame = wire::page_frame_len(scenario.page_size as usize);
+        let batch = scenario.engine.batch_bytes.max(page_frame);
+        let chunk = batch.min(Self::CHUNK).max(page_frame);
+        SimLink {
+            buffers: (2 * batch).div_ceil(chunk).max(2),
+            now: scenario.warmup,
+            link: scenario.link,
+            cpu: scenario.cpu,
+            predictor: scenario.engine.predictor.name(),
+            page_size: scenario.page_size,
+            time_limit: scenario.time_limit,
+            buffer: vec![0; chunk],
+            link_free_at: Nanos::ZERO,
+            destination_free_at: Nanos::ZERO,
+            deliveries: VecDeque::new(),
+            replies: VecDeque::new(),
+            receiver,
+            destination: SimDestination::default(),
+            inbox: Vec::new(),
+            failure: None,
+        }
+    }
+
+    /// Moves virtual time to `t`; the guest runs meanwhile.
+    fn advance(&mut self, guest: &mut SimGuest, t: Nanos) {
+        if t > self.now {
+            guest.run(self.now, t);
+            self.now = t;
+        }
+    }
+
+    /// The destination applies `len` bytes of the buffer that arrive at `arrival`.
+    fn deliver(&mut self, arrival: Nanos, len: usize, pages: u64) -> Nanos {
+        let receive_cpu =
+            self.cpu.checksum.time_for(len as u64) + self.cpu.copy.time_for(pages * self.page_size);
+        let applied = arrival.max(self.destination_free_at) + receive_cpu;
+        self.destination_free_at = applied;
+        let bytes = &self.buffer[..len];
+        let mut replies = Vec::new();
+        let result = if self.inbox.is_empty() {
+            // Whole frames go straight from the buffer; only a frame cut between two batches
+            // waits in `inbox`.
+            self.receiver
+                .receive(applied, bytes, &mut self.destination, &mut replies)
+                .map(|used| self.inbox.extend_from_slice(&bytes[used..]))
+        } else {
+            self.inbox.extend_from_slice(bytes);
+            self.receiver
+                .receive(applied, &self.inbox, &mut self.destination, &mut replies)
+                .map(|used| {
+                    self.inbox.drain(..used);
+                })
+        };
+        if let Err(e) = result {
+            self.failure
+                .get_or_insert(format!("the destination failed: {e}"));
+        }
+        if !replies.is_empty() {
+            self.replies
+                .push_back((applied + self.link.latency, replies));
+        }
+        applied
+    }
+}
+
+impl Link<SimGuest> for SimLink {
+    type Error = String;
+
+    fn now(&mut self) -> Nanos {
+        self.now
+    }
+
+    fn channels(&self) -> u16 {
+        1
+    }
+
+    fn buffer(&mut self, _channel: u16) -> Option<&mut [u8]> {
+        (self.deliveries.len() < self.buffers).then_some(self.buffer.as_mut_slice())
+    }
+
+    fn send(&mut self, guest: &mut SimGuest, _channel: u16, len: usize) {
+        // The source's CPU produced the batch while the guest ran.
+        let (pages, scanned, dirty) = guest.take_work();
+        let produce = self.cpu.copy.time_for(pages * self.page_size)
+            + self.cpu.zero_scan.time_for(scanned * self.page_size)
+            + self.cpu.checksum.time_for(len as u64)
+            + self.cpu.predictor_cost(self.predictor, dirty);
+        self.advance(guest, self.now + produce);
+        if len == 0 {
+            return;
+        }
+        let frames = count_frames(&self.buffer[..len]);
+        let wire_bytes = len as u64 + frames * self.link.per_frame_overhead as u64;
+        let carried = self.now.max(self.link_free_at) + self.link.bandwidth.time_for(wire_bytes);
+        self.link_free_at = carried;
+        let applied = self.deliver(carried + self.link.latency, len, pages);
+        // The buffer is free once the destination took the bytes (TCP's window): a destination
+        // slower than the link holds the source back.
+        self.deliveries
+            .push_back((carried.max(applied - self.link.latency), len as u64));
+    }
+
+    fn wait(&mut self, guest: &mut SimGuest, deadline: Option<Nanos>) -> LinkEvent<String> {
+        if let Some(why) = self.failure.take() {
+            return LinkEvent::Closed {
+                channel: 0,
+                error: Some(why),
+            };
+        }
+        if self.now > self.time_limit {
+            return LinkEvent::Closed {
+                channel: 0,
+                error: Some(format!(
+                    "no completion within {} of virtual time",
+                    self.time_limit
+                )),
+            };
+        }
+        let delivery = self.deliveries.front().map(|d| d.0);
+        let reply = self.replies.front().map(|r| r.0);
+        let next = match (delivery, reply) {
+            (Some(d), Some(r)) => Some(d.min(r)),
+            (d, r) => d.or(r),
+        };
+        match (next, deadline) {
+            (Some(t), Some(d)) if d < t => {
+                self.advance(guest, d);
+                LinkEvent::Idle
+            }
+            (Some(t), _) => {
+                self.advance(guest, t);
+                if delivery == Some(t) {
+                    let (_, bytes) = self.deliveries.pop_front().expect("a delivery is due");
+                    LinkEvent::Delivered { bytes }
+                } else {
+                    let (_, bytes) = self.replies.pop_front().expect("a reply is due");
+                    LinkEvent::Received { channel: 0, bytes }
+                }
+            }
+            (None, Some(d)) => {
+                self.advance(guest, d);
+                LinkEvent::Idle
+            }
+            (None, None) => LinkEvent::Closed {
+                channel: 0,
+                error: Some("the engine waits for a reply that will never come".into()),
+            },
+        }
+    }
+
+    fn sending(&self) -> bool {
+        !self.deliveries.is_empty()
+    }
 }
 
 fn model_figures(
