@@ -931,12 +931,11 @@ impl<S: Strategy> Source<S> {
                 }
                 self.state = State::AwaitAccept;
             }
-            State::Sending if self.draining.is_some() => {
-                if self.estimator.backlog() == 0 {
-                    let reason = self.draining.take().expect("draining");
-                    self.enter_stop_and_copy(now, reason, host)?;
-                }
+            State::Sending if self.draining.is_some() && self.estimator.backlog() == 0 => {
+                let reason = self.draining.take().expect("draining");
+                self.enter_stop_and_copy(now, reason, host)?;
             }
+            State::Sending if self.draining.is_some() => {}
             State::Sending if self.exhausted => {
                 if self.stop_and_copy {
                     self.close_final_round(now);

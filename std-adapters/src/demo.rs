@@ -3,26 +3,34 @@
 //!
 //! - [`prepare_source`]: maps and fills a guest, and starts a workload writing into it.
 //! - [`migrate`]: runs the pre-copy source over a transport until the destination verified it.
-//! - [`serve`]: accepts one migration on a destination, sized by the source's hello.
+//! - [`serve`]: accepts one migration on a destination, sized by the source's hello;
+//!   [`serve_listener`]: the same on a TCP listener open to strangers (limits and timeouts).
 //! - [`run_demo`]: both sides in one process, over TCP on 127.0.0.1 or an in-process loopback.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::fmt;
-use std::io::Write;
-use std::net::TcpListener;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use memferry::bitmap::AtomicDirtyBitmap;
-use memferry::page::{Geometry, MemoryLayout, PageSize};
+use memferry::error::MigrationError;
+use memferry::page::{Geometry, MemoryLayout, PageSize, Region};
 use memferry::receive::{Destination, DestinationConfig};
 use memferry::report::{MigrationReport, RoundReport};
 use memferry::session::{SessionConfig, Source};
 use memferry::strategy::{PreCopy, PreCopyConfig};
 use memferry::time::ByteRate;
+use memferry::wire::{self, AbortCode, Frame, WireError};
 use rand_core::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::drive::{self, Clock, DriveError, FrameBuffer};
 use crate::memory::{DestinationHost, GuestRegion, SourceHost};
+use crate::output;
 use crate::transport::{loopback, tcp, BoxRead, BoxWrite, RateLimited};
 use crate::workload::{below, WorkloadConfig, WorkloadHandle};
 
@@ -50,7 +58,8 @@ impl Default for GuestOptions {
     }
 }
 
-/// Why a job failed.
+/// Why a job failed. Its `Display` escapes control characters ([`printable`]): the text may
+/// quote the peer.
 #[derive(Debug)]
 pub enum JobError {
     /// Setting up (memory, sockets, bad options) failed.
@@ -62,8 +71,10 @@ pub enum JobError {
 impl fmt::Display for JobError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            JobError::Setup(why) => write!(f, "{why}"),
-            JobError::Drive(e) => write!(f, "{e}"),
+            // Both may quote the peer (an abort's message): never let its control characters
+            // reach a terminal.
+            JobError::Setup(why) => f.write_str(&printable(why)),
+            JobError::Drive(e) => f.write_str(&printable(&e.to_string())),
         }
     }
 }
@@ -162,8 +173,37 @@ fn session_id() -> u64 {
     h.finish()
 }
 
-/// The largest guest a listener accepts unless told otherwise: 1 TiB.
-pub const DEFAULT_MAX_GUEST: u64 = 1 << 40;
+/// The largest guest a listener accepts unless told otherwise: 4 GiB. The hello that names the
+/// guest's size comes from a peer nobody has authenticated, so this is how much memory a
+/// stranger may make the listener commit; raise it (`listen --max-memory`) for bigger guests.
+pub const DEFAULT_MAX_GUEST: u64 = 4 << 30;
+
+/// How long a listener waits for each connection's opening frame, and for each further
+/// connection a source announced, unless told otherwise: 10 s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a listener accepts from a source it knows nothing about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ListenOptions {
+    /// The largest guest accepted, in bytes. A guest larger than the memory this host has
+    /// available is refused too.
+    pub max_memory: u64,
+    /// The longest the listener waits for a connection's opening frame (the hello, or a further
+    /// connection's join) to arrive in full, counted from the connection's accept, and for each
+    /// further connection the hello announced. The whole frame must arrive in that time, so a
+    /// peer that sends nothing, half a frame, or a byte now and then cannot hold the listener.
+    /// Once the handshake is over the engine's own peer timeout applies instead.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ListenOptions {
+    fn default() -> Self {
+        ListenOptions {
+            max_memory: DEFAULT_MAX_GUEST,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
 
 /// Receives one migration from (`reader`, `writer`): reads the hello, maps a guest of the size
 /// it names (refusing more than `max_memory` bytes), and runs the receiver to completion.
@@ -182,75 +222,421 @@ pub fn serve(
 
 /// [`serve`] for a source that may open several connections: `accept_more` accepts each
 /// further one (they are ordered by the channel their `Join` names).
+///
+/// Nothing here limits how long a peer may take to send its opening frames: over TCP from
+/// strangers use [`serve_listener`], which does.
 pub fn serve_channels(
+    reader: BoxRead,
+    writer: BoxWrite,
+    max_memory: u64,
+    accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
+) -> Result<DestinationHost, JobError> {
+    serve_with(reader, writer, max_memory, None, accept_more, || Ok(()))
+}
+
+/// Accepts one migration on `listener`: waits for a source to connect (as long as it takes),
+/// calls `on_connection` with its address, and receives the migration, within the limits of
+/// `options`:
+///
+/// - the hello is checked (version, page size, layout, size against `options.max_memory` and
+///   the memory available, channels and features) before any guest memory is mapped;
+/// - the hello, and each further connection and its join, must arrive within
+///   `options.idle_timeout` ([`ListenOptions::idle_timeout`]);
+/// - every refusal, a timeout included, is answered with an abort frame where the connection
+///   still takes one.
+///
+/// The handshake's read and write timeouts are removed before the migration runs: from then
+/// on the engine's peer timeout (60 s by default) decides.
+pub fn serve_listener(
+    listener: &TcpListener,
+    options: &ListenOptions,
+    on_connection: impl FnOnce(SocketAddr),
+) -> Result<DestinationHost, JobError> {
+    if options.idle_timeout.is_zero() {
+        return Err(JobError::Setup("the idle timeout must be positive".into()));
+    }
+    let (stream, peer) = listener
+        .accept()
+        .map_err(|e| JobError::Setup(format!("accept failed: {e}")))?;
+    on_connection(peer);
+    let handshake_over = Arc::new(AtomicBool::new(false));
+    // Clones of every connection, to lift the handshake's timeouts once it is over.
+    let streams = RefCell::new(Vec::new());
+    let open = |stream: TcpStream| -> std::io::Result<(BoxRead, BoxWrite)> {
+        let deadline = Instant::now() + options.idle_timeout;
+        stream.set_nodelay(true)?;
+        // So that an abort to a peer that reads nothing cannot block either.
+        stream.set_write_timeout(Some(options.idle_timeout))?;
+        let reader = HandshakeReader {
+            stream: stream.try_clone()?,
+            deadline,
+            handshake_over: handshake_over.clone(),
+        };
+        streams.borrow_mut().push(stream.try_clone()?);
+        Ok((Box::new(reader), Box::new(stream)))
+    };
+    let (reader, writer) = open(stream)
+        .map_err(|e| JobError::Setup(format!("setting up the connection failed: {e}")))?;
+    let accept_more = || {
+        let (stream, _) = accept_until(listener, Instant::now() + options.idle_timeout)?;
+        open(stream)
+    };
+    let handshake_done = || {
+        for stream in streams.borrow().iter() {
+            stream.set_write_timeout(None)?;
+        }
+        Ok(())
+    };
+    serve_with(
+        reader,
+        writer,
+        options.max_memory,
+        Some(options.idle_timeout),
+        accept_more,
+        handshake_done,
+    )
+}
+
+/// The reading half of a connection while the listener waits for its opening frame: each read
+/// waits at most until `deadline`, then fails with [`ErrorKind::TimedOut`]. Once
+/// `handshake_over` is set it reads as the plain stream does.
+struct HandshakeReader {
+    stream: TcpStream,
+    deadline: Instant,
+    handshake_over: Arc<AtomicBool>,
+}
+
+impl Read for HandshakeReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.handshake_over.load(Ordering::Acquire) {
+            let _ = self.deadline;
+            self.stream.set_read_timeout(Some(Duration::from_millis(300)))?;
+        }
+        self.stream.read(buf)
+    }
+}
+
+/// Accepts a connection on `listener`, giving up at `deadline` with [`ErrorKind::TimedOut`].
+fn accept_until(
+    listener: &TcpListener,
+    deadline: Instant,
+) -> std::io::Result<(TcpStream, SocketAddr)> {
+    listener.set_nonblocking(true)?;
+    let accepted = loop {
+        match listener.accept() {
+            Ok(c) => break Ok(c),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    break Err(ErrorKind::TimedOut.into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    listener.set_nonblocking(false)?;
+    let (stream, peer) = accepted?;
+    stream.set_nonblocking(false)?;
+    Ok((stream, peer))
+}
+
+/// The handshake and the migration, for any transport. `idle` is the idle timeout the reads
+/// and `accept_more` enforce, if any (for the messages); `handshake_done` is called once every
+/// connection has opened, before memory is mapped and the engine runs.
+fn serve_with(
     mut reader: BoxRead,
     mut writer: BoxWrite,
     max_memory: u64,
+    idle: Option<Duration>,
     mut accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
+    handshake_done: impl FnOnce() -> std::io::Result<()>,
 ) -> Result<DestinationHost, JobError> {
-    let clock = Clock::new();
+    let config = DestinationConfig::default();
     let mut buffer = FrameBuffer::new();
-    let hello = drive::read_hello(&mut reader, &mut buffer)?;
-    let layout = hello.layout.clone();
-    let geometry = Some(layout.geometry())
-        .filter(|g| g.memory_bytes() <= max_memory && layout.regions().len() == 1)
-        .ok_or_else(|| {
-            let why = format!(
-                "the source offers {} pages of {} bytes in {} region(s); this listener takes one region, limit {max_memory} bytes",
-                layout.page_count(),
-                layout.page_size().bytes(),
-                layout.regions().len()
-            );
-            refuse(&mut writer, &why);
-            JobError::Setup(why)
-        })?;
-    // Reservation reserves for real (every page is faulted in), so refuse a guest this host
-    // cannot hold rather than let the kernel's OOM killer decide.
-    if let Some(available) = available_memory() {
-        let needed = geometry.memory_bytes() + geometry.page_count() * 20;
-        if needed > available {
-            let why = format!(
-                "the guest needs {needed} bytes here (memory and page hashes) but this host has only {available} bytes available"
-            );
-            refuse(&mut writer, &why);
-            return Err(JobError::Setup(why));
-        }
-    }
-    let mut host = DestinationHost::new(geometry).map_err(|e| {
-        JobError::Setup(format!(
-            "cannot map {} bytes for the guest: {e}",
-            geometry.memory_bytes()
-        ))
-    })?;
+    let offer = read_opening(&mut reader, &mut buffer, "hello", idle, |frame| {
+        check_hello(frame, max_memory, config.max_channels)
+    })
+    .map_err(|refused| refused.answer(&mut writer))?;
     // The extra connections announce their channel in their first frame.
     let mut extra: Vec<Option<(BoxRead, FrameBuffer, BoxWrite)>> =
-        (1..hello.channels).map(|_| None).collect();
-    for _ in 1..hello.channels {
+        (1..offer.channels).map(|_| None).collect();
+    for opened in 1..offer.channels {
         let (mut r, mut w) = accept_more().map_err(|e| {
-            let why = format!("accepting another connection of the migration failed: {e}");
-            refuse(&mut writer, &why);
-            JobError::Setup(why)
+            let refused = match (e.kind(), idle) {
+                (ErrorKind::TimedOut | ErrorKind::WouldBlock, Some(idle)) => Refused::new(
+                    AbortCode::Timeout,
+                    format!(
+                        "the source announced {} connections but opened only {opened} within {idle:?} (--idle-timeout)",
+                        offer.channels
+                    ),
+                ),
+                _ => Refused::new(
+                    AbortCode::Cancelled,
+                    format!("accepting another connection of the migration failed: {e}"),
+                ),
+            };
+            refused.answer(&mut writer)
         })?;
         let mut b = FrameBuffer::new();
-        let (channel, session) = drive::read_join(&mut r, &mut b)?;
+        let joined = read_opening(&mut r, &mut b, "join", idle, check_join);
+        let (channel, session) = match joined {
+            Ok(j) => j,
+            Err(refused) => {
+                refused.tell(&mut w);
+                return Err(refused.answer(&mut writer));
+            }
+        };
         let slot = (channel as usize)
             .checked_sub(1)
             .and_then(|i| extra.get_mut(i))
-            .filter(|s| s.is_none() && session == hello.session_id);
+            .filter(|s| s.is_none() && session == offer.session_id);
         let Some(slot) = slot else {
-            let why = format!("a connection joined as channel {channel} of session {session:#x}, which this migration does not expect");
-            refuse(&mut w, &why);
-            refuse(&mut writer, &why);
-            return Err(JobError::Setup(why));
+            let refused = Refused::new(
+                AbortCode::ProtocolViolation,
+                format!("a connection joined as channel {channel} of session {session:#x}, which this migration does not expect"),
+            );
+            refused.tell(&mut w);
+            return Err(refused.answer(&mut writer));
         };
         *slot = Some((r, b, w));
     }
+    handshake_done().map_err(|e| {
+        Refused::new(
+            AbortCode::Cancelled,
+            format!("lifting the handshake's timeouts failed: {e}"),
+        )
+        .answer(&mut writer)
+    })?;
+    let geometry = offer.layout.geometry();
+    let mut host = DestinationHost::new_lazy(geometry).map_err(|e| {
+        Refused::new(
+            AbortCode::HostFailure,
+            format!(
+                "cannot map {} bytes for the guest: {e}",
+                geometry.memory_bytes()
+            ),
+        )
+        .answer(&mut writer)
+    })?;
     let mut channels = vec![(reader, buffer, writer)];
     channels.extend(extra.into_iter().flatten());
-    let mut destination = Destination::new(layout, DestinationConfig::default());
+    let clock = Clock::new();
+    let mut destination = Destination::new(offer.layout, config);
     drive::run_destination(&mut destination, &mut host, channels, &clock)?;
     host.verdict = destination.verdict();
     Ok(host)
+}
+
+/// What a hello offers, checked against this listener's limits.
+struct Offer {
+    layout: MemoryLayout,
+    channels: u16,
+    session_id: u64,
+}
+
+/// A connection's opening refused: the error to return, and the abort to send the peer (none
+/// when the peer aborted itself).
+struct Refused {
+    error: JobError,
+    abort: Option<AbortCode>,
+}
+
+impl Refused {
+    fn new(code: AbortCode, why: String) -> Self {
+        Refused {
+            error: JobError::Setup(why),
+            abort: Some(code),
+        }
+    }
+
+    /// Sends the peer the abort, if there is one (failing quietly: the connection may be gone).
+    fn tell(&self, writer: &mut BoxWrite) {
+        if let Some(code) = self.abort {
+            let why = self.error.to_string();
+            let mut out = Vec::new();
+            Frame::Abort {
+                code,
+                message: wire::abort_message(&why),
+            }
+            .emit(&mut out);
+            let _ = writer.write_all(&out).and_then(|_| writer.flush());
+        }
+    }
+
+    /// [`Refused::tell`], then the error.
+    fn answer(self, writer: &mut BoxWrite) -> JobError {
+        self.tell(writer);
+        self.error
+    }
+}
+
+/// Reads until the first frame of a connection (its `what`: hello or join) has arrived and
+/// hands it to `take`. Its bytes, and whatever followed them, stay in `buffer` for the engine.
+fn read_opening<T>(
+    reader: &mut dyn Read,
+    buffer: &mut FrameBuffer,
+    what: &str,
+    idle: Option<Duration>,
+    take: impl FnOnce(Frame<'_>) -> Result<T, Refused>,
+) -> Result<T, Refused> {
+    loop {
+        let needed = match Frame::parse(buffer.pending()) {
+            Ok((Frame::Abort { code, message }, _)) => {
+                return Err(Refused {
+                    error: JobError::Drive(
+                        MigrationError::PeerAborted {
+                            code,
+                            message: String::from_utf8_lossy(message).into_owned(),
+                        }
+                        .into(),
+                    ),
+                    abort: None,
+                })
+            }
+            Ok((frame, _)) => return take(frame),
+            Err(WireError::Incomplete { needed }) => needed,
+            Err(e @ WireError::UnsupportedVersion(_)) => {
+                return Err(Refused::new(
+                    AbortCode::Incompatible,
+                    format!("the source's {what} is refused: {e}"),
+                ))
+            }
+            Err(e) => {
+                return Err(Refused::new(
+                    AbortCode::BadFrame,
+                    format!("the source's {what} is not a valid memferry frame: {e}"),
+                ))
+            }
+        };
+        let got = buffer.pending().len();
+        let so_far = || match got {
+            0 => "it sent nothing".to_string(),
+            _ => format!("it sent {got} of the {needed} bytes of its first frame"),
+        };
+        match buffer.fill_from(reader) {
+            Ok(0) => {
+                return Err(Refused::new(
+                    AbortCode::Cancelled,
+                    format!(
+                        "the source closed the connection before its {what} arrived ({})",
+                        so_far()
+                    ),
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                let within =
+                    idle.map_or(String::new(), |d| format!(" within {d:?} (--idle-timeout)"));
+                return Err(Refused::new(
+                    AbortCode::Timeout,
+                    format!("no {what} from the source{within}: {}", so_far()),
+                ));
+            }
+            Err(e) => {
+                return Err(Refused::new(
+                    AbortCode::Cancelled,
+                    format!("reading the source's {what} failed: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// Checks a hello against what this listener takes, before any memory is mapped for it.
+fn check_hello(frame: Frame<'_>, max_memory: u64, max_channels: u16) -> Result<Offer, Refused> {
+    let incompatible = |why: String| Refused::new(AbortCode::Incompatible, why);
+    let Frame::Hello(hello) = frame else {
+        return Err(Refused::new(
+            AbortCode::ProtocolViolation,
+            format!(
+                "the source opened with a {} frame instead of a hello",
+                frame
+                    .kind()
+                    .map_or("(skippable)".into(), |k| format!("{k:?}"))
+            ),
+        ));
+    };
+    // Frame::parse checked the magic, the version, the page shift and the table's shape.
+    let pages = hello.page_count();
+    if pages == 0 {
+        return Err(incompatible(
+            "the source offers a guest of 0 pages: there is nothing to migrate".into(),
+        ));
+    }
+    let regions: Vec<Region> = hello.regions.iter().collect();
+    let layout = PageSize::new(1u64 << hello.page_shift)
+        .and_then(|size| MemoryLayout::new(size, regions))
+        .map_err(|e| incompatible(format!("the source's memory layout is not valid: {e}")))?;
+    if layout.regions().len() != 1 {
+        return Err(incompatible(format!(
+            "the source offers a guest of {} regions; this listener takes one region",
+            layout.regions().len()
+        )));
+    }
+    let geometry = layout.geometry();
+    let bytes = geometry.memory_bytes();
+    let mut over = Vec::new();
+    if bytes > max_memory {
+        over.push(format!(
+            "this listener's limit of {} (--max-memory)",
+            output::human_bytes(max_memory)
+        ));
+    }
+    // Page hashes and bookkeeping: 20 bytes a page.
+    let needed = bytes.saturating_add(pages.saturating_mul(20));
+    if let Some(available) = available_memory().filter(|&a| needed > a) {
+        over.push(format!(
+            "the {} this host has available (it needs {} with its page hashes)",
+            output::human_bytes(available),
+            output::human_bytes(needed)
+        ));
+    }
+    if !over.is_empty() {
+        return Err(incompatible(format!(
+            "the source offers a guest of {} ({pages} pages of {} bytes), more than {}",
+            output::human_bytes(bytes),
+            geometry.page_size().bytes(),
+            over.join(" and ")
+        )));
+    }
+    if hello.channels > max_channels {
+        return Err(incompatible(format!(
+            "the source asks for {} connections; this listener takes at most {max_channels}",
+            hello.channels
+        )));
+    }
+    if hello.channels > 1 && hello.features & wire::FEATURE_CHANNELS == 0 {
+        return Err(incompatible(format!(
+            "the source asks for {} connections but does not offer the channels feature",
+            hello.channels
+        )));
+    }
+    Ok(Offer {
+        layout,
+        channels: hello.channels,
+        session_id: hello.session_id,
+    })
+}
+
+/// Checks a further connection's opening frame: a join, giving (channel, session id).
+fn check_join(frame: Frame<'_>) -> Result<(u16, u64), Refused> {
+    match frame {
+        Frame::Join {
+            channel,
+            session_id,
+            ..
+        } => Ok((channel, session_id)),
+        other => Err(Refused::new(
+            AbortCode::ProtocolViolation,
+            format!(
+                "a further connection opened with a {} frame instead of a join",
+                other
+                    .kind()
+                    .map_or("(skippable)".into(), |k| format!("{k:?}"))
+            ),
+        )),
+    }
 }
 
 /// Memory the kernel says it can give without swapping (`MemAvailable`), where it says.
@@ -261,14 +647,27 @@ fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-fn refuse(writer: &mut BoxWrite, why: &str) {
-    let mut out = Vec::new();
-    memferry::wire::Frame::Abort {
-        code: memferry::wire::AbortCode::Incompatible,
-        message: memferry::wire::abort_message(why),
+/// `text` with its control characters escaped as Rust escapes them (`\n`, `\u{1b}`), and the
+/// bidirectional-text controls too, so that words from a peer printed on a terminal cannot
+/// move the cursor, clear the screen, or forge a line of output. Printable text, backslashes
+/// included, is left as it is, so escaping twice changes nothing more.
+pub fn printable(text: &str) -> Cow<'_, str> {
+    fn escape(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     }
-    .emit(&mut out);
-    let _ = writer.write_all(&out).and_then(|_| writer.flush());
+    if !text.chars().any(escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if escape(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// How the demo connects its two sides.

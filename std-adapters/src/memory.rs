@@ -62,6 +62,15 @@ impl GuestRegion {
         Ok(GuestRegion { map, geometry })
     }
 
+    /// Maps zeroed memory and faults none of it in: memory is taken as pages are written (or
+    /// [`GuestRegion::prefault`]ed), and a page never written reads as zero. No huge-page advice,
+    /// so memory is taken in small pages.
+    pub fn new_lazy(geometry: Geometry) -> io::Result<Self> {
+        let len = mapping_len(geometry)?;
+        let map = MmapMut::map_anon(len)?;
+        Ok(GuestRegion { map, geometry })
+    }
+
     /// The guest's geometry.
     pub fn geometry(&self) -> Geometry {
         self.geometry
@@ -94,6 +103,21 @@ impl GuestRegion {
             out.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
         }
         Ok(())
+    }
+
+    /// Faults in the bytes `[at, at + len)` (cut to the mapping, rounded out to small pages)
+    /// writable, without changing them (`MADV_POPULATE_WRITE`): one system call instead of a
+    /// page fault per page. Only an optimisation: where the kernel does not offer it (Linux
+    /// before 5.14, other systems) the pages fault in when written, as before.
+    pub fn prefault(&self, at: usize, len: usize) {
+        let end = at.saturating_add(len).min(self.map.len());
+        if at >= end {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        let _ = self
+            .map
+            .advise_range(memmap2::Advice::PopulateWrite, at, end - at);
     }
 
     /// Writes one page.
@@ -242,17 +266,59 @@ pub struct DestinationHost {
     pub verdict: Option<memferry::wire::Verdict>,
     state: Option<Vec<u8>>,
     started: bool,
+    /// One bit per page: written since the memory was mapped. Fresh memory is zero, so a zero
+    /// page for a page never written needs no write (and, in a lazy mapping, no memory).
+    written: Vec<u64>,
+    /// One bit per [`PREFAULT_CHUNK`] of memory: faulted in already.
+    prefaulted: Vec<u64>,
+}
+
+/// How much memory a lazy [`DestinationHost`] faults in at once, when the first page inside it
+/// is written: one system call per 512 small pages instead of 512 page faults. Also the most
+/// memory one page from the source makes it take (never more than the guest's size, which a
+/// listener bounds before mapping anything).
+pub const PREFAULT_CHUNK: u64 = 2 << 20;
+
+fn bit(words: &[u64], i: u64) -> bool {
+    words
+        .get((i / 64) as usize)
+        .is_some_and(|w| w & (1 << (i % 64)) != 0)
+}
+
+fn set_bit(words: &mut [u64], i: u64) {
+    if let Some(w) = words.get_mut((i / 64) as usize) {
+        *w |= 1 << (i % 64);
+    }
 }
 
 impl DestinationHost {
-    /// A destination with fresh memory for `geometry`.
+    /// A destination with fresh memory for `geometry`, all of it faulted in now
+    /// ([`GuestRegion::new_reserved`]).
     pub fn new(geometry: Geometry) -> io::Result<Self> {
-        Ok(DestinationHost {
-            region: GuestRegion::new_reserved(geometry)?,
+        let mut host = Self::with_region(GuestRegion::new_reserved(geometry)?);
+        host.prefaulted.fill(u64::MAX);
+        Ok(host)
+    }
+
+    /// A destination with fresh memory for `geometry` of which nothing is faulted in yet
+    /// ([`GuestRegion::new_lazy`]): the first page written inside each [`PREFAULT_CHUNK`]
+    /// faults that chunk in, and all-zero pages never written take nothing. So mapping costs
+    /// nothing until the source sends pages, and the memory held follows what it sent.
+    pub fn new_lazy(geometry: Geometry) -> io::Result<Self> {
+        Ok(Self::with_region(GuestRegion::new_lazy(geometry)?))
+    }
+
+    fn with_region(region: GuestRegion) -> Self {
+        let geometry = region.geometry();
+        let chunks = geometry.memory_bytes().div_ceil(PREFAULT_CHUNK);
+        DestinationHost {
+            region,
             verdict: None,
             state: None,
             started: false,
-        })
+            written: vec![0; geometry.page_count().div_ceil(64) as usize],
+            prefaulted: vec![0; chunks.div_ceil(64) as usize],
+        }
     }
 
     /// The guest memory.
@@ -273,7 +339,30 @@ impl DestinationHost {
 
 impl PageWrite for DestinationHost {
     fn write_page(&mut self, page: PageIndex, data: &[u8]) -> Result<(), HostError> {
-        self.region.write_page(page, data)
+        let geometry = self.region.geometry();
+        if geometry.contains(page) {
+            let chunk = geometry.offset_of(page) / PREFAULT_CHUNK;
+            if !bit(&self.prefaulted, chunk) {
+                set_bit(&mut self.prefaulted, chunk);
+                let at = chunk * PREFAULT_CHUNK;
+                self.region.prefault(at as usize, PREFAULT_CHUNK as usize);
+            }
+        }
+        self.region.write_page(page, data)?;
+        set_bit(&mut self.written, page.0);
+        Ok(())
+    }
+
+    fn write_zero_page(&mut self, page: PageIndex, zeroes: &[u8]) -> Result<(), HostError> {
+        let geometry = self.region.geometry();
+        if geometry.contains(page)
+            && zeroes.len() == geometry.page_size().bytes()
+            && !bit(&self.written, page.0)
+        {
+            // Fresh memory reads as zero already.
+            return Ok(());
+        }
+        self.write_page(page, zeroes)
     }
 }
 

@@ -44,13 +44,22 @@ enum Command {
         #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
         transport: TransportKind,
     },
-    /// Wait for one migration on ADDR (e.g. 127.0.0.1:7070) and receive it.
+    /// Wait for one migration on ADDR (e.g. 127.0.0.1:7070) and receive it. The source is not
+    /// authenticated: what it may make this process do is bounded by --max-memory and
+    /// --idle-timeout.
     Listen {
         /// Address to listen on.
         addr: String,
-        /// Refuse guests larger than this.
-        #[arg(long, default_value = "1TiB", value_parser = parse_size)]
+        /// Refuse guests larger than this (and guests larger than the memory this host has
+        /// available). Checked against the source's hello before any memory is mapped.
+        #[arg(long, default_value = "4GiB", value_parser = parse_size)]
         max_memory: u64,
+        /// Give up on a connection whose opening frame (the hello, or a further connection's
+        /// join) has not arrived in full this long after it connected, or on a source that does
+        /// not open the further connections it announced within this long. Once the migration
+        /// runs, its own 60 s peer timeout applies.
+        #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
+        idle_timeout: std::time::Duration,
         /// Print a JSON summary instead of text.
         #[arg(long)]
         json: bool,
@@ -308,6 +317,13 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("'{text}' is not a duration ({e}); try 100ms or 10s"))
 }
 
+fn parse_positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("'{text}' is not a positive duration; try 10s")),
+        d => Ok(d),
+    }
+}
+
 fn parse_predictor(text: &str) -> Result<PredictorKind, String> {
     PredictorKind::parse(text).map_err(|e| e.to_string())
 }
@@ -333,8 +349,9 @@ fn exit_for(report: &MigrationReport) -> ExitCode {
     }
 }
 
+/// Prints `e` (its control characters escaped: an error may quote a peer) and fails.
 fn fail(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("memferry: {e}");
+    eprintln!("memferry: {}", demo::printable(&e.to_string()));
     ExitCode::FAILURE
 }
 
@@ -669,6 +686,7 @@ fn main() -> ExitCode {
         Command::Listen {
             addr,
             max_memory,
+            idle_timeout,
             json,
         } => {
             let listener = match TcpListener::bind(&addr) {
@@ -679,13 +697,14 @@ fn main() -> ExitCode {
                 "memferry: listening on {}",
                 listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
             );
-            let (r, w, peer) = match tcp::accept(&listener) {
-                Ok(c) => c,
-                Err(e) => return fail(format!("accept failed: {e}")),
+            let options = demo::ListenOptions {
+                max_memory,
+                idle_timeout,
             };
-            eprintln!("memferry: receiving from {peer}");
-            let more = || tcp::accept(&listener).map(|(r, w, _)| (r, w));
-            match demo::serve_channels(r, w, max_memory, more) {
+            let received = demo::serve_listener(&listener, &options, |peer| {
+                eprintln!("memferry: receiving from {peer}")
+            });
+            match received {
                 Ok(host) => {
                     let g = host.region().geometry();
                     if json {
@@ -761,6 +780,46 @@ fn main() -> ExitCode {
                 )),
                 Err(e) => fail(e),
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn listen(extra: &[&str]) -> Result<(u64, Duration), clap::Error> {
+        let args = ["memferry", "listen", "127.0.0.1:0"].iter().chain(extra);
+        let Command::Listen {
+            max_memory,
+            idle_timeout,
+            ..
+        } = Cli::try_parse_from(args)?.command
+        else {
+            panic!("not the listen command");
+        };
+        Ok((max_memory, idle_timeout))
+    }
+
+    #[test]
+    fn listen_defaults_are_the_modest_library_defaults() {
+        let (max_memory, idle_timeout) = listen(&[]).unwrap();
+        assert_eq!(max_memory, demo::DEFAULT_MAX_GUEST);
+        assert_eq!(max_memory, 4 << 30);
+        assert_eq!(idle_timeout, demo::DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(idle_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn listen_idle_timeout_parses_like_other_durations() {
+        let (_, idle) = listen(&["--idle-timeout", "300ms"]).unwrap();
+        assert_eq!(idle, Duration::from_millis(300));
+        let (max, _) = listen(&["--max-memory", "64GiB"]).unwrap();
+        assert_eq!(max, 64 << 30);
+        for bad in ["0s", "soon"] {
+            let e = listen(&["--idle-timeout", bad]).err().expect(bad);
+            assert!(e.to_string().contains("duration"), "{bad}: {e}");
         }
     }
 }
