@@ -5,8 +5,8 @@
 //! is driven correctly everywhere as soon as the engine has it.
 //!
 //! A link owns the clock, the connections and their buffers. The loop:
-//! 1. offers every channel's free buffer to the engine (`poll_transmit` writes at most its
-//!    length) and hands what it wrote to [`Link::send`];
+//! 1. offers each channel a free buffer, if it has one, to the engine (`poll_transmit` writes
+//!    at most its length) and hands what it wrote to [`Link::send`];
 //! 2. stops when the migration is done;
 //! 3. otherwise waits for one [`LinkEvent`] (bytes from the peer, bytes delivered, a closed
 //!    connection), at most until the engine's next timer, and feeds it to the engine.
@@ -210,18 +210,15 @@ where
 {
     let channels = link.channels();
     loop {
+        // One buffer per channel, then a look at the events (without waiting): input such as
+        // the destination's abort is seen between two buffers, not after a whole round.
         let mut progress = false;
         for ch in 0..channels {
-            loop {
-                let now = link.now();
-                let Some(buf) = link.buffer(ch) else { break };
-                let n = engine.poll_transmit(now, ch, buf, host)?;
-                link.send(host, ch, n);
-                if n == 0 {
-                    break;
-                }
-                progress = true;
-            }
+            let now = link.now();
+            let Some(buf) = link.buffer(ch) else { continue };
+            let n = engine.poll_transmit(now, ch, buf, host)?;
+            link.send(host, ch, n);
+            progress |= n > 0;
         }
         report_rounds(engine, on_round, rounds_reported);
         if engine.status() == SourceStatus::Done {

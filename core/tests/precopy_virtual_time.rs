@@ -11,6 +11,10 @@
 //!   sees partial frames; replies come back after the same latency;
 //! - a destination: memory that starts as garbage, a recorded device state and start.
 //!
+//! The migration runs in the crate's one driver loop (`memferry::drive::drive_source`), the
+//! same loop the simulator and the real driver use; the harness is a `Link` over the simulated
+//! link, and it reports every batch as delivered once it has crossed.
+//!
 //! The property test ("for random write schedules, memory sizes and bandwidths, pre-copy
 //! terminates and the destination equals the source") runs random guests, workloads, links and
 //! engine configurations, and checks that the migration ends within a bounded number of steps,
@@ -33,6 +37,7 @@
 use std::collections::VecDeque;
 
 use memferry::digest::memory_digest;
+use memferry::drive::{drive_source, Link, LinkEvent};
 use memferry::prelude::*;
 use memferry::track::PredictorKind;
 use memferry::wire::{
@@ -568,19 +573,29 @@ enum End {
 
 type InFlight = VecDeque<(Nanos, Vec<u8>)>;
 
+/// A migration under test: the source engine and its guest, driven by the crate's one driver
+/// loop (`memferry::drive::drive_source`) over [`Net`], the simulated link that owns the
+/// destination. `Sim` derefs to its `Net`.
 struct Sim {
+    guest: SourceHost,
+    source: Source,
+    net: Net,
+}
+
+/// The link, the destination and the instruments: everything but the source.
+struct Net {
     sc: Scenario,
     now: Nanos,
     bandwidth: ByteRate,
     chunk_rng: Rng,
-    guest: SourceHost,
     target: DestHost,
-    source: Source,
     dest: Destination,
     to_dest: InFlight,
     to_src: InFlight,
+    /// Events the source's loop has not yet taken: replies cut into chunks, and deliveries.
+    src_events: VecDeque<LinkEvent<String>>,
     dest_inbox: Vec<u8>,
-    src_inbox: Vec<u8>,
+    out: Vec<u8>,
     dest_error: Option<MigrationError>,
     source_error: Option<MigrationError>,
     tap: Tap,
@@ -590,81 +605,114 @@ struct Sim {
     wire_to_dest: u64,
     wire_to_src: u64,
     last_src_delivery: Option<Nanos>,
-    /// Chunks handed to the source so far.
-    src_deliveries: u64,
     dest_start_seen: bool,
-    polls: u64,
+    /// Calls from the loop (send and wait), against a cap that proves termination.
+    steps: u64,
+}
+
+impl std::ops::Deref for Sim {
+    type Target = Net;
+    fn deref(&self) -> &Net {
+        &self.net
+    }
+}
+
+impl std::ops::DerefMut for Sim {
+    fn deref_mut(&mut self) -> &mut Net {
+        &mut self.net
+    }
 }
 
 impl Sim {
     fn new(sc: &Scenario, tamper: Tamper) -> Self {
         let (layout, dest_layout) = sc.layouts();
+        let room = sc.config.batch_bytes.max(wire::page_frame_len(PAGE));
         Sim {
-            sc: sc.clone(),
-            now: sc.start_at,
-            bandwidth: ByteRate(sc.bandwidth),
-            chunk_rng: Rng(sc.seed ^ 0xc4a2_11f0_9d3e_5b77),
             guest: SourceHost::new(sc),
-            target: DestHost::new(sc.dest_pages),
             source: Source::pre_copy(layout, sc.config),
-            dest: Destination::new(
-                dest_layout,
-                DestinationConfig {
-                    verify: sc.dest_verify,
-                    ..DestinationConfig::default()
-                },
-            ),
-            to_dest: VecDeque::new(),
-            to_src: VecDeque::new(),
-            dest_inbox: Vec::new(),
-            src_inbox: Vec::new(),
-            dest_error: None,
-            source_error: None,
-            tap: Tap::default(),
-            replies: Vec::new(),
-            tamper,
-            tampered: false,
-            wire_to_dest: 0,
-            wire_to_src: 0,
-            last_src_delivery: None,
-            src_deliveries: 0,
-            dest_start_seen: false,
-            polls: 0,
+            net: Net {
+                sc: sc.clone(),
+                now: sc.start_at,
+                bandwidth: ByteRate(sc.bandwidth),
+                chunk_rng: Rng(sc.seed ^ 0xc4a2_11f0_9d3e_5b77),
+                target: DestHost::new(sc.dest_pages),
+                dest: Destination::new(
+                    dest_layout,
+                    DestinationConfig {
+                        verify: sc.dest_verify,
+                        ..DestinationConfig::default()
+                    },
+                ),
+                to_dest: VecDeque::new(),
+                to_src: VecDeque::new(),
+                src_events: VecDeque::new(),
+                dest_inbox: Vec::new(),
+                out: vec![0; room],
+                dest_error: None,
+                source_error: None,
+                tap: Tap::default(),
+                replies: Vec::new(),
+                tamper,
+                tampered: false,
+                wire_to_dest: 0,
+                wire_to_src: 0,
+                last_src_delivery: None,
+                dest_start_seen: false,
+                steps: 0,
+            },
         }
     }
 
+    /// Runs the migration with the crate's driver loop; then delivers what is still in flight
+    /// (a failed source's abort frame, say).
+    fn run(&mut self) -> End {
+        let Sim { guest, source, net } = self;
+        let result = drive_source(source, guest, net, &mut |_| {});
+        net.flush(guest);
+        match result {
+            Ok(()) => End::Done,
+            Err(failure) => {
+                net.source_error = Some(failure.error.clone());
+                End::SourceFailed(failure.error)
+            }
+        }
+    }
+}
+
+impl Net {
     fn chunk_len(&mut self, left: usize) -> usize {
         (1 + self.chunk_rng.below(self.sc.max_chunk as u64) as usize).min(left)
     }
 
-    /// Moves virtual time to `t`; the guest runs meanwhile (until the source has failed: from
-    /// then on the guest's memory is left as the failure found it).
-    fn set_time(&mut self, t: Nanos) {
+    /// Moves virtual time to `t`; the guest runs meanwhile (until the source has failed and
+    /// resumed it: from then on the guest's memory is left as the failure found it, for the
+    /// tests to compare with the snapshot).
+    fn set_time(&mut self, guest: &mut SourceHost, t: Nanos) {
         assert!(
             t >= self.now,
             "virtual time went backwards: {t} < {}",
             self.now
         );
         self.now = t;
-        if self.source_error.is_none() {
-            self.guest.advance(t);
+        if self.source_error.is_none() && guest.resume_calls == 0 {
+            guest.advance(t);
         }
     }
 
     /// Puts the source's bytes on the link, to arrive at `sent + latency`.
-    fn queue_to_dest(&mut self, sent: Nanos, mut bytes: Vec<u8>) {
+    fn queue_to_dest(&mut self, paused: bool, sent: Nanos, mut bytes: Vec<u8>) {
         // Page frames are never cut (the engine writes whole frames into the room it gets), so
         // tampering looks only at chunks that start on a frame boundary.
         let aligned = self.tap.partial.is_empty();
         self.tap.feed(&bytes);
         if aligned {
-            self.apply_tamper(&mut bytes);
+            self.apply_tamper(paused, &mut bytes);
         }
         self.wire_to_dest += bytes.len() as u64;
         self.to_dest.push_back((sent + self.sc.latency, bytes));
     }
 
-    fn apply_tamper(&mut self, bytes: &mut [u8]) {
+    fn apply_tamper(&mut self, paused: bool, bytes: &mut [u8]) {
         if self.tampered || self.tamper == Tamper::None {
             return;
         }
@@ -675,7 +723,7 @@ impl Sim {
             };
             match (self.tamper, frame) {
                 (Tamper::CorruptPage { while_paused }, Frame::Pages { entries, .. })
-                    if self.source.is_paused() == while_paused =>
+                    if paused == while_paused =>
                 {
                     // A payload byte of the first entry if it has one, else a byte of its page
                     // index.
@@ -733,7 +781,7 @@ impl Sim {
         }
     }
 
-    fn deliver_to_dest(&mut self, at: Nanos, bytes: &[u8]) {
+    fn deliver_to_dest(&mut self, guest: &SourceHost, at: Nanos, bytes: &[u8]) {
         let mut rest = bytes;
         while !rest.is_empty() {
             let n = self.chunk_len(rest.len());
@@ -765,7 +813,7 @@ impl Sim {
             if !self.dest_start_seen && self.target.start_calls > 0 {
                 self.dest_start_seen = true;
                 assert!(
-                    self.guest.paused,
+                    guest.paused,
                     "the destination started while the source guest was running"
                 );
             }
@@ -778,37 +826,22 @@ impl Sim {
         }
     }
 
-    fn deliver_to_src(&mut self, at: Nanos, bytes: &[u8]) {
+    /// Replies reach the source's transport: cut into random chunks, each one event for the
+    /// loop (so the engine sees partial frames).
+    fn deliver_to_src(&mut self, bytes: &[u8]) {
         let mut rest = bytes;
         while !rest.is_empty() {
-            if self.source_error.is_some() {
-                // A failed source's driver has closed the transport.
-                return;
-            }
             let n = self.chunk_len(rest.len());
-            self.src_inbox.extend_from_slice(&rest[..n]);
+            self.src_events.push_back(LinkEvent::Received {
+                channel: 0,
+                bytes: rest[..n].to_vec(),
+            });
             rest = &rest[n..];
-            self.last_src_delivery = Some(at);
-            self.src_deliveries += 1;
-            let mut out = Vec::new();
-            match self
-                .source
-                .receive(at, &self.src_inbox, &mut self.guest, &mut out)
-            {
-                Ok(used) => {
-                    assert!(used <= self.src_inbox.len());
-                    self.src_inbox.drain(..used);
-                }
-                Err(e) => self.source_error = Some(e),
-            }
-            if !out.is_empty() {
-                self.queue_to_dest(at, out);
-            }
         }
     }
 
     /// Runs the link until `target`, delivering every chunk due by then in time order.
-    fn advance_to(&mut self, target: Nanos) {
+    fn advance_to(&mut self, guest: &mut SourceHost, target: Nanos) {
         loop {
             let d = self.to_dest.front().map(|x| x.0).filter(|&t| t <= target);
             let s = self.to_src.front().map(|x| x.0).filter(|&t| t <= target);
@@ -824,15 +857,15 @@ impl Sim {
                 &mut self.to_src
             };
             let (at, bytes) = queue.pop_front().unwrap();
-            self.set_time(at);
+            self.set_time(guest, at);
             if to_dest {
-                self.deliver_to_dest(at, &bytes);
+                self.deliver_to_dest(guest, at, &bytes);
             } else {
-                self.deliver_to_src(at, &bytes);
+                self.deliver_to_src(&bytes);
             }
         }
         if target > self.now {
-            self.set_time(target);
+            self.set_time(guest, target);
         }
     }
 
@@ -846,78 +879,90 @@ impl Sim {
     }
 
     /// Delivers everything still in flight.
-    fn flush(&mut self) {
+    fn flush(&mut self, guest: &mut SourceHost) {
         while let Some(t) = self.next_arrival() {
-            self.advance_to(t.max(self.now));
+            self.advance_to(guest, t.max(self.now));
         }
     }
 
-    /// A generous bound on polls: a round takes at most two polls per page (a batch and a wait
-    /// each sending at least one page) plus a few, hashing at most one per page, and waiting for
-    /// the peer one per message.
-    fn poll_cap(&self) -> u64 {
+    /// A generous bound on the loop's calls: a round takes at most a few per page (a batch, a
+    /// delivery and a wait each sending at least one page) plus a few, hashing at most one
+    /// per page, and waiting for the peer a few per message.
+    fn step_cap(&self) -> u64 {
         let rounds = self.sc.config.stop.max_rounds.min(1000) as u64 + 1;
-        rounds * (2 * self.sc.pages + 16) + self.sc.pages + 1000
+        rounds * (4 * self.sc.pages + 32) + 2 * self.sc.pages + 2000
     }
 
-    fn run(&mut self) -> End {
-        let cap = self.poll_cap();
+    fn step(&mut self) {
+        self.steps += 1;
+        let cap = self.step_cap();
+        assert!(
+            self.steps <= cap,
+            "the migration did not terminate within {cap} steps of the driver loop, now {}",
+            self.now
+        );
+    }
+}
+
+impl Link<SourceHost> for Net {
+    type Error = String;
+
+    fn now(&mut self) -> Nanos {
+        self.now
+    }
+
+    fn channels(&self) -> u16 {
+        1
+    }
+
+    fn buffer(&mut self, _channel: u16) -> Option<&mut [u8]> {
+        // The link takes everything at once; the source's time goes by while it is carried.
+        Some(&mut self.out)
+    }
+
+    fn send(&mut self, guest: &mut SourceHost, _channel: u16, len: usize) {
+        self.step();
+        if len == 0 {
+            return;
+        }
+        let bytes = self.out[..len].to_vec();
+        let sent = self.now + self.bandwidth.time_for(len as u64);
+        self.queue_to_dest(guest.paused, sent, bytes);
+        self.advance_to(guest, sent);
+        self.src_events
+            .push_back(LinkEvent::Delivered { bytes: len as u64 });
+    }
+
+    fn wait(&mut self, guest: &mut SourceHost, deadline: Option<Nanos>) -> LinkEvent<String> {
+        self.step();
         loop {
-            if let Some(e) = self.source_error.clone() {
-                self.flush();
-                return End::SourceFailed(e);
-            }
-            self.polls += 1;
-            assert!(
-                self.polls <= cap,
-                "pre-copy did not terminate within {cap} polls: round {}, now {}, rounds so far {:?}",
-                self.source.round(),
-                self.now,
-                self.source.report().rounds,
-            );
-            let polled_at = self.now;
-            let deliveries = self.src_deliveries;
-            let mut out = Vec::new();
-            // v2's `poll` always offers 1 MiB; `batch_bytes` is honoured through
-            // `poll_with_room`.
-            let poll = self.source.poll_with_room(
-                self.now,
-                &mut self.guest,
-                &mut out,
-                self.sc.config.batch_bytes,
-            );
-            if let Err(e) = &poll {
-                self.source_error = Some(e.clone());
-            }
-            if !out.is_empty() {
-                let sent = self.now + self.bandwidth.time_for(out.len() as u64);
-                self.queue_to_dest(sent, out);
-                self.advance_to(sent);
-            }
-            match poll {
-                Err(_) | Ok(Next::Continue) => {}
-                Ok(Next::WaitUntil(t)) => {
-                    assert!(
-                        t > polled_at,
-                        "WaitUntil({t}) is not after now ({polled_at})"
-                    );
-                    self.advance_to(t);
+            if let Some(event) = self.src_events.pop_front() {
+                if let LinkEvent::Received { .. } = &event {
+                    self.last_src_delivery = Some(self.now);
                 }
-                Ok(Next::WaitForPeer) => match self.next_arrival() {
-                    Some(t) => self.advance_to(t.max(self.now)),
-                    // The answer already arrived while the output was on the wire.
-                    None if self.src_deliveries > deliveries => {}
-                    None => panic!(
-                        "deadlock: the source waits for the peer but nothing is in flight \
-                         (destination {:?}, error {:?})",
-                        self.dest.status(),
-                        self.dest_error
-                    ),
-                },
-                Ok(Next::Done) => return End::Done,
-                Ok(other) => panic!("a Next this harness does not know: {other:?}"),
+                return event;
+            }
+            match (self.next_arrival(), deadline) {
+                (Some(t), Some(d)) if d < t => {
+                    self.advance_to(guest, d.max(self.now));
+                    return LinkEvent::Idle;
+                }
+                (Some(t), _) => self.advance_to(guest, t.max(self.now)),
+                (None, Some(d)) => {
+                    self.advance_to(guest, d.max(self.now));
+                    return LinkEvent::Idle;
+                }
+                (None, None) => panic!(
+                    "deadlock: the source waits but nothing is in flight (destination {:?}, error {:?})",
+                    self.dest.status(),
+                    self.dest_error
+                ),
             }
         }
+    }
+
+    fn sending(&self) -> bool {
+        false
     }
 }
 
@@ -950,7 +995,13 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
         sim.to_dest.is_empty() && sim.to_src.is_empty(),
         "bytes still in flight after Done"
     );
-    prop_assert!(sim.dest_inbox.is_empty() && sim.src_inbox.is_empty());
+    prop_assert!(sim.dest_inbox.is_empty());
+    prop_assert!(
+        !sim.src_events
+            .iter()
+            .any(|e| matches!(e, LinkEvent::Received { .. })),
+        "replies left unread"
+    );
 
     // The guest was paused once, at switchover, and stays paused: the source is released.
     let guest = &sim.guest;
@@ -1052,13 +1103,20 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
             if round.stop_and_copy {
                 prop_assert!(round.pages >= pending, "round {}: {:?}", i + 1, rounds);
             }
-            prop_assert_eq!(
-                round.start,
-                rounds[i - 1].start + rounds[i - 1].duration,
-                "round {} starts when round {} ends",
-                i + 1,
-                i
-            );
+            // A push round starts when the previous one ends; stop-and-copy starts at the pause,
+            // once the transport has delivered what it held.
+            let previous_end = rounds[i - 1].start + rounds[i - 1].duration;
+            if round.stop_and_copy {
+                prop_assert!(round.start >= previous_end, "round {}", i + 1);
+            } else {
+                prop_assert_eq!(
+                    round.start,
+                    previous_end,
+                    "round {} starts when round {} ends",
+                    i + 1,
+                    i
+                );
+            }
         }
         // The round's bandwidth limit was respected.
         if !round.rate_limit.is_unlimited() {
@@ -1364,7 +1422,7 @@ fn same_inputs_give_the_same_migration() {
     assert!(matches!(b.run(), End::Done));
     assert_eq!(a.source.report(), b.source.report());
     assert_eq!(a.target.mem, b.target.mem);
-    assert_eq!(a.polls, b.polls);
+    assert_eq!(a.steps, b.steps);
 }
 
 #[test]
