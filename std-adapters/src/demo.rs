@@ -282,7 +282,9 @@ pub fn serve_listener(
         open(stream)
     };
     let handshake_done = || {
+        handshake_over.store(true, Ordering::Release);
         for stream in streams.borrow().iter() {
+            stream.set_read_timeout(None)?;
             stream.set_write_timeout(None)?;
         }
         Ok(())
@@ -309,8 +311,11 @@ struct HandshakeReader {
 impl Read for HandshakeReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if !self.handshake_over.load(Ordering::Acquire) {
-            let _ = self.deadline;
-            self.stream.set_read_timeout(Some(Duration::from_millis(300)))?;
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
         }
         self.stream.read(buf)
     }

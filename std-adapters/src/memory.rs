@@ -377,3 +377,29 @@ impl DestinationGuest for DestinationHost {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memferry::page::PageSize;
+
+    #[test]
+    fn a_lazy_destination_skips_fresh_zero_pages_and_zeroes_rewritten_ones() {
+        let geometry = Geometry::new(PageSize::DEFAULT, 1024).unwrap();
+        let mut host = DestinationHost::new_lazy(geometry).unwrap();
+        let zero = vec![0u8; 4096];
+        let ones = vec![1u8; 4096];
+        host.write_zero_page(PageIndex(3), &zero).unwrap();
+        host.write_page(PageIndex(5), &ones).unwrap();
+        host.write_page(PageIndex(1023), &ones).unwrap();
+        // Page 5 was written: its zero page must really zero it.
+        host.write_zero_page(PageIndex(5), &zero).unwrap();
+        let memory = host.region().snapshot();
+        assert!(memory[..1023 * 4096].iter().all(|&b| b == 0));
+        assert!(memory[1023 * 4096..].iter().all(|&b| b == 1));
+        // Bounds and lengths are still checked.
+        assert!(host.write_page(PageIndex(1024), &ones).is_err());
+        assert!(host.write_zero_page(PageIndex(1024), &zero).is_err());
+        assert!(host.write_zero_page(PageIndex(7), &zero[..100]).is_err());
+    }
+}

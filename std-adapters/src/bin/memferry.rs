@@ -818,7 +818,7 @@ mod tests {
         let (max, _) = listen(&["--max-memory", "64GiB"]).unwrap();
         assert_eq!(max, 64 << 30);
         for bad in ["0s", "soon"] {
-            let e = listen(&["--idle-timeout", bad]).err().expect(bad);
+            let e = listen(&["--idle-timeout", bad]).expect_err(bad);
             assert!(e.to_string().contains("duration"), "{bad}: {e}");
         }
     }
