@@ -31,8 +31,8 @@ use crate::page::{MemoryLayout, PageIndex};
 use crate::session::ChannelId;
 use crate::time::Nanos;
 use crate::wire::{
-    ChecksumPolicy, Encoding, Frame, FrameKind, PageEntries, Verdict, WireError, FEATURES_KNOWN,
-    FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
+    ChecksumPolicy, Encoding, Frame, FrameKind, PageEntries, Verdict, WireError, APPLIED_STEP,
+    FEATURES_KNOWN, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
 };
 
 /// Settings of the destination.
@@ -49,6 +49,9 @@ pub struct DestinationConfig {
     pub checksum: bool,
     /// How long to wait for the source before giving up. Default 60 s.
     pub peer_timeout: Nanos,
+    /// Report the bytes taken in (`Applied`) when the source asks, so it measures the link
+    /// end to end. Default on.
+    pub report_applied: bool,
 }
 
 impl Default for DestinationConfig {
@@ -59,6 +62,7 @@ impl Default for DestinationConfig {
             max_channels: 16,
             checksum: true,
             peer_timeout: Nanos::from_secs(60),
+            report_applied: true,
         }
     }
 }
@@ -169,6 +173,12 @@ pub struct Destination<P: PagePolicy = NewestWins> {
     pages_received: u64,
     stale_pages: u64,
     bytes_received: u64,
+    /// `FEATURE_APPLIED` was agreed: report `bytes_received` (`Applied`) as it grows.
+    report_applied: bool,
+    /// The total the last `Applied` carried.
+    applied_reported: u64,
+    /// A `RoundEnd` was taken in since the last `Applied`.
+    round_end_unreported: bool,
     started_at: Option<Nanos>,
     last_heard: Option<Nanos>,
     out: Vec<u8>,
@@ -214,6 +224,9 @@ impl<P: PagePolicy> Destination<P> {
             pages_received: 0,
             stale_pages: 0,
             bytes_received: 0,
+            report_applied: false,
+            applied_reported: 0,
+            round_end_unreported: false,
             started_at: None,
             last_heard: None,
             out: Vec::new(),
@@ -372,7 +385,24 @@ impl<P: PagePolicy> Destination<P> {
                 return self.fail(e);
             }
         }
+        if self.report_applied
+            && self.status == DestinationStatus::Receiving
+            && (self.round_end_unreported
+                || self.bytes_received - self.applied_reported >= APPLIED_STEP)
+        {
+            self.report_applied_bytes();
+        }
         Ok(used)
+    }
+
+    /// Tells the source how many bytes this side has taken in (`Applied`).
+    fn report_applied_bytes(&mut self) {
+        Frame::Applied {
+            bytes: self.bytes_received,
+        }
+        .emit_with(&mut self.out, self.checksum);
+        self.applied_reported = self.bytes_received;
+        self.round_end_unreported = false;
     }
 
     /// For single-channel drivers: [`Destination::handle_input`] on channel 0, with the
@@ -502,6 +532,7 @@ impl<P: PagePolicy> Destination<P> {
                 }
                 rx.round = rx.round.saturating_add(1);
                 rx.pages_in_round = 0;
+                self.round_end_unreported = true;
                 self.try_switchover(now, host)
             }
             (DestinationStatus::Receiving, Frame::DeviceState(bytes)) if ch == 0 => {
@@ -625,11 +656,15 @@ impl<P: PagePolicy> Destination<P> {
             )));
         }
         let mut ours_features = FEATURE_CHANNELS;
+        if self.config.report_applied {
+            ours_features |= FEATURE_APPLIED;
+        }
         if self.config.checksum {
             ours_features |= FEATURE_CHECKSUM;
         }
         let features = hello.features & FEATURES_KNOWN & ours_features;
         self.checksum = features & FEATURE_CHECKSUM != 0;
+        self.report_applied = features & FEATURE_APPLIED != 0;
         self.session_id = hello.session_id;
         self.channels = vec![
             ChannelRx {

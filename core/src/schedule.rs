@@ -65,6 +65,22 @@ impl DeliveryEstimator {
         }
     }
 
+    /// The transport (or the peer) reports everything up to a running total of `total` bytes
+    /// delivered: reports the difference, if any.
+    pub fn delivered_up_to(&mut self, now: Nanos, total: u64) {
+        let total = total.min(self.handed);
+        if total > self.delivered {
+            self.delivered(now, total - self.delivered);
+        } else {
+            self.reported = true;
+        }
+    }
+
+    /// Bytes handed to the transport so far.
+    pub fn handed_total(&self) -> u64 {
+        self.handed
+    }
+
     /// Whether the transport ever reported a delivery.
     pub fn has_reports(&self) -> bool {
         self.reported

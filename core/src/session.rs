@@ -59,7 +59,7 @@ use crate::strategy::{Decision, PreCopy, PreCopyConfig, Strategy, StrategyContex
 use crate::time::{ByteRate, Nanos};
 use crate::wire::{
     self, ChannelRole, ChecksumPolicy, Frame, FrameKind, Hello, PagesWriter, Verdict, WireError,
-    FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
+    FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
 };
 
 /// A connection of a migration: 0 carries the control frames (and pages), 1.. carry pages.
@@ -196,6 +196,9 @@ pub struct Source<S: Strategy = PreCopy> {
     checksum: bool,
     max_device_state: u64,
     estimator: DeliveryEstimator,
+    /// The destination reports what it has taken in (`FEATURE_APPLIED`): that, not the
+    /// driver's delivery reports, measures the link.
+    applied_reports: bool,
     /// When the link last made progress (delivered bytes, or got bytes while it had none).
     link_progress: Nanos,
     /// The strategy chose stop-and-copy: the guest pauses once the link has delivered what
@@ -270,6 +273,7 @@ impl<S: Strategy> Source<S> {
             max_device_state: u64::MAX,
             estimator: DeliveryEstimator::new(),
             link_progress: Nanos::ZERO,
+            applied_reports: false,
             draining: None,
             start: Nanos::ZERO,
             paused: false,
@@ -379,8 +383,22 @@ impl<S: Strategy> Source<S> {
     /// Bytes the transport reports delivered since the last report (see the module docs).
     pub fn on_delivered(&mut self, now: Nanos, bytes: u64) {
         self.last_now = self.last_now.max(now);
+        if self.applied_reports {
+            // The destination's own reports measure the link end to end (its read queue and
+            // the socket buffers on both sides included).
+            return;
+        }
         self.estimator.delivered(now, bytes);
         if bytes > 0 {
+            self.link_progress = now;
+        }
+    }
+
+    /// The destination has taken in `total` bytes of everything this side handed out.
+    fn on_applied(&mut self, now: Nanos, total: u64) {
+        let before = self.estimator.backlog();
+        self.estimator.delivered_up_to(now, total);
+        if self.estimator.backlog() < before {
             self.link_progress = now;
         }
     }
@@ -725,6 +743,14 @@ impl<S: Strategy> Source<S> {
             }
             Frame::Ignored { .. } => return Ok(()),
             Frame::PageRequest(pages) => return self.strategy.on_page_request(now, pages),
+            Frame::Applied { bytes } if self.applied_reports => {
+                self.on_applied(now, bytes);
+                return Ok(());
+            }
+            // A destination's Ready or verdict means it took in everything before.
+            Frame::Ready | Frame::Verified { .. } if self.applied_reports => {
+                self.on_applied(now, self.estimator.handed_total());
+            }
             _ => {}
         }
         if frame == Frame::Ready && !self.report.committed {
@@ -816,6 +842,7 @@ impl<S: Strategy> Source<S> {
             )));
         }
         self.checksum = features & FEATURE_CHECKSUM != 0;
+        self.applied_reports = features & FEATURE_APPLIED != 0;
         self.max_device_state = max_device_state;
         self.check_state_hint(host)?;
         self.send.clear();
@@ -841,7 +868,7 @@ impl<S: Strategy> Source<S> {
     }
 
     fn offered_features(&self) -> u64 {
-        let mut f = 0;
+        let mut f = FEATURE_APPLIED;
         if self.config.checksum {
             f |= FEATURE_CHECKSUM;
         }

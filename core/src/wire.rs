@@ -39,6 +39,7 @@
 //! | `ReceivedSet` | 13 | destination → source | first page u64, bit count u64, then ⌈bits/64⌉ × u64 words (recovery: pages the destination holds) |
 //! | `Have` | 14 | destination → source | count u32, 0 u32, then count × content hash u128 (hash-first: content the destination holds) |
 //! | `Need` | 15 | destination → source | count u32, 0 u32, then count × page index u64 (hash-first: pages whose bytes it needs) |
+//! | `Applied` | 16 | destination → source, channel 0, with [`FEATURE_APPLIED`] | bytes u64: every byte of every frame the destination has taken in so far, all channels together (it sends one per [`APPLIED_STEP`] bytes and after each `RoundEnd`) |
 //!
 //! Page indices on the wire are dense: region after region, in the order of the hello's table
 //! ([`crate::page::MemoryLayout`]); holes between regions have no index at all.
@@ -96,9 +97,15 @@ const KNOWN_FLAGS: u8 = FLAG_UNCHECKED | FLAG_IGNORABLE;
 pub const FEATURE_CHECKSUM: u64 = 1;
 /// Feature bit: the source may open extra connections (`Join`).
 pub const FEATURE_CHANNELS: u64 = 2;
+/// Feature bit: the destination reports the bytes it has taken in (`Applied`), and the source
+/// measures the link by them: a byte in a socket buffer, or in the destination's read queue, is
+/// not a byte sent.
+pub const FEATURE_APPLIED: u64 = 4;
 /// Every feature this version knows. Features are negotiated by intersection: the destination
 /// accepts `offered & FEATURES_KNOWN & its own`, never refuses for unknown bits.
-pub const FEATURES_KNOWN: u64 = FEATURE_CHECKSUM | FEATURE_CHANNELS;
+pub const FEATURES_KNOWN: u64 = FEATURE_CHECKSUM | FEATURE_CHANNELS | FEATURE_APPLIED;
+/// The destination reports what it has taken in (`Applied`) at least this often, in bytes.
+pub const APPLIED_STEP: u64 = 64 << 10;
 
 /// The wire cost of a `Pages` frame holding one page of `payload` bytes, with a checksum.
 pub const fn page_frame_len(payload: usize) -> usize {
@@ -140,6 +147,8 @@ pub enum FrameKind {
     Have = 14,
     /// Hash-first: pages whose bytes the destination needs.
     Need = 15,
+    /// The bytes the destination has taken in so far.
+    Applied = 16,
 }
 
 impl FrameKind {
@@ -160,6 +169,7 @@ impl FrameKind {
             13 => FrameKind::ReceivedSet,
             14 => FrameKind::Have,
             15 => FrameKind::Need,
+            16 => FrameKind::Applied,
             _ => return None,
         })
     }
@@ -564,6 +574,11 @@ pub enum Frame<'a> {
     Have(U128List<'a>),
     /// Hash-first: pages whose bytes the destination needs.
     Need(U64List<'a>),
+    /// The bytes the destination has taken in so far (all frames, all channels).
+    Applied {
+        /// The running total.
+        bytes: u64,
+    },
     /// A frame marked ignorable whose kind this version does not know.
     Ignored {
         /// Its kind byte.
@@ -888,6 +903,12 @@ impl<'a> Frame<'a> {
             FrameKind::PageRequest => Frame::PageRequest(U64List(counted(8)?)),
             FrameKind::Need => Frame::Need(U64List(counted(8)?)),
             FrameKind::Have => Frame::Have(U128List(counted(16)?)),
+            FrameKind::Applied => {
+                exact(8)?;
+                Frame::Applied {
+                    bytes: le_u64(body, 0),
+                }
+            }
             FrameKind::ReceivedSet => {
                 if body.len() < 16 || !(body.len() - 16).is_multiple_of(8) {
                     return Err(bad_len());
@@ -924,6 +945,7 @@ impl<'a> Frame<'a> {
             Frame::ReceivedSet { .. } => FrameKind::ReceivedSet,
             Frame::Have(_) => FrameKind::Have,
             Frame::Need(_) => FrameKind::Need,
+            Frame::Applied { .. } => FrameKind::Applied,
             Frame::Ignored { .. } => return None,
         })
     }
@@ -1035,6 +1057,7 @@ impl<'a> Frame<'a> {
                 out.extend_from_slice(&bits.to_le_bytes());
                 out.extend_from_slice(words.0);
             }
+            Frame::Applied { bytes } => out.extend_from_slice(&bytes.to_le_bytes()),
             Frame::Ignored { .. } => {}
         }
         finish_frame(out, start, checksum)

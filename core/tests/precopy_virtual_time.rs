@@ -521,6 +521,8 @@ enum Reply {
     Ready,
     Verified(Verdict),
     Abort(AbortCode),
+    /// The destination's running total of bytes taken in (`FEATURE_APPLIED`).
+    Applied(u64),
     Other(FrameKind),
 }
 
@@ -536,6 +538,7 @@ fn parse_replies(bytes: &[u8]) -> Vec<Reply> {
             Frame::Ready => Reply::Ready,
             Frame::Verified { verdict, .. } => Reply::Verified(verdict),
             Frame::Abort { code, .. } => Reply::Abort(code),
+            Frame::Applied { bytes } => Reply::Applied(bytes),
             other => Reply::Other(other.kind().expect("a known frame kind")),
         });
     }
@@ -599,7 +602,10 @@ struct Net {
     dest_error: Option<MigrationError>,
     source_error: Option<MigrationError>,
     tap: Tap,
+    /// The destination's replies, `Applied` reports aside.
     replies: Vec<Reply>,
+    /// The totals of its `Applied` reports, in order.
+    applied: Vec<u64>,
     tamper: Tamper,
     tampered: bool,
     wire_to_dest: u64,
@@ -652,6 +658,7 @@ impl Sim {
                 source_error: None,
                 tap: Tap::default(),
                 replies: Vec::new(),
+                applied: Vec::new(),
                 tamper,
                 tampered: false,
                 wire_to_dest: 0,
@@ -818,7 +825,12 @@ impl Net {
                 );
             }
             if !out.is_empty() {
-                self.replies.extend(parse_replies(&out));
+                for reply in parse_replies(&out) {
+                    match reply {
+                        Reply::Applied(total) => self.applied.push(total),
+                        other => self.replies.push(other),
+                    }
+                }
                 self.apply_reply_tamper(&mut out);
                 self.wire_to_src += out.len() as u64;
                 self.to_src.push_back((at + self.sc.latency, out));
@@ -1196,6 +1208,14 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
         &[Reply::Accept, Reply::Ready]
     };
     prop_assert_eq!(&sim.replies[..], expected_replies);
+    // The destination reported what it took in after every push round's end, counting up, never
+    // more than it received.
+    prop_assert!(sim.applied.len() >= rounds.len() - 1, "{:?}", sim.applied);
+    prop_assert!(sim.applied.windows(2).all(|w| w[0] < w[1]));
+    prop_assert!(sim
+        .applied
+        .last()
+        .is_some_and(|&t| t <= sim.dest.bytes_received()));
 
     // Times: the stages tile the migration, and match the virtual clock.
     prop_assert_eq!(
@@ -2908,7 +2928,14 @@ fn deep_buffer_migration(report_deliveries: bool) -> DeepBufferRun {
     };
     let (layout, dest_layout) = sc.layouts();
     let mut source = Source::pre_copy(layout, sc.config);
-    let mut dest = Destination::new(dest_layout, DestinationConfig::default());
+    // Without reports: a destination that does not report what it took in either (as in v1).
+    let mut dest = Destination::new(
+        dest_layout,
+        DestinationConfig {
+            report_applied: report_deliveries,
+            ..DestinationConfig::default()
+        },
+    );
     let mut guest = SourceHost::new(&sc);
     let mut target = DestHost::new(sc.dest_pages);
     let latency = Nanos::from_micros(100);

@@ -4,8 +4,10 @@
 //!
 //! - [`run_source`]: one reader thread and one writer thread per channel. Each channel has two
 //!   1 MiB buffers; the engine fills a free one (never more than its length) and a writer
-//!   writes it, so output is bounded by the buffers the writers have handed back. A finished
-//!   write is reported to the engine as delivered.
+//!   writes it, so output is bounded by the buffers the writers have handed back. What counts
+//!   as delivered: over TCP, the bytes the peer has acknowledged (the kernel's `TIOCOUTQ`, asked
+//!   after each write and every millisecond while bytes wait); over other transports, a
+//!   finished write.
 //! - [`run_destination`]: the same threads; the engine applies frames in arrival order per
 //!   channel, and a bounded queue holds a source faster than the destination back through
 //!   TCP. Replies go out on channel 0.
@@ -33,7 +35,7 @@ use memferry::strategy::Strategy;
 use memferry::time::Nanos;
 use memferry::wire::{self, Frame, WireError};
 
-use crate::transport::{BoxRead, BoxWrite};
+use crate::transport::{BoxRead, BoxWrite, UnackedProbe};
 
 /// A monotonic clock in the core's units, from an origin.
 #[derive(Clone, Copy, Debug)]
@@ -242,7 +244,34 @@ struct ThreadLink {
     early: VecDeque<(u16, Vec<u8>)>,
     /// Every thread has ended: nothing more can happen.
     dead: bool,
+    /// Per channel, for TCP: what the peer has acknowledged, which is what counts as delivered.
+    acks: Vec<Option<Acks>>,
 }
+
+/// Written and acknowledged bytes of one TCP connection.
+struct Acks {
+    probe: UnackedProbe,
+    written: u64,
+    reported: u64,
+}
+
+impl Acks {
+    /// Bytes acknowledged since the last call.
+    fn newly_acknowledged(&mut self) -> u64 {
+        let unacked = self.probe.unacked().unwrap_or(0).min(self.written);
+        let acked = self.written - unacked;
+        let new = acked.saturating_sub(self.reported);
+        self.reported = self.reported.max(acked);
+        new
+    }
+
+    fn waiting(&self) -> bool {
+        self.reported < self.written
+    }
+}
+
+/// How often the link asks the kernel about acknowledgements while bytes wait for them.
+const ACK_POLL: Duration = Duration::from_millis(1);
 
 impl ThreadLink {
     fn new(
@@ -263,8 +292,14 @@ impl ThreadLink {
         };
         let mut writers = Vec::new();
         let mut free = Vec::new();
+        let mut acks = Vec::new();
         for (ch, (reader, writer)) in channels.into_iter().enumerate() {
             let ch = ch as u16;
+            acks.push(UnackedProbe::for_writer(&*writer).map(|probe| Acks {
+                probe,
+                written: 0,
+                reported: 0,
+            }));
             match (&events_tx, &events_sync) {
                 (Some(tx), _) => {
                     spawn_reader(ch, reader, tx.clone());
@@ -290,7 +325,21 @@ impl ThreadLink {
             in_flight: 0,
             early,
             dead: false,
+            acks,
         }
+    }
+
+    /// Bytes the peers acknowledged since the last look, over every TCP channel.
+    fn newly_acknowledged(&mut self) -> u64 {
+        self.acks
+            .iter_mut()
+            .flatten()
+            .map(Acks::newly_acknowledged)
+            .sum()
+    }
+
+    fn awaiting_acks(&self) -> bool {
+        self.acks.iter().flatten().any(Acks::waiting)
     }
 
     fn event(&mut self, event: Event) -> LinkEvent<io::Error> {
@@ -299,7 +348,17 @@ impl ThreadLink {
             Event::Written(channel, buf, n) => {
                 self.free[channel as usize].push(buf);
                 self.in_flight -= 1;
-                LinkEvent::Delivered { bytes: n as u64 }
+                match &mut self.acks[channel as usize] {
+                    Some(acks) => {
+                        // Written is not sent: count what the peer acknowledged.
+                        acks.written += n as u64;
+                        match self.newly_acknowledged() {
+                            0 => LinkEvent::Idle,
+                            bytes => LinkEvent::Delivered { bytes },
+                        }
+                    }
+                    None => LinkEvent::Delivered { bytes: n as u64 },
+                }
             }
             Event::Closed(channel, error) => LinkEvent::Closed { channel, error },
             Event::WriteFailed(channel, error) => {
@@ -363,7 +422,17 @@ impl<H: ?Sized> Link<H> for ThreadLink {
         if self.dead {
             return self.all_closed();
         }
-        let wait = deadline.map_or(MAX_WAIT, |t| self.clock.until(t).min(MAX_WAIT));
+        let awaiting_acks = self.awaiting_acks();
+        if awaiting_acks {
+            let bytes = self.newly_acknowledged();
+            if bytes > 0 {
+                return LinkEvent::Delivered { bytes };
+            }
+        }
+        let mut wait = deadline.map_or(MAX_WAIT, |t| self.clock.until(t).min(MAX_WAIT));
+        if awaiting_acks {
+            wait = wait.min(ACK_POLL);
+        }
         let event = if wait.is_zero() {
             match self.events.try_recv() {
                 Ok(e) => e,
@@ -381,7 +450,7 @@ impl<H: ?Sized> Link<H> for ThreadLink {
     }
 
     fn sending(&self) -> bool {
-        self.in_flight > 0
+        self.in_flight > 0 || self.awaiting_acks()
     }
 }
 

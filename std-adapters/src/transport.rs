@@ -9,15 +9,67 @@
 //! - [`FaultInjector`]: a writer that corrupts one byte at a chosen stream offset, to test that
 //!   a damaged frame aborts the migration cleanly.
 
+use std::any::Any;
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use memferry::time::ByteRate;
 
 /// A reading half that can be moved to another thread.
 pub type BoxRead = Box<dyn Read + Send>;
+/// A writing half that can be moved to another thread. Any `Write + Send + 'static` type is
+/// one; the driver looks through it for a TCP socket it can ask about acknowledgements
+/// ([`UnackedProbe`]).
+pub trait WriteHalf: Write + Send + Any {}
+
+impl<T: Write + Send + Any> WriteHalf for T {}
+
 /// A writing half that can be moved to another thread.
-pub type BoxWrite = Box<dyn Write + Send>;
+pub type BoxWrite = Box<dyn WriteHalf>;
+
+/// Asks the kernel how many bytes written to a TCP connection the peer has not acknowledged
+/// (`TIOCOUTQ`, Linux's `SIOCOUTQ`): a byte in a socket buffer is not a byte sent, so the
+/// driver reports only acknowledged bytes as delivered.
+pub struct UnackedProbe(TcpStream);
+
+impl UnackedProbe {
+    /// A probe for `writer` if it is a TCP stream, directly or inside this module's
+    /// [`RateLimited`] or [`FaultInjector`]; `None` for other transports.
+    pub fn for_writer(writer: &dyn WriteHalf) -> Option<Self> {
+        let any: &dyn Any = writer;
+        if let Some(stream) = any.downcast_ref::<TcpStream>() {
+            return stream.try_clone().ok().map(UnackedProbe);
+        }
+        if let Some(limited) = any.downcast_ref::<RateLimited<BoxWrite>>() {
+            return Self::for_writer(&*limited.inner);
+        }
+        if let Some(faulty) = any.downcast_ref::<FaultInjector<BoxWrite>>() {
+            return Self::for_writer(&*faulty.inner);
+        }
+        None
+    }
+
+    /// Bytes written and not yet acknowledged, or `None` if the kernel does not say.
+    pub fn unacked(&self) -> Option<u64> {
+        unacked_bytes(&self.0)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn unacked_bytes(stream: &TcpStream) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ on a socket writes one c_int through the pointer, which is valid and
+    // lives across the call; the fd is open for as long as `stream` is borrowed.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    (rc == 0 && queued >= 0).then_some(queued as u64)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn unacked_bytes(_stream: &TcpStream) -> Option<u64> {
+    None
+}
 
 /// In-process streams.
 pub mod loopback {
@@ -99,7 +151,7 @@ pub mod loopback {
 /// TCP streams.
 pub mod tcp {
     use super::*;
-    use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+    use std::net::{TcpListener, ToSocketAddrs};
 
     /// Splits a connected stream into halves (Nagle off: frames are already batched).
     pub fn split(stream: TcpStream) -> io::Result<(BoxRead, BoxWrite)> {
