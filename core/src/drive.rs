@@ -19,11 +19,12 @@ use alloc::format;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::error::MigrationError;
+use crate::error::{HostError, MigrationError};
 use crate::memory::{DestinationGuest, PageWrite, SourceHost};
+use crate::plan::{PagePlan, PlanOutcome};
 use crate::receive::{Destination, DestinationStatus, PagePolicy};
 use crate::report::RoundReport;
-use crate::session::{ChannelId, Source, SourceStatus};
+use crate::session::{ChannelId, Source, SourceStatus, Transmit};
 use crate::strategy::Strategy;
 use crate::time::Nanos;
 
@@ -54,6 +55,10 @@ pub enum LinkEvent<E> {
         /// Why, if it failed.
         error: Option<E>,
     },
+    /// A [`PagePlan`] handed to [`Link::send_plan`] was encoded.
+    Encoded(PlanOutcome),
+    /// Reading guest memory to encode a plan failed.
+    HostFailed(HostError),
     /// Nothing happened before the deadline.
     Idle,
 }
@@ -88,6 +93,21 @@ pub trait Link<H: ?Sized> {
 
     /// Whether bytes handed to [`Link::send`] are not yet delivered.
     fn sending(&self) -> bool;
+
+    /// Whether this link reads and encodes pages itself, on its own threads: the loop then
+    /// asks the engine for [`PagePlan`]s ([`Source::poll_plan`]) and hands them to
+    /// [`Link::send_plan`]. Default: no.
+    fn encodes_pages(&self) -> bool {
+        false
+    }
+
+    /// Encodes `plan` into the buffer [`Link::buffer`] gave for its channel and sends it after
+    /// what came before on that channel; reports a [`LinkEvent::Encoded`] (or
+    /// [`LinkEvent::HostFailed`]). Called only if [`Link::encodes_pages`]; the default drops
+    /// the plan.
+    fn send_plan(&mut self, host: &mut H, plan: PagePlan) {
+        let _ = (host, plan);
+    }
 }
 
 /// A migration driven by the loop failed.
@@ -213,12 +233,26 @@ where
         // One buffer per channel, then a look at the events (without waiting): input such as
         // the destination's abort is seen between two buffers, not after a whole round.
         let mut progress = false;
+        let plans = link.encodes_pages();
         for ch in 0..channels {
             let now = link.now();
             let Some(buf) = link.buffer(ch) else { continue };
-            let n = engine.poll_transmit(now, ch, buf, host)?;
-            link.send(host, ch, n);
-            progress |= n > 0;
+            if plans {
+                match engine.poll_plan(now, ch, buf, host)? {
+                    Transmit::Plan(plan) => {
+                        link.send_plan(host, plan);
+                        progress = true;
+                    }
+                    Transmit::Bytes(n) => {
+                        link.send(host, ch, n);
+                        progress |= n > 0;
+                    }
+                }
+            } else {
+                let n = engine.poll_transmit(now, ch, buf, host)?;
+                link.send(host, ch, n);
+                progress |= n > 0;
+            }
         }
         report_rounds(engine, on_round, rounds_reported);
         if engine.status() == SourceStatus::Done {
@@ -249,6 +283,13 @@ where
             LinkEvent::Delivered { bytes } => {
                 let now = link.now();
                 engine.on_delivered(now, bytes);
+            }
+            LinkEvent::Encoded(outcome) => engine.on_encoded(outcome),
+            LinkEvent::HostFailed(error) => {
+                let now = link.now();
+                return Err(engine
+                    .fail_with(now, MigrationError::Host(error), host)
+                    .into());
             }
             LinkEvent::Received { channel, bytes } => {
                 let now = link.now();
@@ -319,7 +360,8 @@ where
                     engine.handle_input(now, channel, input, host)
                 })?;
             }
-            LinkEvent::Delivered { .. } => {}
+            LinkEvent::Encoded(outcome) => engine.on_encoded(outcome),
+            LinkEvent::Delivered { .. } | LinkEvent::HostFailed(_) => {}
             LinkEvent::Closed { channel: 0, .. } => return Ok(()),
             LinkEvent::Closed { .. } => {}
             LinkEvent::Idle if link.now() >= deadline => return Ok(()),
@@ -400,7 +442,7 @@ where
                 let now = link.now();
                 destination.handle_timeout(now)?;
             }
-            LinkEvent::Delivered { .. } => {}
+            LinkEvent::Delivered { .. } | LinkEvent::Encoded(_) | LinkEvent::HostFailed(_) => {}
             LinkEvent::Received { channel, bytes } => {
                 let now = link.now();
                 inboxes.feed(channel, &bytes, |input| {

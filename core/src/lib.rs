@@ -13,6 +13,7 @@
 //!   pause).
 //! - [`wire`]: the frame format (version 2), with checked zero-copy decoding.
 //! - [`codec`]: the page encoder/decoder seam (raw and zero built in).
+//! - [`plan`]: pages the engine chose, read and encoded by the caller on any thread.
 //! - [`schedule`]: Clark's round bandwidth rule, dirty rate, the stop rules, and the link's
 //!   delivery-rate estimate.
 //! - [`session`]: the source side of a migration: handshake, channels, pacing, timers, the
@@ -113,6 +114,7 @@ pub mod drive;
 pub mod error;
 pub mod memory;
 pub mod page;
+pub mod plan;
 pub mod receive;
 pub mod report;
 pub mod schedule;

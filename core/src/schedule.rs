@@ -76,6 +76,11 @@ impl DeliveryEstimator {
         }
     }
 
+    /// `bytes` counted as handed were never sent after all (an encoding took less than planned).
+    pub fn unhand(&mut self, bytes: u64) {
+        self.handed = self.handed.saturating_sub(bytes).max(self.delivered);
+    }
+
     /// Bytes handed to the transport so far.
     pub fn handed_total(&self) -> u64 {
         self.handed

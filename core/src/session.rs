@@ -53,6 +53,7 @@ use crate::digest::MemoryDigest;
 use crate::error::{HostError, MigrationError};
 use crate::memory::{sync_all, SourceHost};
 use crate::page::{MemoryLayout, PageIndex};
+use crate::plan::{self, PagePlan, PlanOutcome};
 use crate::report::{MigrationReport, RoundReport, StopReason};
 use crate::schedule::DeliveryEstimator;
 use crate::strategy::{Decision, PreCopy, PreCopyConfig, Strategy, StrategyContext};
@@ -122,6 +123,16 @@ pub enum SourceStatus {
         /// Whether the source guest is still paused.
         source_paused: bool,
     },
+}
+
+/// What [`Source::poll_plan`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Transmit {
+    /// This many control bytes were written into the buffer (0: nothing for now).
+    Bytes(usize),
+    /// Pages to read, encode and send on the channel, after what came before on it.
+    Plan(PagePlan),
 }
 
 /// What [`Source::poll`] wants next. In every case, first write out what it appended.
@@ -536,6 +547,78 @@ impl<S: Strategy> Source<S> {
         }
     }
 
+    /// [`Source::poll_transmit`] for drivers that read and encode pages on their own threads:
+    /// control bytes for `channel` come as [`Transmit::Bytes`] written into `buf`; pages come
+    /// as a [`PagePlan`] that fits `buf.len()` bytes, which the caller encodes with
+    /// [`PagePlan::encode`] (anywhere, any time, in order with this channel's other output)
+    /// and whose [`PlanOutcome`] it returns with [`Source::on_encoded`].
+    pub fn poll_plan<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        channel: ChannelId,
+        buf: &mut [u8],
+        host: &mut H,
+    ) -> Result<Transmit, MigrationError> {
+        self.last_now = self.last_now.max(now);
+        let ch = channel as usize;
+        if ch >= self.channels.len() {
+            return Ok(Transmit::Bytes(0));
+        }
+        if self.failure.is_some() {
+            let n = self.channels[ch].drain_into(buf);
+            self.account(now, n);
+            return Ok(Transmit::Bytes(n));
+        }
+        if let Err(e) = self.advance(now, host) {
+            return self.fail(now, e, host);
+        }
+        let n = self.channels[ch].drain_into(buf);
+        if n > 0 {
+            self.account(now, n);
+            return Ok(Transmit::Bytes(n));
+        }
+        if self.state != State::Sending || self.exhausted || self.draining.is_some() {
+            return Ok(Transmit::Bytes(0));
+        }
+        match self.plan_pages(now, ch, buf.len(), host) {
+            Ok(Some(plan)) => {
+                self.account(now, plan.planned_bytes);
+                Ok(Transmit::Plan(plan))
+            }
+            Ok(None) => {
+                // The walk may have ended: its markers are queued.
+                let n = self.channels[ch].drain_into(buf);
+                self.account(now, n);
+                Ok(Transmit::Bytes(n))
+            }
+            Err(e) => self.fail(now, e, host),
+        }
+    }
+
+    /// What encoding a [`PagePlan`] produced: the report and the link measure count the bytes
+    /// it really took and its zero pages.
+    pub fn on_encoded(&mut self, outcome: PlanOutcome) {
+        let saved = outcome.planned_bytes.saturating_sub(outcome.bytes) as u64;
+        self.report.bytes_sent = self.report.bytes_sent.saturating_sub(saved);
+        self.estimator.unhand(saved);
+        let open = self.round_report.round == outcome.generation && !self.round_closed();
+        let round = if open {
+            Some(&mut self.round_report)
+        } else {
+            self.report
+                .rounds
+                .iter_mut()
+                .find(|r| r.round == outcome.generation)
+        };
+        if let Some(r) = round {
+            r.bytes = r.bytes.saturating_sub(saved);
+            r.zero_pages += outcome.zero_pages;
+            if !open {
+                self.report.zero_pages_sent += outcome.zero_pages;
+            }
+        }
+    }
+
     /// Takes bytes from the destination that arrived on `channel`. Returns how many were
     /// consumed (whole frames only: keep the rest and pass it again with more).
     pub fn handle_input<H: SourceHost>(
@@ -574,6 +657,21 @@ impl<S: Strategy> Source<S> {
             }
         }
         Ok(used)
+    }
+
+    /// Fails the migration with `error` (a driver's own failure, such as a worker thread's
+    /// failed read); as any failure: before the commit point the guest resumes, and an abort
+    /// frame is queued on channel 0. Returns the first error (an earlier one if there was).
+    pub fn fail_with<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        error: MigrationError,
+        host: &mut H,
+    ) -> MigrationError {
+        match self.fail::<(), H>(now, error, host) {
+            Err(e) => e,
+            Ok(()) => unreachable!("fail always returns an error"),
+        }
     }
 
     /// Cancels the migration (an operator's request, or a transport that closed). Before the
@@ -1145,6 +1243,83 @@ impl<S: Strategy> Source<S> {
             None => self.finish_walk(host)?,
         }
         Ok(written)
+    }
+
+    /// Chooses the pages of the current round for one buffer of `room` bytes on channel `ch`,
+    /// within the round's rate limit (as [`Source::send_pages`] does, without reading them).
+    fn plan_pages<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        ch: usize,
+        room: usize,
+        host: &mut H,
+    ) -> Result<Option<PagePlan>, MigrationError> {
+        if !self.stop_and_copy {
+            let mut cx = StrategyContext::new(
+                &self.layout,
+                &mut self.send,
+                &mut self.round_report,
+                now - self.start,
+            );
+            self.strategy.during_round(now, &mut cx, host)?;
+        }
+        let page_size = self.layout.page_size().bytes();
+        let limit = self.round_report.rate_limit;
+        let allowed = limit
+            .bytes_in(now - self.round_start)
+            .saturating_sub(self.round_report.bytes);
+        let one_page = wire::page_frame_len(page_size);
+        if (allowed as usize) < one_page {
+            let wake = self.round_start + limit.time_for(self.round_report.bytes + one_page as u64);
+            self.rate_wake = Some(wake.max(now + Nanos(1)));
+            return Ok(None);
+        }
+        self.rate_wake = None;
+        let room = room.min(allowed.min(usize::MAX as u64) as usize);
+        let (most, _) = plan::pages_that_fit(room, page_size, self.checksum);
+        let mut pages = Vec::new();
+        let mut walk = self.send.iter_ones_from(self.cursor);
+        let mut next = walk.next();
+        while let Some(p) = next {
+            if pages.len() as u64 == most {
+                break;
+            }
+            pages.push(p);
+            next = walk.next();
+        }
+        match next {
+            Some(p) => self.cursor = p,
+            None => {
+                self.cursor = self.layout.page_count();
+                if pages.is_empty() {
+                    self.finish_walk(host)?;
+                    return Ok(None);
+                }
+            }
+        }
+        if pages.is_empty() {
+            return Ok(None);
+        }
+        let (_, planned_bytes) = plan::pages_that_fit(
+            plan::room_for(pages.len() as u64, page_size, self.checksum),
+            page_size,
+            self.checksum,
+        );
+        let count = pages.len() as u64;
+        self.round_report.pages += count;
+        self.round_report.bytes += planned_bytes as u64;
+        self.channels[ch].pages_in_round += count;
+        if next.is_none() {
+            self.finish_walk(host)?;
+        }
+        Ok(Some(PagePlan {
+            channel: ch as ChannelId,
+            generation: self.round,
+            checksum: self.checksum,
+            page_size,
+            pages,
+            planned_bytes,
+        }))
     }
 
     /// The round's last page is handed out: queue each channel's round marker, and after the

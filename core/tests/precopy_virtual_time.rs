@@ -38,6 +38,7 @@ use std::collections::VecDeque;
 
 use memferry::digest::memory_digest;
 use memferry::drive::{drive_source, Link, LinkEvent};
+use memferry::plan::{PagePlan, SharedPageRead};
 use memferry::prelude::*;
 use memferry::track::PredictorKind;
 use memferry::wire::{
@@ -122,6 +123,9 @@ struct Scenario {
     regions: Vec<Region>,
     /// The destination's region table; empty: one region at 0 of `dest_pages`.
     dest_regions: Vec<Region>,
+    /// The link reads and encodes pages itself from `PagePlan`s (as the std driver's worker
+    /// threads do) instead of taking the engine's bytes.
+    plans: bool,
 }
 
 impl Scenario {
@@ -161,6 +165,7 @@ fn quiet_scenario(pages: u64) -> Scenario {
         dest_verify: true,
         regions: Vec::new(),
         dest_regions: Vec::new(),
+        plans: false,
     }
 }
 
@@ -282,6 +287,23 @@ impl SourceHost {
         }
         self.dirty.set(page);
         self.writes += 1;
+    }
+}
+
+impl SharedPageRead for SourceHost {
+    fn read_page_shared(&self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError> {
+        assert!(
+            page.0 < self.pages,
+            "a plan read page {} of {}",
+            page.0,
+            self.pages
+        );
+        if self.fail_reads_while_paused && self.paused {
+            return Err(HostError::new(format!("page {} is unreadable", page.0)));
+        }
+        let at = page.0 as usize * PAGE;
+        buf.copy_from_slice(&self.mem[at..at + PAGE]);
+        Ok(())
     }
 }
 
@@ -599,6 +621,7 @@ struct Net {
     src_events: VecDeque<LinkEvent<String>>,
     dest_inbox: Vec<u8>,
     out: Vec<u8>,
+    scratch: Vec<u8>,
     dest_error: Option<MigrationError>,
     source_error: Option<MigrationError>,
     tap: Tap,
@@ -654,6 +677,7 @@ impl Sim {
                 src_events: VecDeque::new(),
                 dest_inbox: Vec::new(),
                 out: vec![0; room],
+                scratch: Vec::new(),
                 dest_error: None,
                 source_error: None,
                 tap: Tap::default(),
@@ -975,6 +999,26 @@ impl Link<SourceHost> for Net {
 
     fn sending(&self) -> bool {
         false
+    }
+
+    fn encodes_pages(&self) -> bool {
+        self.sc.plans
+    }
+
+    fn send_plan(&mut self, guest: &mut SourceHost, plan: PagePlan) {
+        let channel = plan.channel();
+        assert!(
+            plan.planned_bytes() <= self.out.len(),
+            "a plan larger than its buffer"
+        );
+        match plan.encode(&*guest, None, &mut self.scratch, &mut self.out) {
+            Ok(outcome) => {
+                assert!(outcome.bytes <= outcome.planned_bytes);
+                self.src_events.push_back(LinkEvent::Encoded(outcome));
+                self.send(guest, channel, outcome.bytes);
+            }
+            Err(e) => self.src_events.push_back(LinkEvent::HostFailed(e)),
+        }
     }
 }
 
@@ -1380,6 +1424,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 dest_verify,
                 regions: Vec::new(),
                 dest_regions: Vec::new(),
+                plans: seed & 1 == 1,
             },
         )
 }
@@ -1778,6 +1823,39 @@ fn destination_claiming_a_match_with_a_wrong_digest_fails_the_source() {
         sim.dest_error
     );
     assert_paused_then_resumable(&mut sim);
+}
+
+/// Pages read and encoded by the link (as the std driver's worker threads do) give the same
+/// migration guarantees, and the report counts what the encoding really produced.
+#[test]
+fn pages_encoded_by_the_link_migrate_byte_exact() {
+    let mut sc = busy_scenario(256);
+    sc.plans = true;
+    check_migration(&sc).unwrap();
+    let mut sim = Sim::new(&sc, Tamper::None);
+    assert!(matches!(sim.run(), End::Done));
+    let r = sim.source.report();
+    assert!(r.rounds.len() >= 3 && r.zero_pages_sent > 0, "{r:?}");
+    // The engine itself read pages only to hash them for the digest, once each.
+    assert_eq!(sim.guest.reads, sc.pages);
+}
+
+#[test]
+fn host_read_failure_while_encoding_a_plan_resumes_and_aborts() {
+    let mut sc = busy_scenario(64);
+    sc.config.stop.max_rounds = 1;
+    sc.plans = true;
+    let mut sim = Sim::new(&sc, Tamper::None);
+    sim.guest.fail_reads_while_paused = true;
+    match sim.run() {
+        End::SourceFailed(MigrationError::Host(e)) => {
+            assert!(e.message.contains("unreadable"), "{e}")
+        }
+        other => panic!("source: {other:?}"),
+    }
+    assert_eq!((sim.guest.pause_calls, sim.guest.resume_calls), (1, 1));
+    assert!(!sim.guest.paused && !sim.source.is_paused());
+    assert_eq!(sim.target.start_calls, 0);
 }
 
 #[test]
