@@ -156,7 +156,10 @@ pub fn migrate_channels(
     let layout = MemoryLayout::single(host.region().geometry());
     let mut engine = Source::new(layout, session, PreCopy::new(config));
     let clock = Clock::new();
-    let result = drive::run_source(&mut engine, host, channels, &clock, on_round);
+    // Pages are read and encoded on the connections' writer threads (one per channel).
+    let memory: drive::SharedMemory = host.region().clone();
+    let result =
+        drive::run_source_with_workers(&mut engine, host, memory, channels, &clock, on_round);
     result?;
     Ok(engine.report().clone())
 }

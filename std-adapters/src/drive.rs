@@ -22,12 +22,14 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{self, Receiver as EventQueue, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memferry::drive::{self, DriveFailure, Link, LinkEvent};
-use memferry::error::MigrationError;
+use memferry::error::{HostError, MigrationError};
 use memferry::memory::{DestinationGuest, PageWrite, SourceHost};
 use memferry::page::{MemoryLayout, PageSize, Region};
+use memferry::plan::{PagePlan, PlanOutcome, SharedPageRead};
 use memferry::receive::{Destination, PagePolicy};
 use memferry::report::RoundReport;
 use memferry::session::Source;
@@ -148,7 +150,18 @@ enum Event {
     Closed(u16, Option<io::Error>),
     Written(u16, Vec<u8>, usize),
     WriteFailed(u16, io::Error),
+    Encoded(PlanOutcome),
+    EncodeFailed(u16, Vec<u8>, HostError),
 }
+
+/// What a writer thread is given: bytes to write, or pages to read and encode, then write.
+enum Job {
+    Bytes(Vec<u8>, usize),
+    Plan(Vec<u8>, PagePlan),
+}
+
+/// Guest memory the writer threads read pages from, each on its own.
+pub type SharedMemory = Arc<dyn SharedPageRead + Send + Sync>;
 
 /// Where reader threads put what they read: unbounded on the source (replies are small), bounded
 /// on the destination, so a source faster than the destination applies pages is held back by
@@ -206,12 +219,35 @@ fn spawn_writer(
     channel: u16,
     mut writer: BoxWrite,
     events: impl EventSink,
-) -> SyncSender<(Vec<u8>, usize)> {
-    let (tx, rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(BUFFERS_PER_CHANNEL);
+    memory: Option<SharedMemory>,
+) -> SyncSender<Job> {
+    let (tx, rx) = mpsc::sync_channel::<Job>(BUFFERS_PER_CHANNEL);
     std::thread::Builder::new()
         .name(format!("memferry-write-{channel}"))
         .spawn(move || {
-            while let Ok((buf, n)) = rx.recv() {
+            let mut scratch = Vec::new();
+            while let Ok(job) = rx.recv() {
+                let (buf, n) = match job {
+                    Job::Bytes(buf, n) => (buf, n),
+                    Job::Plan(mut buf, plan) => {
+                        let Some(memory) = &memory else {
+                            continue;
+                        };
+                        // Pages are read and encoded here, on this channel's thread.
+                        match plan.encode(&**memory, None, &mut scratch, &mut buf) {
+                            Ok(outcome) => {
+                                let _ = events.send(Event::Encoded(outcome));
+                                (buf, outcome.bytes)
+                            }
+                            Err(e) => {
+                                if events.send(Event::EncodeFailed(channel, buf, e)).is_err() {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                };
                 match writer.write_all(&buf[..n]).and_then(|_| writer.flush()) {
                     Ok(()) => {
                         if events.send(Event::Written(channel, buf, n)).is_err() {
@@ -236,7 +272,9 @@ fn spawn_writer(
 struct ThreadLink {
     clock: Clock,
     events: EventQueue<Event>,
-    writers: Vec<SyncSender<(Vec<u8>, usize)>>,
+    writers: Vec<SyncSender<Job>>,
+    /// The writer threads read and encode pages themselves.
+    encodes: bool,
     free: Vec<Vec<Vec<u8>>>,
     /// Buffers handed to writers and not yet back.
     in_flight: usize,
@@ -279,7 +317,9 @@ impl ThreadLink {
         channels: Vec<(BoxRead, BoxWrite)>,
         early: VecDeque<(u16, Vec<u8>)>,
         queue_bound: Option<usize>,
+        memory: Option<SharedMemory>,
     ) -> Self {
+        let encodes = memory.is_some();
         let (events_tx, events_sync, events) = match queue_bound {
             None => {
                 let (tx, rx) = mpsc::channel();
@@ -303,11 +343,11 @@ impl ThreadLink {
             match (&events_tx, &events_sync) {
                 (Some(tx), _) => {
                     spawn_reader(ch, reader, tx.clone());
-                    writers.push(spawn_writer(ch, writer, tx.clone()));
+                    writers.push(spawn_writer(ch, writer, tx.clone(), memory.clone()));
                 }
                 (_, Some(tx)) => {
                     spawn_reader(ch, reader, tx.clone());
-                    writers.push(spawn_writer(ch, writer, tx.clone()));
+                    writers.push(spawn_writer(ch, writer, tx.clone(), memory.clone()));
                 }
                 _ => unreachable!("one of the two queues exists"),
             }
@@ -321,6 +361,7 @@ impl ThreadLink {
             clock,
             events,
             writers,
+            encodes,
             free,
             in_flight: 0,
             early,
@@ -368,6 +409,12 @@ impl ThreadLink {
                     error: Some(error),
                 }
             }
+            Event::Encoded(outcome) => LinkEvent::Encoded(outcome),
+            Event::EncodeFailed(channel, buf, error) => {
+                self.free[channel as usize].push(buf);
+                self.in_flight -= 1;
+                LinkEvent::HostFailed(error)
+            }
         }
     }
 
@@ -410,7 +457,21 @@ impl<H: ?Sized> Link<H> for ThreadLink {
             return;
         };
         // A writer that is gone has reported why (a WriteFailed event is queued).
-        if self.writers[ch].send((buf, len)).is_ok() {
+        if self.writers[ch].send(Job::Bytes(buf, len)).is_ok() {
+            self.in_flight += 1;
+        }
+    }
+
+    fn encodes_pages(&self) -> bool {
+        self.encodes
+    }
+
+    fn send_plan(&mut self, _host: &mut H, plan: PagePlan) {
+        let ch = plan.channel() as usize;
+        let Some(buf) = self.free.get_mut(ch).and_then(Vec::pop) else {
+            return;
+        };
+        if self.writers[ch].send(Job::Plan(buf, plan)).is_ok() {
             self.in_flight += 1;
         }
     }
@@ -475,7 +536,26 @@ where
     S: Strategy,
     H: SourceHost,
 {
-    let mut link = ThreadLink::new(*clock, channels, VecDeque::new(), None);
+    let mut link = ThreadLink::new(*clock, channels, VecDeque::new(), None, None);
+    drive::drive_source(engine, host, &mut link, &mut on_round).map_err(drive_error)
+}
+
+/// [`run_source`] with pages read and encoded on the channels' writer threads, from `memory`
+/// (N channels encode on N threads; the engine thread only chooses pages). `memory` must be
+/// the guest `host` reads.
+pub fn run_source_with_workers<S, H>(
+    engine: &mut Source<S>,
+    host: &mut H,
+    memory: SharedMemory,
+    channels: Vec<(BoxRead, BoxWrite)>,
+    clock: &Clock,
+    mut on_round: impl FnMut(&RoundReport),
+) -> Result<(), DriveError>
+where
+    S: Strategy,
+    H: SourceHost,
+{
+    let mut link = ThreadLink::new(*clock, channels, VecDeque::new(), None, Some(memory));
     drive::drive_source(engine, host, &mut link, &mut on_round).map_err(drive_error)
 }
 
@@ -646,6 +726,6 @@ where
         }
         ends.push((reader, writer));
     }
-    let mut link = ThreadLink::new(*clock, ends, early, Some(bound));
+    let mut link = ThreadLink::new(*clock, ends, early, Some(bound), None);
     drive::drive_destination(destination, host, &mut link).map_err(drive_error)
 }

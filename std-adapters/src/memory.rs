@@ -217,6 +217,12 @@ impl SourceHost {
     }
 }
 
+impl memferry::plan::SharedPageRead for GuestRegion {
+    fn read_page_shared(&self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError> {
+        self.read_page(page, buf)
+    }
+}
+
 impl PageRead for SourceHost {
     fn read_page(&mut self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError> {
         self.region.read_page(page, buf)
