@@ -89,6 +89,12 @@ pub trait PagePolicy: Send {
     fn prepare(&mut self, pages: u64);
     /// Whether a copy of `page` sent in `generation` (round, from 1) is applied.
     fn accept(&mut self, page: u64, generation: u32) -> bool;
+    /// Whether a page, once placed in a generation, is never overwritten by another copy of
+    /// that generation: required for post-copy, where the running guest may already have
+    /// written a page the source pushes again. Default: no.
+    fn places_once(&self) -> bool {
+        false
+    }
 }
 
 /// Pre-copy: the newest generation of a page wins, whatever order the channels deliver in.
@@ -113,31 +119,30 @@ impl PagePolicy for NewestWins {
     }
 }
 
-/// Post-copy: each page is placed once; later copies are ignored. 1 bit per page.
-#[derive(Clone, Debug)]
+/// Post-copy and hybrid: a newer generation replaces an older copy (the pre-copy rounds of a
+/// hybrid), but within a generation the first copy wins and later ones are ignored (a page the
+/// guest asked for and got is not overwritten when the background push sends it again).
+/// 4 bytes per page.
+#[derive(Clone, Debug, Default)]
 pub struct FirstCopyWins {
-    placed: DirtyBitmap,
-}
-
-impl Default for FirstCopyWins {
-    fn default() -> Self {
-        FirstCopyWins {
-            placed: DirtyBitmap::new(0),
-        }
-    }
+    generations: Vec<u32>,
 }
 
 impl PagePolicy for FirstCopyWins {
     fn prepare(&mut self, pages: u64) {
-        self.placed = DirtyBitmap::new(pages);
+        self.generations = vec![0; pages as usize];
     }
-    fn accept(&mut self, page: u64, _generation: u32) -> bool {
-        if self.placed.get(page) {
-            false
-        } else {
-            self.placed.set(page);
+    fn accept(&mut self, page: u64, generation: u32) -> bool {
+        let slot = &mut self.generations[page as usize];
+        if generation > *slot {
+            *slot = generation;
             true
+        } else {
+            false
         }
+    }
+    fn places_once(&self) -> bool {
+        true
     }
 }
 
@@ -147,6 +152,18 @@ struct ChannelRx {
     /// The round whose pages this channel is sending, from 1.
     round: u32,
     pages_in_round: u64,
+}
+
+/// Post-copy's state on the destination once the guest runs.
+#[derive(Clone, Copy, Debug)]
+struct PostCopyRx {
+    /// The generation of the pages that follow the switchover.
+    final_round: u32,
+    digest_follows: bool,
+    /// The source's digest, if it came before the last page.
+    source_digest: Option<u128>,
+    /// Every page is here and every channel closed the final round.
+    all_received: bool,
 }
 
 /// The destination of one migration, applying pages by policy `P`.
@@ -169,6 +186,8 @@ pub struct Destination<P: PagePolicy = NewestWins> {
     device_state: Vec<u8>,
     device_state_seen: bool,
     switchover: Option<(u32, bool)>,
+    /// Post-copy: the guest runs while the final round's pages (this generation) arrive.
+    post_copy: Option<PostCopyRx>,
     verdict: Option<Verdict>,
     pages_received: u64,
     stale_pages: u64,
@@ -220,6 +239,7 @@ impl<P: PagePolicy> Destination<P> {
             device_state: Vec::new(),
             device_state_seen: false,
             switchover: None,
+            post_copy: None,
             verdict: None,
             pages_received: 0,
             stale_pages: 0,
@@ -511,28 +531,7 @@ impl<P: PagePolicy> Destination<P> {
                     pages,
                 },
             ) => {
-                let rx = &mut self.channels[ch];
-                if channel as usize != ch {
-                    return Err(MigrationError::RoundMismatch {
-                        round,
-                        reason: "round marker names another channel",
-                    });
-                }
-                if round != rx.round {
-                    return Err(MigrationError::RoundMismatch {
-                        round,
-                        reason: "round markers must count up from 1",
-                    });
-                }
-                if pages != rx.pages_in_round {
-                    return Err(MigrationError::RoundMismatch {
-                        round,
-                        reason: "page count differs from the pages received",
-                    });
-                }
-                rx.round = rx.round.saturating_add(1);
-                rx.pages_in_round = 0;
-                self.round_end_unreported = true;
+                self.close_round(ch, round, channel, pages)?;
                 self.try_switchover(now, host)
             }
             (DestinationStatus::Receiving, Frame::DeviceState(bytes)) if ch == 0 => {
@@ -557,10 +556,14 @@ impl<P: PagePolicy> Destination<P> {
                 Frame::Switchover {
                     rounds,
                     digest_follows,
+                    pages_follow,
                 },
             ) if ch == 0 => {
                 if !self.device_state_seen || self.switchover.is_some() {
                     return Err(self.unexpected(FrameKind::Switchover));
+                }
+                if pages_follow {
+                    return self.start_post_copy(now, rounds, digest_follows, host);
                 }
                 if rounds.checked_add(1) != Some(self.channels[0].round) {
                     return Err(MigrationError::RoundMismatch {
@@ -571,30 +574,207 @@ impl<P: PagePolicy> Destination<P> {
                 self.switchover = Some((rounds, digest_follows));
                 self.try_switchover(now, host)
             }
-            (DestinationStatus::Running, Frame::Complete { digest }) if ch == 0 => {
-                let ours = self.digest();
-                let verdict = match ours {
-                    None => Verdict::NotChecked,
-                    Some(d) if d == digest => Verdict::Match,
-                    Some(_) => Verdict::Mismatch,
-                };
-                Frame::Verified {
-                    verdict,
-                    digest: ours.unwrap_or(0),
+            (
+                DestinationStatus::Running,
+                Frame::Pages {
+                    generation,
+                    entries,
+                },
+            ) if self.post_copy.is_some() => {
+                self.apply_pages(ch, generation, entries, host)?;
+                self.finish_post_copy()
+            }
+            (
+                DestinationStatus::Running,
+                Frame::RoundEnd {
+                    round,
+                    channel,
+                    pages,
+                },
+            ) if self.post_copy.is_some() => {
+                self.close_round(ch, round, channel, pages)?;
+                self.finish_post_copy()
+            }
+            (DestinationStatus::Running, Frame::Complete { digest })
+                if ch == 0 && self.post_copy.as_ref().is_some_and(|p| !p.all_received) =>
+            {
+                // The verdict waits until every page has arrived.
+                let pc = self.post_copy.as_mut().expect("post-copy");
+                if pc.source_digest.replace(digest).is_some() {
+                    return Err(self.unexpected(FrameKind::Complete));
                 }
-                .emit_with(&mut self.out, self.checksum);
-                self.verdict = Some(verdict);
-                if verdict == Verdict::Mismatch {
-                    return Err(MigrationError::DigestMismatch {
-                        source: digest,
-                        destination: ours.unwrap_or_default(),
-                    });
-                }
-                self.status = DestinationStatus::Complete;
                 Ok(())
+            }
+            (DestinationStatus::Running, Frame::Complete { digest }) if ch == 0 => {
+                self.judge(digest)
             }
             (_, frame) => Err(self.unexpected(frame.kind().unwrap_or(kind))),
         }
+    }
+
+    /// A channel's `RoundEnd`: checks it against what the channel delivered.
+    fn close_round(
+        &mut self,
+        ch: usize,
+        round: u32,
+        channel: u16,
+        pages: u64,
+    ) -> Result<(), MigrationError> {
+        let rx = &mut self.channels[ch];
+        if channel as usize != ch {
+            return Err(MigrationError::RoundMismatch {
+                round,
+                reason: "round marker names another channel",
+            });
+        }
+        if round != rx.round {
+            return Err(MigrationError::RoundMismatch {
+                round,
+                reason: "round markers must count up from 1",
+            });
+        }
+        if pages != rx.pages_in_round {
+            return Err(MigrationError::RoundMismatch {
+                round,
+                reason: "page count differs from the pages received",
+            });
+        }
+        rx.round = rx.round.saturating_add(1);
+        rx.pages_in_round = 0;
+        self.round_end_unreported = true;
+        Ok(())
+    }
+
+    /// Compares the source's digest with this side's and answers with the verdict.
+    fn judge(&mut self, digest: u128) -> Result<(), MigrationError> {
+        let ours = self.digest();
+        let verdict = match ours {
+            None => Verdict::NotChecked,
+            Some(d) if d == digest => Verdict::Match,
+            Some(_) => Verdict::Mismatch,
+        };
+        Frame::Verified {
+            verdict,
+            digest: ours.unwrap_or(0),
+        }
+        .emit_with(&mut self.out, self.checksum);
+        self.verdict = Some(verdict);
+        if verdict == Verdict::Mismatch {
+            return Err(MigrationError::DigestMismatch {
+                source: digest,
+                destination: ours.unwrap_or_default(),
+            });
+        }
+        self.status = DestinationStatus::Complete;
+        Ok(())
+    }
+
+    /// Post-copy: starts the guest at the switchover, before the final round's pages.
+    fn start_post_copy<H>(
+        &mut self,
+        now: Nanos,
+        rounds: u32,
+        digest_follows: bool,
+        host: &mut H,
+    ) -> Result<(), MigrationError>
+    where
+        H: PageWrite + DestinationGuest,
+    {
+        if !self.policy.places_once() {
+            return Err(MigrationError::Incompatible(
+                "the source switches over before its last pages (post-copy), but this destination's page policy may overwrite pages the running guest wrote (use FirstCopyWins)".into(),
+            ));
+        }
+        if self.received_count != 0 {
+            // A hybrid would need the source to say which pages it sent went stale since
+            // (QEMU's discard bitmap): without it the guest could run on an old copy.
+            return Err(MigrationError::Incompatible(
+                "post-copy after pre-copy rounds (hybrid) is not supported yet: pages sent before the switchover may be stale".into(),
+            ));
+        }
+        // Every channel has closed the rounds before; the final one (`rounds + 1`) follows.
+        if rounds.checked_add(1) != Some(self.channels[0].round)
+            || self.channels[0].pages_in_round != 0
+        {
+            return Err(MigrationError::RoundMismatch {
+                round: rounds,
+                reason: "switchover names a different round count",
+            });
+        }
+        host.restore_state(&self.device_state)?;
+        host.start()?;
+        self.started_at = Some(now);
+        Frame::Ready.emit_with(&mut self.out, self.checksum);
+        self.status = DestinationStatus::Running;
+        self.post_copy = Some(PostCopyRx {
+            final_round: rounds + 1,
+            digest_follows,
+            source_digest: None,
+            all_received: false,
+        });
+        self.finish_post_copy()
+    }
+
+    /// Post-copy: once every page has arrived and every channel closed the final round, the
+    /// migration ends (with the verdict, if the source's digest is here).
+    fn finish_post_copy(&mut self) -> Result<(), MigrationError> {
+        let Some(pc) = &self.post_copy else {
+            return Ok(());
+        };
+        if pc.all_received {
+            return Ok(());
+        }
+        let final_round = pc.final_round;
+        let closed = self
+            .channels
+            .iter()
+            .all(|c| c.joined && c.round == final_round + 1);
+        if !closed {
+            return Ok(());
+        }
+        let missing = self.layout.page_count() - self.received_count;
+        if missing != 0 {
+            return Err(MigrationError::BadPagePayload {
+                page: self.received_gap(),
+                reason: "never received in post-copy's final round",
+            });
+        }
+        let pc = self.post_copy.as_mut().expect("post-copy");
+        pc.all_received = true;
+        match (pc.digest_follows, pc.source_digest) {
+            (false, _) => {
+                self.status = DestinationStatus::Complete;
+                Ok(())
+            }
+            (true, Some(digest)) => self.judge(digest),
+            (true, None) => Ok(()),
+        }
+    }
+
+    /// Post-copy: whether page `page` (dense index) has arrived; the guest may touch it only
+    /// then (a VMM resolves the fault with it).
+    pub fn is_received(&self, page: u64) -> bool {
+        page < self.received.len() && self.received.get(page)
+    }
+
+    /// Post-copy: the running guest needs `pages` now; asks the source for those not yet
+    /// here (a `PageRequest` frame queued for channel 0). Returns how many were asked for.
+    pub fn request_pages(&mut self, pages: &[u64]) -> usize {
+        if self.post_copy.as_ref().is_none_or(|p| p.all_received) || self.failure.is_some() {
+            return 0;
+        }
+        let wanted: Vec<u64> = pages
+            .iter()
+            .copied()
+            .filter(|&p| p < self.layout.page_count() && !self.received.get(p))
+            .collect();
+        if wanted.is_empty() {
+            return 0;
+        }
+        let mut storage = Vec::new();
+        let list = crate::wire::u64_list(&wanted, &mut storage);
+        Frame::PageRequest(list).emit_with(&mut self.out, self.checksum);
+        wanted.len()
     }
 
     fn on_hello(&mut self, hello: &crate::wire::Hello<'_>) -> Result<(), MigrationError> {

@@ -19,6 +19,7 @@ use crate::time::{ByteRate, Nanos};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum StopReason {
     /// Estimated downtime at or below the target.
     DowntimeTarget,
@@ -28,6 +29,8 @@ pub enum StopReason {
     NotConverging,
     /// The overall deadline passed.
     Deadline,
+    /// Post-copy: the strategy switches over at once by design.
+    PostCopy,
 }
 
 impl StopReason {
@@ -38,6 +41,7 @@ impl StopReason {
             StopReason::MaxRounds => "max_rounds",
             StopReason::NotConverging => "not_converging",
             StopReason::Deadline => "deadline",
+            StopReason::PostCopy => "post_copy",
         }
     }
 }
@@ -100,6 +104,8 @@ pub struct MigrationReport {
     pub pages_sent: u64,
     /// Of those, all-zero pages.
     pub zero_pages_sent: u64,
+    /// Post-copy: pages sent ahead of the push because the destination's guest asked for them.
+    pub urgent_pages: u64,
     /// Bytes the source put on the wire, all frames, headers included.
     pub bytes_sent: u64,
     /// Bytes the destination sent back (accept, ready, verdict).

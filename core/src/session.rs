@@ -227,6 +227,10 @@ pub struct Source<S: Strategy = PreCopy> {
     poll_room: usize,
     /// The destination said Ready: the downtime is measured and final.
     ready_seen: bool,
+    /// Post-copy: the switchover went before the final round's pages.
+    post_copy: bool,
+    /// Post-copy: an urgent page taken from the strategy that did not fit the last buffer.
+    pending_urgent: Option<u64>,
     last_heard: Nanos,
     last_now: Nanos,
     rate_wake: Option<Nanos>,
@@ -294,6 +298,8 @@ impl<S: Strategy> Source<S> {
             switchover_from: 0,
             poll_room: 1 << 20,
             ready_seen: false,
+            post_copy: false,
+            pending_urgent: None,
             last_heard: Nanos::ZERO,
             last_now: Nanos::ZERO,
             rate_wake: None,
@@ -509,6 +515,18 @@ impl<S: Strategy> Source<S> {
             return self.fail(now, e, host);
         }
         let mut n = self.channels[ch].drain_into(buf);
+        if self.post_copy
+            && ch == 0
+            && n > 0
+            && self.switchover_queued
+            && !self.report.committed
+            && self.channels[ch].pending().is_empty()
+        {
+            // Post-copy: the switchover goes out in its own write, not behind a buffer of
+            // pages: the destination starts as soon as it arrives.
+            self.account(now, n);
+            return Ok(n);
+        }
         if n < buf.len()
             && self.state == State::Sending
             && !self.exhausted
@@ -858,13 +876,22 @@ impl<S: Strategy> Source<S> {
                 got: FrameKind::Ready,
             });
         }
-        if self.state == State::Sending
-            && self.stop_and_copy
-            && self.exhausted
-            && frame == Frame::Ready
-        {
-            // The destination answered before the driver polled again.
-            self.close_final_round(now);
+        if self.state == State::Sending && self.stop_and_copy && frame == Frame::Ready {
+            if self.post_copy {
+                // Post-copy: the destination runs while the final round's pages follow.
+                if self.ready_seen {
+                    return Err(MigrationError::UnexpectedFrame {
+                        expected: "one Ready",
+                        got: FrameKind::Ready,
+                    });
+                }
+                self.on_ready(now);
+                return Ok(());
+            }
+            if self.exhausted {
+                // The destination answered before the driver polled again.
+                self.close_final_round(now);
+            }
         }
         match (self.state, frame) {
             (
@@ -876,15 +903,8 @@ impl<S: Strategy> Source<S> {
                 },
             ) => self.on_accept(now, version, features, max_device_state, host),
             (State::AwaitReady, Frame::Ready) => {
-                self.ready_at = now;
-                self.ready_seen = true;
-                self.report.downtime = now - self.paused_at;
-                if self.config.verify {
-                    self.hash_started = now;
-                    self.state = State::Hashing { next: 0 };
-                } else {
-                    self.finish(now);
-                }
+                self.on_ready(now);
+                self.after_ready(now);
                 Ok(())
             }
             (State::AwaitVerdict, Frame::Verified { verdict, digest }) => {
@@ -1019,7 +1039,30 @@ impl<S: Strategy> Source<S> {
         self.report.zero_pages_sent += self.round_report.zero_pages;
         self.report.rounds.push(self.round_report.clone());
         self.exhausted = false;
+        // The wait for the destination starts now, not at its last word.
+        self.last_heard = now;
         self.state = State::AwaitReady;
+        if self.ready_seen {
+            // Post-copy: the destination has run since the switchover.
+            self.after_ready(now);
+        }
+    }
+
+    /// The destination runs the guest: the downtime is over.
+    fn on_ready(&mut self, now: Nanos) {
+        self.ready_at = now;
+        self.ready_seen = true;
+        self.report.downtime = now - self.paused_at;
+    }
+
+    /// Everything is sent and the destination runs: verify, or finish.
+    fn after_ready(&mut self, now: Nanos) {
+        if self.config.verify {
+            self.hash_started = now;
+            self.state = State::Hashing { next: 0 };
+        } else {
+            self.finish(now);
+        }
     }
 
     fn advance<H: SourceHost>(&mut self, now: Nanos, host: &mut H) -> Result<(), MigrationError> {
@@ -1151,6 +1194,11 @@ impl<S: Strategy> Source<S> {
             StrategyContext::new(&self.layout, &mut self.send, &mut round, now - self.start);
         self.strategy.final_round(now, &mut cx, host)?;
         self.begin_round(now);
+        if self.strategy.pages_after_switchover() {
+            // Post-copy: the destination starts now; the final round's pages follow.
+            self.post_copy = true;
+            self.queue_switchover(host, true)?;
+        }
         Ok(())
     }
 
@@ -1189,6 +1237,9 @@ impl<S: Strategy> Source<S> {
         self.rate_wake = None;
         let room = buf.len().min(allowed.min(usize::MAX as u64) as usize);
         let mut written = 0;
+        if self.post_copy {
+            written += self.send_urgent(ch, &mut buf[..room], host)?;
+        }
         let mut next = self.send.iter_ones_from(self.cursor).next();
         while let Some(page) = next {
             let Some(mut writer) =
@@ -1201,26 +1252,14 @@ impl<S: Strategy> Source<S> {
             let mut pages = self.send.iter_ones_from(page);
             next = pages.next();
             while let Some(p) = next {
-                let encoded = if host.is_known_zero(PageIndex(p)) {
-                    codec::encode_page(&mut writer, p, None, page_size, &mut codec::Raw)
-                } else if let Some(encoder) = self.encoder.as_mut() {
-                    if !writer.fits(page_size) {
-                        None
-                    } else {
-                        host.read_page(PageIndex(p), &mut self.scratch)?;
-                        codec::encode_page(
-                            &mut writer,
-                            p,
-                            Some(&self.scratch),
-                            page_size,
-                            encoder.as_mut(),
-                        )
-                    }
-                } else {
-                    codec::encode_page_raw(&mut writer, p, page_size, |slot| {
-                        host.read_page(PageIndex(p), slot)
-                    })?
-                };
+                let encoded = Self::encode_one(
+                    &mut writer,
+                    p,
+                    page_size,
+                    host,
+                    &mut self.encoder,
+                    &mut self.scratch,
+                )?;
                 let Some(encoded) = encoded else { break };
                 entries += 1;
                 if encoded.encoding == wire::Encoding::ZERO {
@@ -1243,6 +1282,92 @@ impl<S: Strategy> Source<S> {
             None => self.finish_walk(host)?,
         }
         Ok(written)
+    }
+
+    /// Encodes page `p` into `writer`: zero pages the host knows of as headers only, then the
+    /// encoder's choice, else raw (read straight into its slot). `None` if it does not fit.
+    fn encode_one<H: SourceHost>(
+        writer: &mut PagesWriter<'_>,
+        p: u64,
+        page_size: usize,
+        host: &mut H,
+        encoder: &mut Option<Box<dyn PageEncoder>>,
+        scratch: &mut [u8],
+    ) -> Result<Option<codec::Encoded>, MigrationError> {
+        Ok(if host.is_known_zero(PageIndex(p)) {
+            codec::encode_page(writer, p, None, page_size, &mut codec::Raw)
+        } else if let Some(encoder) = encoder.as_mut() {
+            if !writer.fits(page_size) {
+                None
+            } else {
+                host.read_page(PageIndex(p), scratch)?;
+                codec::encode_page(writer, p, Some(scratch), page_size, encoder.as_mut())
+            }
+        } else {
+            codec::encode_page_raw(writer, p, page_size, |slot| {
+                host.read_page(PageIndex(p), slot)
+            })?
+        })
+    }
+
+    /// Post-copy: the next page the destination waits for that the push has not sent yet.
+    fn next_urgent(&mut self) -> Option<u64> {
+        if let Some(p) = self.pending_urgent.take() {
+            return Some(p);
+        }
+        while let Some(p) = self.strategy.next_urgent_page() {
+            if p >= self.cursor && p < self.layout.page_count() && self.send.get(p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Post-copy: one frame of the pages the destination waits for, at the start of `buf`.
+    fn send_urgent<H: SourceHost>(
+        &mut self,
+        ch: usize,
+        buf: &mut [u8],
+        host: &mut H,
+    ) -> Result<usize, MigrationError> {
+        let Some(first) = self.next_urgent() else {
+            return Ok(0);
+        };
+        let page_size = self.layout.page_size().bytes();
+        let Some(mut writer) = PagesWriter::new(buf, self.round, self.checksum) else {
+            self.pending_urgent = Some(first);
+            return Ok(0);
+        };
+        let (mut entries, mut zeros) = (0u64, 0u64);
+        let mut next = Some(first);
+        while let Some(p) = next {
+            let encoded = Self::encode_one(
+                &mut writer,
+                p,
+                page_size,
+                host,
+                &mut self.encoder,
+                &mut self.scratch,
+            )?;
+            let Some(encoded) = encoded else {
+                self.pending_urgent = Some(p);
+                break;
+            };
+            // Sent: the push skips it.
+            self.send.unset(p);
+            entries += 1;
+            if encoded.encoding == wire::Encoding::ZERO {
+                zeros += 1;
+            }
+            next = self.next_urgent();
+        }
+        let len = writer.finish();
+        self.round_report.pages += entries;
+        self.round_report.zero_pages += zeros;
+        self.round_report.bytes += len as u64;
+        self.report.urgent_pages += entries;
+        self.channels[ch].pages_in_round += entries;
+        Ok(len)
     }
 
     /// Chooses the pages of the current round for one buffer of `room` bytes on channel `ch`,
@@ -1278,6 +1403,15 @@ impl<S: Strategy> Source<S> {
         let room = room.min(allowed.min(usize::MAX as u64) as usize);
         let (most, _) = plan::pages_that_fit(room, page_size, self.checksum);
         let mut pages = Vec::new();
+        if self.post_copy {
+            // Pages the destination waits for go first; the push skips them.
+            while (pages.len() as u64) < most {
+                let Some(p) = self.next_urgent() else { break };
+                self.send.unset(p);
+                self.report.urgent_pages += 1;
+                pages.push(p);
+            }
+        }
         let mut walk = self.send.iter_ones_from(self.cursor);
         let mut next = walk.next();
         while let Some(p) = next {
@@ -1338,9 +1472,19 @@ impl<S: Strategy> Source<S> {
                 },
             );
         }
-        if !self.stop_and_copy {
+        if !self.stop_and_copy || self.post_copy {
             return Ok(());
         }
+        self.queue_switchover(host, false)
+    }
+
+    /// Queues the device state and the switchover on channel 0 (the commit point, once they
+    /// are handed out). `pages_follow`: post-copy, before the final round's pages.
+    fn queue_switchover<H: SourceHost>(
+        &mut self,
+        host: &mut H,
+        pages_follow: bool,
+    ) -> Result<(), MigrationError> {
         let state = host.save_state()?;
         self.report.device_state_bytes = state.len() as u64;
         if state.len() as u64 > self.max_device_state {
@@ -1360,8 +1504,14 @@ impl<S: Strategy> Source<S> {
         self.queue(
             0,
             Frame::Switchover {
-                rounds: self.round,
+                // Post-copy names the rounds closed before it; the final one follows.
+                rounds: if pages_follow {
+                    self.round - 1
+                } else {
+                    self.round
+                },
                 digest_follows: self.config.verify,
+                pages_follow,
             },
         );
         self.switchover_queued = true;

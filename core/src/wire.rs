@@ -30,7 +30,7 @@
 //! | `Pages` | 4 | source → destination | generation u32, count u32, then per page: index u64 (dense), encoding u8, 0 u8, 0 u16, payload length u32, payload |
 //! | `RoundEnd` | 5 | source → destination, every channel | round u32, channel u16, 0 u16, page entries this channel sent in the round u64 |
 //! | `DeviceState` | 6 | source → destination, channel 0 | opaque bytes (one chunk; several frames make the state) |
-//! | `Switchover` | 7 | source → destination, channel 0 | rounds u32, flags u32 (bit 0: a `Complete` digest follows) |
+//! | `Switchover` | 7 | source → destination, channel 0 | rounds u32, flags u32 (bit 0: a `Complete` digest follows; bit 1: post-copy, the final round's pages follow the switchover) |
 //! | `Ready` | 8 | destination → source | empty: the destination has everything and runs |
 //! | `Complete` | 9 | source → destination | memory digest u128 |
 //! | `Verified` | 10 | destination → source | verdict u8 (0 mismatch, 1 match, 2 not checked), 15 × 0, destination digest u128 |
@@ -537,6 +537,9 @@ pub enum Frame<'a> {
         rounds: u32,
         /// Whether a `Complete` frame with the source's digest follows.
         digest_follows: bool,
+        /// Post-copy: the destination starts now, and the final round's pages follow (it asks
+        /// for the ones its guest needs first with `PageRequest`).
+        pages_follow: bool,
     },
     /// Destination runs.
     Ready,
@@ -859,12 +862,13 @@ impl<'a> Frame<'a> {
             FrameKind::Switchover => {
                 exact(8)?;
                 let flags = le_u32(body, 4);
-                if flags & !1 != 0 {
+                if flags & !3 != 0 {
                     return Err(WireError::ReservedBitsSet);
                 }
                 Frame::Switchover {
                     rounds: le_u32(body, 0),
                     digest_follows: flags & 1 != 0,
+                    pages_follow: flags & 2 != 0,
                 }
             }
             FrameKind::Ready => {
@@ -1023,9 +1027,11 @@ impl<'a> Frame<'a> {
             Frame::Switchover {
                 rounds,
                 digest_follows,
+                pages_follow,
             } => {
                 out.extend_from_slice(&rounds.to_le_bytes());
-                out.extend_from_slice(&(digest_follows as u32).to_le_bytes());
+                let flags = digest_follows as u32 | (pages_follow as u32) << 1;
+                out.extend_from_slice(&flags.to_le_bytes());
             }
             Frame::Ready => {}
             Frame::Complete { digest } => out.extend_from_slice(&digest.to_le_bytes()),
@@ -1315,6 +1321,7 @@ mod tests {
             Frame::Switchover {
                 rounds: 4,
                 digest_follows: true,
+                pages_follow: false,
             },
             Frame::Ready,
             Frame::Complete { digest: 1 << 90 },

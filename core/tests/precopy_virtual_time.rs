@@ -1205,6 +1205,7 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
         Some(StopReason::Deadline) => {
             prop_assert!(stop.deadline.is_some_and(|d| r.preparation_time >= d))
         }
+        Some(other) => return Err(TestCaseError::fail(format!("pre-copy stopped by {other:?}"))),
     }
 
     // Counts add up, and match an independent decoding of the stream.
@@ -1991,6 +1992,7 @@ fn switchover(rounds: u32) -> Vec<u8> {
     f(Frame::Switchover {
         rounds,
         digest_follows: true,
+        pages_follow: false,
     })
 }
 

@@ -339,6 +339,7 @@ impl Script<'_> {
                         Frame::Switchover {
                             rounds,
                             digest_follows: twist & 1 == 0,
+                            pages_follow: twist & 0x40 != 0,
                         },
                     );
                 }

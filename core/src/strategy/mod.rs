@@ -9,8 +9,10 @@
 //! hand the session urgent pages through [`Strategy::next_urgent_page`].
 //!
 //! Implementations: [`precopy::PreCopy`] (iterative pre-copy with an optional writable-working-
-//! set predictor, yours or one of [`crate::track`]'s).
+//! set predictor, yours or one of [`crate::track`]'s) and [`postcopy::PostCopy`] (the guest
+//! moves at once; its pages follow, those it asks for first).
 
+pub mod postcopy;
 pub mod precopy;
 
 use alloc::string::String;
@@ -23,6 +25,7 @@ use crate::report::{RoundReport, StopReason};
 use crate::time::{ByteRate, Nanos};
 use crate::wire::{FrameKind, U64List};
 
+pub use postcopy::PostCopy;
 pub use precopy::{PreCopy, PreCopyConfig};
 
 /// What a strategy sees and fills when it decides.
@@ -138,5 +141,11 @@ pub trait Strategy: Send {
     /// A page the destination is waiting for, to send before any bulk page. Default none.
     fn next_urgent_page(&mut self) -> Option<u64> {
         None
+    }
+
+    /// Post-copy: the destination starts at the pause, and the final round's pages follow
+    /// the switchover (urgent pages first). Default: no, every page goes before it.
+    fn pages_after_switchover(&self) -> bool {
+        false
     }
 }
