@@ -264,11 +264,12 @@ where
             Some(t) if t <= now => {
                 engine.handle_timeout(now, host)?;
                 // Work is due (hashing, a round's end, queued frames): with room, call again
-                // at once (after a look at the events); with none, wait for the link.
+                // at once (after a look at the events); with none, wait for the link, but
+                // never past the engine's own deadlines (a stalled link, a silent peer).
                 if (0..channels).any(|ch| link.buffer(ch).is_some()) {
                     Some(now)
                 } else {
-                    None
+                    engine.next_deadline()
                 }
             }
             other => other,

@@ -31,8 +31,9 @@ use crate::page::{MemoryLayout, PageIndex};
 use crate::session::ChannelId;
 use crate::time::Nanos;
 use crate::wire::{
-    ChecksumPolicy, Encoding, Frame, FrameKind, PageEntries, Verdict, WireError, APPLIED_STEP,
-    FEATURES_KNOWN, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
+    AbortCode, ChecksumPolicy, Encoding, Frame, FrameKind, PageEntries, Verdict, WireError,
+    APPLIED_STEP, FEATURES_KNOWN, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM,
+    PROTOCOL_VERSION,
 };
 
 /// Settings of the destination.
@@ -454,7 +455,18 @@ impl<P: PagePolicy> Destination<P> {
         if let Some(first) = &self.failure {
             return Err(first.clone());
         }
-        error.emit_abort(&mut self.out);
+        if self.started_at.is_some() && !matches!(error, MigrationError::PeerAborted { .. }) {
+            // The guest has run here: whatever went wrong, the source must not resume its
+            // copy on the strength of this abort (its Ready may have been lost).
+            let message = alloc::format!("the destination's guest has started; {error}");
+            Frame::Abort {
+                code: AbortCode::GuestStarted,
+                message: crate::wire::abort_message(&message),
+            }
+            .emit(&mut self.out);
+        } else {
+            error.emit_abort(&mut self.out);
+        }
         self.status = DestinationStatus::Failed;
         self.failure = Some(error.clone());
         Err(error)
@@ -557,10 +569,17 @@ impl<P: PagePolicy> Destination<P> {
                     rounds,
                     digest_follows,
                     pages_follow,
+                    device_state_len,
                 },
             ) if ch == 0 => {
                 if !self.device_state_seen || self.switchover.is_some() {
                     return Err(self.unexpected(FrameKind::Switchover));
+                }
+                if self.device_state.len() as u64 != device_state_len {
+                    return Err(MigrationError::Incompatible(alloc::format!(
+                        "the device state has {} bytes, the switchover says {device_state_len}: a chunk was lost",
+                        self.device_state.len()
+                    )));
                 }
                 if pages_follow {
                     return self.start_post_copy(now, rounds, digest_follows, host);

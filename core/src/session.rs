@@ -59,8 +59,8 @@ use crate::schedule::DeliveryEstimator;
 use crate::strategy::{Decision, PreCopy, PreCopyConfig, Strategy, StrategyContext};
 use crate::time::{ByteRate, Nanos};
 use crate::wire::{
-    self, ChannelRole, ChecksumPolicy, Frame, FrameKind, Hello, PagesWriter, Verdict, WireError,
-    FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
+    self, AbortCode, ChannelRole, ChecksumPolicy, Frame, FrameKind, Hello, PagesWriter, Verdict,
+    WireError, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
 };
 
 /// A connection of a migration: 0 carries the control frames (and pages), 1.. carry pages.
@@ -457,6 +457,21 @@ impl<S: Strategy> Source<S> {
         }
     }
 
+    /// The engine's deadlines alone (a stalled link, a silent destination), leaving out work
+    /// that is due: what a driver that has no room to offer waits for at most.
+    pub fn next_deadline(&self) -> Option<Nanos> {
+        let peer = match self.state {
+            State::AwaitAccept | State::AwaitReady | State::AwaitVerdict => {
+                Some(self.last_heard + self.config.peer_timeout)
+            }
+            _ => None,
+        };
+        match (peer, self.stall_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Handles the timers due at `now`: gives up on a silent destination.
     pub fn handle_timeout<H: SourceHost>(
         &mut self,
@@ -795,8 +810,9 @@ impl<S: Strategy> Source<S> {
             // destination may run the guest, and resuming here would run it twice. Except:
             // a destination that aborts before it said Ready has refused for good (a failed
             // destination never starts), so its abort proves the guest runs nowhere else.
-            let destination_refused =
-                matches!(error, MigrationError::PeerAborted { .. }) && !self.ready_seen;
+            let destination_refused = !self.ready_seen
+                && matches!(&error, MigrationError::PeerAborted { code, .. }
+                    if *code != AbortCode::GuestStarted);
             if !self.report.committed || destination_refused {
                 match host.resume() {
                     Ok(()) => self.paused = false,
@@ -1512,6 +1528,7 @@ impl<S: Strategy> Source<S> {
                 },
                 digest_follows: self.config.verify,
                 pages_follow,
+                device_state_len: state.len() as u64,
             },
         );
         self.switchover_queued = true;

@@ -12,7 +12,8 @@
 //! most [`MAX_FRAME_LEN`]. Flags:
 //! - bit 0 [`FLAG_UNCHECKED`]: no checksum trailer. Only allowed once both sides negotiated
 //!   [`FEATURE_CHECKSUM`] off (redundant under TLS, and impossible when pages go to the socket
-//!   straight from live memory); `Hello` and `Accept` always carry one.
+//!   straight from live memory); `Hello`, `Accept`, `Join` and `Switchover` always carry one
+//!   (a switchover cut short and completed by stray bytes must never start a guest).
 //! - bit 1 [`FLAG_IGNORABLE`]: a reader that does not know this kind skips the frame instead of
 //!   failing. Every kind defined here is known, so the flag only matters for later versions.
 //! - bits 2..8 are reserved and must be zero.
@@ -30,7 +31,7 @@
 //! | `Pages` | 4 | source → destination | generation u32, count u32, then per page: index u64 (dense), encoding u8, 0 u8, 0 u16, payload length u32, payload |
 //! | `RoundEnd` | 5 | source → destination, every channel | round u32, channel u16, 0 u16, page entries this channel sent in the round u64 |
 //! | `DeviceState` | 6 | source → destination, channel 0 | opaque bytes (one chunk; several frames make the state) |
-//! | `Switchover` | 7 | source → destination, channel 0 | rounds u32, flags u32 (bit 0: a `Complete` digest follows; bit 1: post-copy, the final round's pages follow the switchover) |
+//! | `Switchover` | 7 | source → destination, channel 0, always checksummed | rounds u32, flags u32 (bit 0: a `Complete` digest follows; bit 1: post-copy, the final round's pages follow the switchover), device state length u64 |
 //! | `Ready` | 8 | destination → source | empty: the destination has everything and runs |
 //! | `Complete` | 9 | source → destination | memory digest u128 |
 //! | `Verified` | 10 | destination → source | verdict u8 (0 mismatch, 1 match, 2 not checked), 15 × 0, destination digest u128 |
@@ -220,6 +221,9 @@ pub enum AbortCode {
     ProtocolViolation = 6,
     /// The peer did not answer in time.
     Timeout = 7,
+    /// The destination gives up after it started the guest: its copy has run, so the source
+    /// must not resume its own (whatever else the abort says).
+    GuestStarted = 8,
 }
 
 impl AbortCode {
@@ -232,6 +236,7 @@ impl AbortCode {
             5 => AbortCode::Cancelled,
             6 => AbortCode::ProtocolViolation,
             7 => AbortCode::Timeout,
+            8 => AbortCode::GuestStarted,
             _ => AbortCode::Unspecified,
         }
     }
@@ -540,6 +545,8 @@ pub enum Frame<'a> {
         /// Post-copy: the destination starts now, and the final round's pages follow (it asks
         /// for the ones its guest needs first with `PageRequest`).
         pages_follow: bool,
+        /// The device state's length in bytes (the `DeviceState` chunks before it add up to it).
+        device_state_len: u64,
     },
     /// Destination runs.
     Ready,
@@ -701,8 +708,13 @@ impl<'a> Frame<'a> {
             }
             return Err(WireError::UnknownKind(kind_byte));
         };
+        // The handshake, and the switchover (the commit point: a cut switchover completed by
+        // stray bytes must never start a guest), always carry a checksum.
         let must_check = policy == ChecksumPolicy::Required
-            || matches!(kind, FrameKind::Hello | FrameKind::Accept | FrameKind::Join);
+            || matches!(
+                kind,
+                FrameKind::Hello | FrameKind::Accept | FrameKind::Join | FrameKind::Switchover
+            );
         if !checked && must_check {
             return Err(WireError::MissingChecksum(kind_byte));
         }
@@ -860,7 +872,7 @@ impl<'a> Frame<'a> {
             }
             FrameKind::DeviceState => Frame::DeviceState(body),
             FrameKind::Switchover => {
-                exact(8)?;
+                exact(16)?;
                 let flags = le_u32(body, 4);
                 if flags & !3 != 0 {
                     return Err(WireError::ReservedBitsSet);
@@ -869,6 +881,7 @@ impl<'a> Frame<'a> {
                     rounds: le_u32(body, 0),
                     digest_follows: flags & 1 != 0,
                     pages_follow: flags & 2 != 0,
+                    device_state_len: le_u64(body, 8),
                 }
             }
             FrameKind::Ready => {
@@ -961,13 +974,16 @@ impl<'a> Frame<'a> {
     }
 
     /// Appends this frame to `out`, with a checksum trailer if `checksum`, and returns its
-    /// length. `Hello`, `Accept` and `Join` are always checksummed.
+    /// length. `Hello`, `Accept`, `Join` and `Switchover` are always checksummed.
     pub fn emit_with(&self, out: &mut Vec<u8>, checksum: bool) -> usize {
         let Some(kind) = self.kind() else {
             return 0;
         };
-        let checksum =
-            checksum || matches!(kind, FrameKind::Hello | FrameKind::Accept | FrameKind::Join);
+        let checksum = checksum
+            || matches!(
+                kind,
+                FrameKind::Hello | FrameKind::Accept | FrameKind::Join | FrameKind::Switchover
+            );
         let start = begin_frame(out, kind as u8, if checksum { 0 } else { FLAG_UNCHECKED });
         match *self {
             Frame::Hello(h) => {
@@ -1028,10 +1044,12 @@ impl<'a> Frame<'a> {
                 rounds,
                 digest_follows,
                 pages_follow,
+                device_state_len,
             } => {
                 out.extend_from_slice(&rounds.to_le_bytes());
                 let flags = digest_follows as u32 | (pages_follow as u32) << 1;
                 out.extend_from_slice(&flags.to_le_bytes());
+                out.extend_from_slice(&device_state_len.to_le_bytes());
             }
             Frame::Ready => {}
             Frame::Complete { digest } => out.extend_from_slice(&digest.to_le_bytes()),
@@ -1322,6 +1340,7 @@ mod tests {
                 rounds: 4,
                 digest_follows: true,
                 pages_follow: false,
+                device_state_len: 7,
             },
             Frame::Ready,
             Frame::Complete { digest: 1 << 90 },

@@ -22,14 +22,15 @@
 //! except on an abort that came before `Ready`; both sides finish. [`check_deadlines`] asks
 //! more: that the source never waited with no deadline on a link that owed it nothing (the link
 //! flags such a wait, and rescues one that nothing else could end with a connection error, as
-//! a transport does after minutes); it fails today, so only the ignored tests assert it.
+//! a transport does after minutes).
 //!
 //! The exhaustive test injects every fault kind at every frame of a fixed migration; the
 //! property test does the same for random guests, links and stop rules, with `k` drawn over the
 //! frames a fault-free run of the same scenario exchanged. Deterministic tests pin down the
 //! probe's cases of issue 14 and how long each takes to resolve (`--nocapture` prints the
-//! figures). Tests marked `#[ignore]` show engine bugs (see their reasons); one of them steps
-//! the engine by hand, because the reference loop cannot place the failure it needs.
+//! figures). Five engine bugs these tests found (B1-B5 in docs/commit-protocol.md) are fixed;
+//! their tests run with the rest. One of them steps the engine by hand, because the reference
+//! loop cannot place the failure it needs.
 
 use std::collections::VecDeque;
 
@@ -1726,7 +1727,7 @@ fn stalled_link_during_stop_and_copy_resumes_the_source_within_stall_timeout() {
 /// `poll_timeout` then says "now" (call `poll_transmit`), the loop has no buffer to offer and
 /// waits for the link with no deadline, and the stall timer is never looked at again.
 #[test]
-#[ignore = "engine bug: with output queued in the engine and no room on a stalled link, drive_source waits with no deadline (Source::poll_timeout returns now for queued frames or an exhausted round, hiding the stall and peer deadlines; the loop then waits with None); a stall in stop-and-copy leaves the guest paused until the transport gives up"]
+
 fn stalled_link_with_the_switchover_queued_resumes_the_source_within_stall_timeout() {
     let sc = Scenario {
         writes_per_sec: 20_000,
@@ -1768,7 +1769,7 @@ fn stalled_link_with_the_switchover_queued_resumes_the_source_within_stall_timeo
 /// Every wait has a deadline, whatever the fault and wherever it hits (see the test above for
 /// the cause of the waits that have none).
 #[test]
-#[ignore = "engine bug: with output queued in the engine and no room on a stalled link, drive_source waits with no deadline (see stalled_link_with_the_switchover_queued_resumes_the_source_within_stall_timeout)"]
+
 fn every_wait_has_a_deadline_whatever_the_fault() {
     let mut hangs = Vec::new();
     for closes_on_exit in [true, false] {
@@ -1846,7 +1847,7 @@ fn lost_switchover_is_ambiguous_to_the_source() {
 /// switchover is handed out. The guest runs on the destination, the source stays paused and
 /// both report failure. Here peer_timeout is 2 s and the pre-copy takes about 3 s.
 #[test]
-#[ignore = "engine bug: the source times its wait for Ready from the last frame it heard (Accept, or the last Applied), not from the commit point: a pre-copy (or a final round) longer than peer_timeout fails at the switchover (session.rs close_final_round does not reset last_heard)"]
+
 fn a_pre_copy_longer_than_peer_timeout_still_completes() {
     // 14 pages (less than one `Applied` step) at 10 kB/s: each round takes about 6 s, the
     // peer timeout is 2 s. The destination hears a frame every few milliseconds.
@@ -1873,7 +1874,7 @@ fn a_pre_copy_longer_than_peer_timeout_still_completes() {
 /// (one ordered, reliable stream, as TCP gives); the abort does not say whether the
 /// destination started, and nothing ties the two sides' timeouts together.
 #[test]
-#[ignore = "engine bug (needs a lost frame): a destination abort sent after it started, reaching the source without its Ready, resumes the source (session.rs fail(): PeerAborted && !ready_seen); the abort does not say whether the destination started"]
+
 fn a_lost_ready_and_a_shorter_destination_timeout_never_run_the_guest_twice() {
     let sc = Scenario {
         dest_peer_timeout: Nanos::from_secs(5),
@@ -1888,7 +1889,7 @@ fn a_lost_ready_and_a_shorter_destination_timeout_never_run_the_guest_twice() {
 /// (the digest covers memory only; neither `Switchover` nor `DeviceState` carries the state's
 /// length or hash).
 #[test]
-#[ignore = "engine bug (needs a lost frame): a lost DeviceState chunk goes unnoticed; the destination starts with a truncated device state and the source reports Done, verified (receive.rs DeviceState/Switchover carry no length or hash of the state)"]
+
 fn a_lost_device_state_chunk_is_detected() {
     let sc = Scenario {
         state_len: wire::MAX_BODY_LEN + 1000,
@@ -1922,7 +1923,7 @@ fn faulted_unchecked(sc: &Scenario, kind: FaultKind, dir: Dir, frame: FrameKind)
 /// (`Stalled`) have shorter aborts. This test therefore steps the engine by hand, one byte of
 /// room at a time, to place the cut exactly; it is not a migration driver.
 #[test]
-#[ignore = "engine bug (checksums off): Source::fail truncates a partly sent switchover and appends the abort behind it; without a checksum the abort's first byte can complete a valid Switchover and the destination starts while the source resumes (split brain); Switchover could always carry a checksum, as Hello/Accept/Join do"]
+
 fn a_cut_switchover_never_starts_the_destination_with_checksums_off() {
     let sc = Scenario {
         writes_per_sec: 0,

@@ -1205,7 +1205,11 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
         Some(StopReason::Deadline) => {
             prop_assert!(stop.deadline.is_some_and(|d| r.preparation_time >= d))
         }
-        Some(other) => return Err(TestCaseError::fail(format!("pre-copy stopped by {other:?}"))),
+        Some(other) => {
+            return Err(TestCaseError::fail(format!(
+                "pre-copy stopped by {other:?}"
+            )))
+        }
     }
 
     // Counts add up, and match an independent decoding of the stream.
@@ -1757,7 +1761,9 @@ fn tampered_digest_fails_both_sides_and_leaves_the_source_paused() {
             Reply::Accept,
             Reply::Ready,
             Reply::Verified(Verdict::Mismatch),
-            Reply::Abort(AbortCode::DigestMismatch)
+            // Changed promise: a destination that started says so in its abort, so the source
+            // never resumes on it.
+            Reply::Abort(AbortCode::GuestStarted)
         ]
     );
     // The source failed on the Mismatch verdict (the destination's digest equals its own, but
@@ -1993,6 +1999,8 @@ fn switchover(rounds: u32) -> Vec<u8> {
         rounds,
         digest_follows: true,
         pages_follow: false,
+        // Every handcrafted switchover here follows `DeviceState(b"cpu")`.
+        device_state_len: 3,
     })
 }
 

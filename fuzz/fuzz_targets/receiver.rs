@@ -211,6 +211,8 @@ struct Script<'a> {
     transport: Vec<Vec<u8>>,
     round: Vec<u32>,
     pages_in_round: Vec<u64>,
+    /// Device state bytes emitted on channel 0 so far (what an honest switchover announces).
+    state_bytes: u64,
 }
 
 impl Script<'_> {
@@ -324,6 +326,9 @@ impl Script<'_> {
                     let ch = if b & 0x80 == 0 { 0 } else { self.channel() };
                     let len = usize::from(self.input.byte()) * usize::from(b & 3);
                     let state = self.input.bytes(len);
+                    if ch == 0 {
+                        self.state_bytes += state.len() as u64;
+                    }
                     self.emit(ch, Frame::DeviceState(state));
                 }
                 6 => {
@@ -340,6 +345,8 @@ impl Script<'_> {
                             rounds,
                             digest_follows: twist & 1 == 0,
                             pages_follow: twist & 0x40 != 0,
+                            // Mostly honest; sometimes off by one (a lost chunk).
+                            device_state_len: self.state_bytes + u64::from(twist & 0x10 != 0),
                         },
                     );
                 }
@@ -639,6 +646,7 @@ fuzz_target!(|data: &[u8]| {
                 transport: vec![Vec::new(); CHANNEL_IDS],
                 round: vec![1; CHANNEL_IDS],
                 pages_in_round: vec![0; CHANNEL_IDS],
+                state_bytes: 0,
             };
             script.run(chunk);
             run = script.run;
