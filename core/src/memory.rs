@@ -101,6 +101,16 @@ pub trait DestinationGuest {
     fn restore_state(&mut self, state: &[u8]) -> Result<(), HostError>;
     /// Starts the guest: memory and state are all in place.
     fn start(&mut self) -> Result<(), HostError>;
+
+    /// Copies page `page` back out of guest memory into `buf` (one page), for a verification
+    /// that reads what the host really wrote ([`crate::receive::DestinationConfig::read_back`]):
+    /// a page written at a wrong offset shows. Default: not supported.
+    fn read_back(&mut self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError> {
+        let _ = (page, buf);
+        Err(HostError::new(
+            "this destination host cannot read pages back (DestinationGuest::read_back)",
+        ))
+    }
 }
 
 /// Everything a source host offers, as one object-safe trait (strategies take `&mut dyn

@@ -25,7 +25,7 @@ use alloc::vec::Vec;
 use crate::bitmap::DirtyBitmap;
 use crate::codec::PageDecoder;
 use crate::digest::{page_hash, MemoryDigest};
-use crate::error::MigrationError;
+use crate::error::{HostError, MigrationError};
 use crate::memory::{DestinationGuest, PageWrite};
 use crate::page::{MemoryLayout, PageIndex};
 use crate::session::ChannelId;
@@ -53,6 +53,11 @@ pub struct DestinationConfig {
     /// Report the bytes taken in (`Applied`) when the source asks, so it measures the link
     /// end to end. Default on.
     pub report_applied: bool,
+    /// When the source verifies before start: hash what the host reads back from guest memory
+    /// ([`DestinationGuest::read_back`]) instead of the pages as they arrived, so a page
+    /// written at a wrong offset (a memslot mistake) is caught. Costs a read of the whole guest
+    /// inside the downtime. Default off.
+    pub read_back: bool,
 }
 
 impl Default for DestinationConfig {
@@ -64,6 +69,7 @@ impl Default for DestinationConfig {
             checksum: true,
             peer_timeout: Nanos::from_secs(60),
             report_applied: true,
+            read_back: false,
         }
     }
 }
@@ -187,6 +193,8 @@ pub struct Destination<P: PagePolicy = NewestWins> {
     device_state: Vec<u8>,
     device_state_seen: bool,
     switchover: Option<(u32, bool)>,
+    /// Verification before start: the source's digest, sent right before its switchover.
+    digest_before_start: Option<u128>,
     /// Post-copy: the guest runs while the final round's pages (this generation) arrive.
     post_copy: Option<PostCopyRx>,
     verdict: Option<Verdict>,
@@ -240,6 +248,7 @@ impl<P: PagePolicy> Destination<P> {
             device_state: Vec::new(),
             device_state_seen: false,
             switchover: None,
+            digest_before_start: None,
             post_copy: None,
             verdict: None,
             pages_received: 0,
@@ -570,10 +579,19 @@ impl<P: PagePolicy> Destination<P> {
                     digest_follows,
                     pages_follow,
                     device_state_len,
+                    check_before_start,
                 },
             ) if ch == 0 => {
                 if !self.device_state_seen || self.switchover.is_some() {
                     return Err(self.unexpected(FrameKind::Switchover));
+                }
+                if check_before_start != self.digest_before_start.is_some()
+                    || (check_before_start && (pages_follow || digest_follows))
+                {
+                    return Err(MigrationError::UnexpectedFrame {
+                        expected: "a Complete right before a switchover that checks before start, and no other",
+                        got: FrameKind::Switchover,
+                    });
                 }
                 if self.device_state.len() as u64 != device_state_len {
                     return Err(MigrationError::Incompatible(alloc::format!(
@@ -592,6 +610,16 @@ impl<P: PagePolicy> Destination<P> {
                 }
                 self.switchover = Some((rounds, digest_follows));
                 self.try_switchover(now, host)
+            }
+            (DestinationStatus::Receiving, Frame::Complete { digest })
+                if ch == 0
+                    && self.device_state_seen
+                    && self.switchover.is_none()
+                    && self.digest_before_start.is_none() =>
+            {
+                // Verification before start: the switchover follows.
+                self.digest_before_start = Some(digest);
+                Ok(())
             }
             (
                 DestinationStatus::Running,
@@ -910,6 +938,31 @@ impl<P: PagePolicy> Destination<P> {
                 },
             });
         }
+        if let Some(source_digest) = self.digest_before_start {
+            // Start only if the memory is the source's.
+            let ours = if self.config.read_back {
+                Some(self.read_back_digest(host)?)
+            } else {
+                self.digest()
+            };
+            let Some(ours) = ours else {
+                return Err(MigrationError::Incompatible(
+                    "the source asks for verification before start, but this destination keeps no digest (DestinationConfig::verify is off)".into(),
+                ));
+            };
+            if ours != source_digest {
+                return Err(MigrationError::DigestMismatch {
+                    source: source_digest,
+                    destination: ours,
+                });
+            }
+            Frame::Verified {
+                verdict: Verdict::Match,
+                digest: ours,
+            }
+            .emit_with(&mut self.out, self.checksum);
+            self.verdict = Some(Verdict::Match);
+        }
         host.restore_state(&self.device_state)?;
         host.start()?;
         self.started_at = Some(now);
@@ -922,6 +975,16 @@ impl<P: PagePolicy> Destination<P> {
             DestinationStatus::Complete
         };
         Ok(())
+    }
+
+    /// The digest of what the host holds, read back page by page (before the guest starts).
+    fn read_back_digest<H: DestinationGuest>(&mut self, host: &mut H) -> Result<u128, HostError> {
+        let mut digest = MemoryDigest::new();
+        for page in 0..self.layout.page_count() {
+            host.read_back(PageIndex(page), &mut self.scratch)?;
+            digest.add_page(page, &self.scratch);
+        }
+        Ok(digest.value())
     }
 
     /// The first page never received (for the error message).

@@ -77,6 +77,10 @@ pub struct SessionConfig {
     /// Hash the source's memory after the destination starts and compare the digests.
     /// Default on.
     pub verify: bool,
+    /// With `verify`: hash the paused source's memory before the switchover instead, and have
+    /// the destination start only if its digest matches (slower: the hashing is inside the
+    /// downtime; safe: a mismatch leaves the source to resume). Default off.
+    pub verify_before_start: bool,
     /// How long to wait for the destination when waiting for it. Default 60 s.
     pub peer_timeout: Nanos,
     /// Names the migration on every connection; pick it at random per migration. Default 0.
@@ -95,6 +99,7 @@ impl Default for SessionConfig {
             channels: 1,
             checksum: true,
             verify: true,
+            verify_before_start: false,
             peer_timeout: Nanos::from_secs(60),
             session_id: 0,
             hash_batch_bytes: 1 << 20,
@@ -251,6 +256,7 @@ impl Source<PreCopy> {
             layout,
             SessionConfig {
                 verify: config.verify,
+                verify_before_start: config.verify_before_start,
                 ..SessionConfig::default()
             },
             PreCopy::new(config),
@@ -919,8 +925,30 @@ impl<S: Strategy> Source<S> {
                 },
             ) => self.on_accept(now, version, features, max_device_state, host),
             (State::AwaitReady, Frame::Ready) => {
+                if self.checks_before_start() && self.report.verified.is_none() {
+                    return Err(MigrationError::UnexpectedFrame {
+                        expected: "Verified before Ready (verification before start)",
+                        got: FrameKind::Ready,
+                    });
+                }
                 self.on_ready(now);
                 self.after_ready(now);
+                Ok(())
+            }
+            (State::AwaitReady, Frame::Verified { verdict, digest })
+                if self.checks_before_start() && self.report.verified.is_none() =>
+            {
+                // The destination checked before it starts; the source compares itself.
+                let ours = self.digest.value();
+                self.report.destination_digest = Some(digest);
+                let matches = digest == ours && verdict == Verdict::Match;
+                self.report.verified = Some(matches);
+                if !matches {
+                    return Err(MigrationError::DigestMismatch {
+                        source: ours,
+                        destination: digest,
+                    });
+                }
                 Ok(())
             }
             (State::AwaitVerdict, Frame::Verified { verdict, digest }) => {
@@ -1073,7 +1101,7 @@ impl<S: Strategy> Source<S> {
 
     /// Everything is sent and the destination runs: verify, or finish.
     fn after_ready(&mut self, now: Nanos) {
-        if self.config.verify {
+        if self.config.verify && !self.checks_before_start() {
             self.hash_started = now;
             self.state = State::Hashing { next: 0 };
         } else {
@@ -1141,9 +1169,16 @@ impl<S: Strategy> Source<S> {
                     let digest = self.digest.value();
                     self.report.source_digest = Some(digest);
                     self.report.verification_time = now - self.hash_started;
-                    self.queue(0, Frame::Complete { digest });
-                    self.state = State::AwaitVerdict;
-                    self.last_heard = now;
+                    if self.checks_before_start() && !self.ready_seen {
+                        // Before start: the state, the digest and the switchover go now; the
+                        // final round closes at the next call.
+                        self.queue_switchover(host, false)?;
+                        self.state = State::Sending;
+                    } else {
+                        self.queue(0, Frame::Complete { digest });
+                        self.state = State::AwaitVerdict;
+                        self.last_heard = now;
+                    }
                 }
             }
             _ => {}
@@ -1295,7 +1330,7 @@ impl<S: Strategy> Source<S> {
         }
         match next {
             Some(p) => self.cursor = p,
-            None => self.finish_walk(host)?,
+            None => self.finish_walk(now, host)?,
         }
         Ok(written)
     }
@@ -1442,7 +1477,7 @@ impl<S: Strategy> Source<S> {
             None => {
                 self.cursor = self.layout.page_count();
                 if pages.is_empty() {
-                    self.finish_walk(host)?;
+                    self.finish_walk(now, host)?;
                     return Ok(None);
                 }
             }
@@ -1460,7 +1495,7 @@ impl<S: Strategy> Source<S> {
         self.round_report.bytes += planned_bytes as u64;
         self.channels[ch].pages_in_round += count;
         if next.is_none() {
-            self.finish_walk(host)?;
+            self.finish_walk(now, host)?;
         }
         Ok(Some(PagePlan {
             channel: ch as ChannelId,
@@ -1474,7 +1509,11 @@ impl<S: Strategy> Source<S> {
 
     /// The round's last page is handed out: queue each channel's round marker, and after the
     /// final round the device state and the switchover.
-    fn finish_walk<H: SourceHost>(&mut self, host: &mut H) -> Result<(), MigrationError> {
+    fn finish_walk<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
         self.cursor = self.layout.page_count();
         self.exhausted = true;
         for ch in 0..self.channels.len() {
@@ -1491,7 +1530,17 @@ impl<S: Strategy> Source<S> {
         if !self.stop_and_copy || self.post_copy {
             return Ok(());
         }
+        if self.checks_before_start() {
+            // Hash the paused guest first; the digest and the switchover follow.
+            self.hash_started = now;
+            self.state = State::Hashing { next: 0 };
+            return Ok(());
+        }
         self.queue_switchover(host, false)
+    }
+
+    fn checks_before_start(&self) -> bool {
+        self.config.verify && self.config.verify_before_start && !self.post_copy
     }
 
     /// Queues the device state and the switchover on channel 0 (the commit point, once they
@@ -1517,6 +1566,11 @@ impl<S: Strategy> Source<S> {
         if state.is_empty() {
             self.queue(0, Frame::DeviceState(&[]));
         }
+        if self.checks_before_start() {
+            // The digest of the paused memory goes right before the switchover.
+            let digest = self.digest.value();
+            self.queue(0, Frame::Complete { digest });
+        }
         self.queue(
             0,
             Frame::Switchover {
@@ -1526,9 +1580,10 @@ impl<S: Strategy> Source<S> {
                 } else {
                     self.round
                 },
-                digest_follows: self.config.verify,
+                digest_follows: self.config.verify && !self.checks_before_start(),
                 pages_follow,
                 device_state_len: state.len() as u64,
+                check_before_start: self.checks_before_start(),
             },
         );
         self.switchover_queued = true;

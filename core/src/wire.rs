@@ -31,7 +31,7 @@
 //! | `Pages` | 4 | source → destination | generation u32, count u32, then per page: index u64 (dense), encoding u8, 0 u8, 0 u16, payload length u32, payload |
 //! | `RoundEnd` | 5 | source → destination, every channel | round u32, channel u16, 0 u16, page entries this channel sent in the round u64 |
 //! | `DeviceState` | 6 | source → destination, channel 0 | opaque bytes (one chunk; several frames make the state) |
-//! | `Switchover` | 7 | source → destination, channel 0, always checksummed | rounds u32, flags u32 (bit 0: a `Complete` digest follows; bit 1: post-copy, the final round's pages follow the switchover), device state length u64 |
+//! | `Switchover` | 7 | source → destination, channel 0, always checksummed | rounds u32, flags u32 (bit 0: a `Complete` digest follows; bit 1: post-copy, the final round's pages follow the switchover; bit 2: verification before start, the `Complete` between the device state and it carries the digest), device state length u64 |
 //! | `Ready` | 8 | destination → source | empty: the destination has everything and runs |
 //! | `Complete` | 9 | source → destination | memory digest u128 |
 //! | `Verified` | 10 | destination → source | verdict u8 (0 mismatch, 1 match, 2 not checked), 15 × 0, destination digest u128 |
@@ -547,6 +547,9 @@ pub enum Frame<'a> {
         pages_follow: bool,
         /// The device state's length in bytes (the `DeviceState` chunks before it add up to it).
         device_state_len: u64,
+        /// Verification before start: the `Complete` frame before this one carries the source's
+        /// digest, and the destination starts only if its own matches.
+        check_before_start: bool,
     },
     /// Destination runs.
     Ready,
@@ -874,7 +877,7 @@ impl<'a> Frame<'a> {
             FrameKind::Switchover => {
                 exact(16)?;
                 let flags = le_u32(body, 4);
-                if flags & !3 != 0 {
+                if flags & !7 != 0 {
                     return Err(WireError::ReservedBitsSet);
                 }
                 Frame::Switchover {
@@ -882,6 +885,7 @@ impl<'a> Frame<'a> {
                     digest_follows: flags & 1 != 0,
                     pages_follow: flags & 2 != 0,
                     device_state_len: le_u64(body, 8),
+                    check_before_start: flags & 4 != 0,
                 }
             }
             FrameKind::Ready => {
@@ -1045,9 +1049,12 @@ impl<'a> Frame<'a> {
                 digest_follows,
                 pages_follow,
                 device_state_len,
+                check_before_start,
             } => {
                 out.extend_from_slice(&rounds.to_le_bytes());
-                let flags = digest_follows as u32 | (pages_follow as u32) << 1;
+                let flags = digest_follows as u32
+                    | (pages_follow as u32) << 1
+                    | (check_before_start as u32) << 2;
                 out.extend_from_slice(&flags.to_le_bytes());
                 out.extend_from_slice(&device_state_len.to_le_bytes());
             }
@@ -1341,6 +1348,7 @@ mod tests {
                 digest_follows: true,
                 pages_follow: false,
                 device_state_len: 7,
+                check_before_start: false,
             },
             Frame::Ready,
             Frame::Complete { digest: 1 << 90 },

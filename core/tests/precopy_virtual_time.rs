@@ -201,6 +201,8 @@ struct SourceHost {
     fail_reads_while_paused: bool,
     /// Writes made right after a sync.
     racing_writes: u64,
+    /// A broken dirty log: the final sync (guest paused) reports nothing.
+    drop_dirty_while_paused: bool,
     /// Region syncs.
     syncs: u64,
     /// (region id, first dense page) of every region sync.
@@ -242,6 +244,7 @@ impl SourceHost {
             reads: 0,
             fail_reads_while_paused: false,
             racing_writes: 0,
+            drop_dirty_while_paused: false,
             syncs: 0,
             synced_regions: Vec::new(),
         }
@@ -345,7 +348,9 @@ impl DirtyLog for SourceHost {
             .take_while(|&p| p < end)
             .collect::<Vec<_>>()
         {
-            into.set(page);
+            if !self.drop_dirty_while_paused || !self.paused {
+                into.set(page);
+            }
             self.dirty.unset(page);
         }
         self.syncs += 1;
@@ -392,6 +397,8 @@ impl SourceGuest for SourceHost {
 
 struct DestHost {
     mem: Vec<u8>,
+    /// A host bug: this page is written one page further on (a memslot mistake).
+    misplaced: Option<u64>,
     pages: u64,
     page_writes: u64,
     restored: Option<Vec<u8>>,
@@ -404,6 +411,7 @@ impl DestHost {
         DestHost {
             // Garbage, so that every page (zero pages included) must really be written.
             mem: vec![0xa5; pages as usize * PAGE],
+            misplaced: None,
             pages,
             page_writes: 0,
             restored: None,
@@ -426,7 +434,12 @@ impl PageWrite for DestHost {
             self.start_calls, 0,
             "a page was written after the guest started"
         );
-        let at = page.0 as usize * PAGE;
+        let slot = if self.misplaced == Some(page.0) {
+            (page.0 + 1) % self.pages
+        } else {
+            page.0
+        };
+        let at = slot as usize * PAGE;
         self.mem[at..at + PAGE].copy_from_slice(data);
         self.page_writes += 1;
         Ok(())
@@ -434,6 +447,12 @@ impl PageWrite for DestHost {
 }
 
 impl DestinationGuest for DestHost {
+    fn read_back(&mut self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError> {
+        let at = page.0 as usize * PAGE;
+        buf.copy_from_slice(&self.mem[at..at + PAGE]);
+        Ok(())
+    }
+
     fn restore_state(&mut self, state: &[u8]) -> Result<(), HostError> {
         assert_eq!(self.start_calls, 0, "state restored into a running guest");
         self.restored = Some(state.to_vec());
@@ -1383,6 +1402,8 @@ fn config() -> impl Strategy<Value = PreCopyConfig> {
                 stop,
                 batch_bytes,
                 verify,
+                // Verification before start has its own tests (its replies come in another order).
+                verify_before_start: false,
                 predictor: PredictorKind::parse(predictor).expect("a valid predictor"),
                 learning_samples,
             },
@@ -1832,6 +1853,109 @@ fn destination_claiming_a_match_with_a_wrong_digest_fails_the_source() {
     assert_paused_then_resumable(&mut sim);
 }
 
+/// A simulation whose source verifies before the destination starts (`verify_before_start`);
+/// `read_back`: the destination hashes what its host reads back.
+fn before_start_sim(sc: &Scenario, read_back: bool) -> Sim {
+    let mut sim = Sim::new(sc, Tamper::None);
+    let (layout, dest_layout) = sc.layouts();
+    sim.source = Source::new(
+        layout,
+        SessionConfig {
+            verify_before_start: true,
+            ..SessionConfig::default()
+        },
+        PreCopy::new(sc.config),
+    );
+    sim.net.dest = Destination::new(
+        dest_layout,
+        DestinationConfig {
+            read_back,
+            ..DestinationConfig::default()
+        },
+    );
+    sim
+}
+
+#[test]
+fn verify_before_start_checks_inside_the_downtime() {
+    let sc = busy_scenario(128);
+    let mut sim = before_start_sim(&sc, false);
+    assert!(matches!(sim.run(), End::Done));
+    let r = sim.source.report();
+    assert_eq!(r.verified, Some(true));
+    assert!(r.verification_time > Nanos::ZERO && r.verification_time <= r.downtime);
+    assert_eq!(
+        r.resume_time,
+        Nanos::ZERO,
+        "nothing is hashed after the start"
+    );
+    assert_eq!(
+        sim.replies,
+        [Reply::Accept, Reply::Verified(Verdict::Match), Reply::Ready]
+    );
+    assert_eq!(sim.target.start_calls, 1);
+    assert!(first_diff_page(&sim.target.mem, sim.guest.snapshot.as_ref().unwrap()).is_none());
+}
+
+/// A dirty log that loses the writes of the last moments: checked before start, the destination
+/// refuses to run the wrong memory and the source resumes; checked after start (the default),
+/// the wrong memory already runs and the source can only stay paused and say so.
+#[test]
+fn verify_before_start_catches_a_dirty_log_that_drops_writes() {
+    let mut sc = busy_scenario(128);
+    sc.workload.writes_per_sec = 400_000;
+    let mut sim = before_start_sim(&sc, false);
+    sim.guest.drop_dirty_while_paused = true;
+    match sim.run() {
+        End::SourceFailed(MigrationError::PeerAborted { code, .. }) => {
+            assert_eq!(code, AbortCode::DigestMismatch)
+        }
+        other => panic!("source: {other:?}"),
+    }
+    assert_eq!(sim.target.start_calls, 0, "the wrong memory must not run");
+    assert_eq!(sim.guest.resume_calls, 1);
+    assert!(!sim.guest.paused && !sim.source.is_paused());
+
+    let mut after = Sim::new(&sc, Tamper::None);
+    after.guest.drop_dirty_while_paused = true;
+    match after.run() {
+        End::SourceFailed(MigrationError::DigestMismatch { .. }) => {}
+        other => panic!("after start: {other:?}"),
+    }
+    assert_eq!(
+        after.target.start_calls, 1,
+        "checked after start, it already runs"
+    );
+    assert!(after.guest.paused, "and the source must not resume");
+}
+
+/// A host that writes a page at a wrong offset: the stream's digest cannot see it; reading
+/// back can, before the guest starts.
+#[test]
+fn read_back_catches_a_page_written_at_the_wrong_offset() {
+    let sc = quiet_scenario(32);
+    let mut blind = before_start_sim(&sc, false);
+    blind.net.target.misplaced = Some(3);
+    assert!(matches!(blind.run(), End::Done));
+    assert_eq!(
+        blind.source.report().verified,
+        Some(true),
+        "the stream was right"
+    );
+    assert!(first_diff_page(&blind.target.mem, blind.guest.snapshot.as_ref().unwrap()).is_some());
+
+    let mut reading = before_start_sim(&sc, true);
+    reading.net.target.misplaced = Some(3);
+    match reading.run() {
+        End::SourceFailed(MigrationError::PeerAborted { code, .. }) => {
+            assert_eq!(code, AbortCode::DigestMismatch)
+        }
+        other => panic!("source: {other:?}"),
+    }
+    assert_eq!(reading.target.start_calls, 0);
+    assert!(!reading.guest.paused);
+}
+
 /// Pages read and encoded by the link (as the std driver's worker threads do) give the same
 /// migration guarantees, and the report counts what the encoding really produced.
 #[test]
@@ -2001,6 +2125,7 @@ fn switchover(rounds: u32) -> Vec<u8> {
         pages_follow: false,
         // Every handcrafted switchover here follows `DeviceState(b"cpu")`.
         device_state_len: 3,
+        check_before_start: false,
     })
 }
 
@@ -2082,7 +2207,8 @@ fn destination_rejects_frames_out_of_order() {
 
     // Anything before the hello.
     expect_rejected(2, &[zero(0)], pv, unexpected(FrameKind::Pages));
-    // A Complete right after the hello, and one after every page but before the switchover.
+    // A Complete right after the hello; and one between the device state and a switchover
+    // that does not check before start (v2: only that switchover may follow such a Complete).
     expect_rejected(
         2,
         &[hello(2), f(Frame::Complete { digest: 1 })],
@@ -2098,9 +2224,10 @@ fn destination_rejects_frames_out_of_order() {
             round_end(1, 2),
             f(Frame::DeviceState(b"cpu")),
             f(Frame::Complete { digest: 1 }),
+            switchover(1),
         ],
         pv,
-        unexpected(FrameKind::Complete),
+        unexpected(FrameKind::Switchover),
     );
     // A second hello.
     expect_rejected(2, &[hello(2), hello(2)], pv, unexpected(FrameKind::Hello));

@@ -347,6 +347,7 @@ impl Script<'_> {
                             pages_follow: twist & 0x40 != 0,
                             // Mostly honest; sometimes off by one (a lost chunk).
                             device_state_len: self.state_bytes + u64::from(twist & 0x10 != 0),
+                            check_before_start: twist & 0x08 != 0,
                         },
                     );
                 }

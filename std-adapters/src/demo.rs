@@ -150,6 +150,7 @@ pub fn migrate_channels(
     let session = SessionConfig {
         channels: channels.len() as u16,
         verify: config.verify,
+        verify_before_start: config.verify_before_start,
         session_id: session_id(),
         ..SessionConfig::default()
     };

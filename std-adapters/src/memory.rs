@@ -420,6 +420,10 @@ impl DestinationGuest for DestinationHost {
         self.started = true;
         Ok(())
     }
+
+    fn read_back(&mut self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError> {
+        self.region.read_page(page, buf)
+    }
 }
 
 #[cfg(test)]

@@ -193,6 +193,31 @@ fn rate_limited_link_needs_several_rounds_and_stays_exact() {
 }
 
 #[test]
+fn verification_before_start_runs_inside_the_downtime_over_tcp() {
+    // A busy guest over TCP, digests compared before the destination starts: byte-exact, and
+    // the hashing counted in the downtime, none after the start.
+    let config = PreCopyConfig {
+        verify_before_start: true,
+        stop: StopRules {
+            downtime_target: Nanos::from_millis(20),
+            max_rounds: 4,
+            ..StopRules::default()
+        },
+        ..PreCopyConfig::default()
+    };
+    let report = migrate_and_compare(TransportKind::Tcp, ByteRate(300_000_000), config, 12);
+    assert_eq!(report.verified, Some(true));
+    assert!(report.verification_time > Nanos::ZERO);
+    assert!(
+        report.verification_time <= report.downtime,
+        "verification {} outside the downtime {}",
+        report.verification_time,
+        report.downtime
+    );
+    assert_eq!(report.resume_time, Nanos::ZERO);
+}
+
+#[test]
 fn predictors_hold_back_hot_pages_and_stay_byte_exact() {
     // A hot 5% taking 95% of a fast workload's writes, over a link slow enough for several
     // rounds: the predictor holds pages back, and the destination is still exact.

@@ -31,6 +31,9 @@ pub struct PreCopyConfig {
     pub batch_bytes: usize,
     /// Hash the source's memory after switchover and have the destination compare. Default on.
     pub verify: bool,
+    /// With `verify`: compare before the destination starts instead (inside the downtime; see
+    /// [`crate::session::SessionConfig::verify_before_start`]). Default off.
+    pub verify_before_start: bool,
     /// Which of the built-in predictors holds hot pages back. Default none (plain pre-copy).
     pub predictor: PredictorKind,
     /// Dirty-log samples taken during round 1 to teach the predictor the working set before
@@ -45,6 +48,7 @@ impl Default for PreCopyConfig {
             stop: StopRules::default(),
             batch_bytes: 1 << 20,
             verify: true,
+            verify_before_start: false,
             predictor: PredictorKind::None,
             learning_samples: 4,
         }

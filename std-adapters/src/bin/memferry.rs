@@ -214,6 +214,17 @@ struct GuestArgs {
     zero_fraction: f64,
 }
 
+/// When a migration's digests are compared (`--verify`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum VerifyWhen {
+    /// After the destination started the guest (the default).
+    AfterStart,
+    /// Before it starts, inside the downtime.
+    BeforeStart,
+    /// Not at all.
+    Off,
+}
+
 #[derive(Args)]
 struct MigrationArgs {
     /// TCP connections to shard pages across (QEMU's multifd, Cloud Hypervisor's
@@ -249,6 +260,12 @@ struct MigrationArgs {
     /// Overall deadline for the pre-copy rounds, in ms.
     #[arg(long)]
     deadline_ms: Option<u64>,
+    /// When to check the destination's memory digest against the source's: after-start (the
+    /// guest runs at once; a mismatch leaves the source paused for you to decide), before-start
+    /// (hashed inside the downtime; the destination starts only on a match, else the source
+    /// resumes), or off.
+    #[arg(long, value_enum, default_value_t = VerifyWhen::AfterStart)]
+    verify: VerifyWhen,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -307,6 +324,8 @@ impl MigrationArgs {
             },
             predictor: self.predictor,
             learning_samples: self.learning_samples,
+            verify: self.verify != VerifyWhen::Off,
+            verify_before_start: self.verify == VerifyWhen::BeforeStart,
             ..PreCopyConfig::default()
         }
     }
