@@ -157,10 +157,15 @@ pub fn migrate_channels(
     let layout = MemoryLayout::single(host.region().geometry());
     let mut engine = Source::new(layout, session, PreCopy::new(config));
     let clock = Clock::new();
-    // Pages are read and encoded on the connections' writer threads (one per channel).
-    let memory: drive::SharedMemory = host.region().clone();
-    let result =
-        drive::run_source_with_workers(&mut engine, host, memory, channels, &clock, on_round);
+    // With several connections, pages are read and encoded on their writer threads (one per
+    // channel); with one, the engine thread reads them while the writer writes the previous
+    // buffer, which pipelines better (measured on 2 cores: ~1.2 vs ~1.1 GB/s).
+    let result = if channels.len() > 1 {
+        let memory: drive::SharedMemory = host.region().clone();
+        drive::run_source_with_workers(&mut engine, host, memory, channels, &clock, on_round)
+    } else {
+        drive::run_source(&mut engine, host, channels, &clock, on_round)
+    };
     result?;
     Ok(engine.report().clone())
 }
