@@ -94,6 +94,12 @@ pub trait Link<H: ?Sized> {
     /// Whether bytes handed to [`Link::send`] are not yet delivered.
     fn sending(&self) -> bool;
 
+    /// The loop is done with the bytes of a [`LinkEvent::Received`] from `channel`: a link may
+    /// read into that buffer again. Default: dropped.
+    fn recycle(&mut self, channel: ChannelId, bytes: Vec<u8>) {
+        let _ = (channel, bytes);
+    }
+
     /// Whether this link reads and encodes pages itself, on its own threads: the loop then
     /// asks the engine for [`PagePlan`]s ([`Source::poll_plan`]) and hands them to
     /// [`Link::send_plan`]. Default: no.
@@ -294,9 +300,11 @@ where
             }
             LinkEvent::Received { channel, bytes } => {
                 let now = link.now();
-                inboxes.feed(channel, &bytes, |input| {
+                let fed = inboxes.feed(channel, &bytes, |input| {
                     engine.handle_input(now, channel, input, host)
-                })?;
+                });
+                link.recycle(channel, bytes);
+                fed?;
             }
             LinkEvent::Closed {
                 channel,
@@ -357,9 +365,11 @@ where
         match link.wait(host, Some(deadline)) {
             LinkEvent::Received { channel, bytes } => {
                 let now = link.now();
-                inboxes.feed(channel, &bytes, |input| {
+                let fed = inboxes.feed(channel, &bytes, |input| {
                     engine.handle_input(now, channel, input, host)
-                })?;
+                });
+                link.recycle(channel, bytes);
+                fed?;
             }
             LinkEvent::Encoded(outcome) => engine.on_encoded(outcome),
             LinkEvent::Delivered { .. } | LinkEvent::HostFailed(_) => {}
@@ -446,9 +456,11 @@ where
             LinkEvent::Delivered { .. } | LinkEvent::Encoded(_) | LinkEvent::HostFailed(_) => {}
             LinkEvent::Received { channel, bytes } => {
                 let now = link.now();
-                inboxes.feed(channel, &bytes, |input| {
+                let fed = inboxes.feed(channel, &bytes, |input| {
                     destination.handle_input(now, channel, input, host)
-                })?;
+                });
+                link.recycle(channel, bytes);
+                fed?;
             }
             LinkEvent::Closed { channel, error } => {
                 if destination.status() == DestinationStatus::Complete {

@@ -185,34 +185,42 @@ impl EventSink for SyncSender<Event> {
 /// Chunks read but not yet applied, per destination channel.
 const DESTINATION_QUEUE_PER_CHANNEL: usize = 4;
 
-fn spawn_reader(channel: u16, mut reader: BoxRead, events: impl EventSink) {
+/// Bytes a reader thread reads at most at once.
+const READ_BYTES: usize = 1 << 20;
+
+/// Starts a reader thread; returns where to hand its buffers back once consumed (the same
+/// few buffers go round, so reading faults in no fresh memory).
+fn spawn_reader(
+    channel: u16,
+    mut reader: BoxRead,
+    events: impl EventSink,
+) -> mpsc::Sender<Vec<u8>> {
+    let (recycle, spare) = mpsc::channel::<Vec<u8>>();
     std::thread::Builder::new()
         .name(format!("memferry-read-{channel}"))
-        .spawn(move || {
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) => {
-                        let _ = events.send(Event::Closed(channel, None));
+        .spawn(move || loop {
+            let mut buf = spare.try_recv().unwrap_or_default();
+            buf.resize(READ_BYTES, 0);
+            match reader.read(&mut buf) {
+                Ok(0) => {
+                    let _ = events.send(Event::Closed(channel, None));
+                    return;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    if events.send(Event::Bytes(channel, buf)).is_err() {
                         return;
                     }
-                    Ok(n) => {
-                        if events
-                            .send(Event::Bytes(channel, buf[..n].to_vec()))
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let _ = events.send(Event::Closed(channel, Some(e)));
-                        return;
-                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = events.send(Event::Closed(channel, Some(e)));
+                    return;
                 }
             }
         })
         .expect("spawning a reader thread");
+    recycle
 }
 
 fn spawn_writer(
@@ -273,6 +281,8 @@ struct ThreadLink {
     clock: Clock,
     events: EventQueue<Event>,
     writers: Vec<SyncSender<Job>>,
+    /// Where each channel's reader takes its buffers back.
+    recyclers: Vec<mpsc::Sender<Vec<u8>>>,
     /// The writer threads read and encode pages themselves.
     encodes: bool,
     free: Vec<Vec<Vec<u8>>>,
@@ -331,6 +341,7 @@ impl ThreadLink {
             }
         };
         let mut writers = Vec::new();
+        let mut recyclers = Vec::new();
         let mut free = Vec::new();
         let mut acks = Vec::new();
         for (ch, (reader, writer)) in channels.into_iter().enumerate() {
@@ -342,11 +353,11 @@ impl ThreadLink {
             }));
             match (&events_tx, &events_sync) {
                 (Some(tx), _) => {
-                    spawn_reader(ch, reader, tx.clone());
+                    recyclers.push(spawn_reader(ch, reader, tx.clone()));
                     writers.push(spawn_writer(ch, writer, tx.clone(), memory.clone()));
                 }
                 (_, Some(tx)) => {
-                    spawn_reader(ch, reader, tx.clone());
+                    recyclers.push(spawn_reader(ch, reader, tx.clone()));
                     writers.push(spawn_writer(ch, writer, tx.clone(), memory.clone()));
                 }
                 _ => unreachable!("one of the two queues exists"),
@@ -361,6 +372,7 @@ impl ThreadLink {
             clock,
             events,
             writers,
+            recyclers,
             encodes,
             free,
             in_flight: 0,
@@ -464,6 +476,15 @@ impl<H: ?Sized> Link<H> for ThreadLink {
 
     fn encodes_pages(&self) -> bool {
         self.encodes
+    }
+
+    fn recycle(&mut self, channel: u16, bytes: Vec<u8>) {
+        // A few buffers per reader are enough; the rest are dropped.
+        if bytes.capacity() >= READ_BYTES {
+            if let Some(r) = self.recyclers.get(channel as usize) {
+                let _ = r.send(bytes);
+            }
+        }
     }
 
     fn send_plan(&mut self, _host: &mut H, plan: PagePlan) {
