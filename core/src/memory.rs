@@ -93,6 +93,15 @@ pub trait SourceGuest {
     fn device_state_size_hint(&mut self) -> Option<u64> {
         None
     }
+
+    /// Slows the guest's vCPUs to `percent` of their time taken away (QEMU's auto-converge):
+    /// the migration asks when the guest dirties memory faster than the link carries it and
+    /// its policy says throttle. 0 lifts the throttle (the migration ends: done or failed).
+    /// Default: not supported (the migration then stops the rounds instead).
+    fn throttle(&mut self, percent: u8) -> Result<(), HostError> {
+        let _ = percent;
+        Err(HostError::new("this host cannot throttle its guest"))
+    }
 }
 
 /// Control of the guest on the destination.

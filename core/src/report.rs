@@ -11,6 +11,7 @@
 //! Pages transferred count every page frame sent, re-sends included; bytes on the wire count
 //! every byte of every frame, headers included.
 
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use crate::time::{ByteRate, Nanos};
@@ -126,6 +127,11 @@ pub struct MigrationReport {
     pub rounds: Vec<RoundReport>,
     /// The rule that ended the pre-copy rounds.
     pub stop_reason: Option<StopReason>,
+    /// Why that rule fired, with its figures.
+    pub stop_detail: String,
+    /// The most the guest was throttled (percent of its time taken away) to make pre-copy
+    /// converge; 0 when it never was.
+    pub throttle_percent: u8,
     /// Whether the destination's digest matched (None when verification was off or not reached).
     pub verified: Option<bool>,
     /// The source's memory digest at switchover.

@@ -16,6 +16,7 @@
 //!   make the downtime estimate far too low and stop-and-copy too early.
 
 use alloc::collections::VecDeque;
+use alloc::string::String;
 
 use crate::report::StopReason;
 use crate::time::{ByteRate, Nanos};
@@ -170,6 +171,14 @@ pub struct StopRules {
     pub min_shrink_permille: u32,
     /// Stop the rounds once this much time has passed since migration started. Default: none.
     pub deadline: Option<Nanos>,
+    /// Early non-convergence: stop (or throttle, by policy) after this many consecutive rounds
+    /// in which the guest dirtied memory at [`StopRules::outpaced_permille`] of the bandwidth
+    /// or more and the dirty set did not shrink (round 1 counts: it has no earlier set). Such
+    /// a migration can only resend memory. Default 2; 0 turns the rule off.
+    pub outpaced_rounds: u32,
+    /// What share (in thousandths) of the bandwidth a dirty rate must reach to outpace the
+    /// link. Default 900.
+    pub outpaced_permille: u32,
 }
 
 impl Default for StopRules {
@@ -180,6 +189,8 @@ impl Default for StopRules {
             non_convergence_rounds: 5,
             min_shrink_permille: 50,
             deadline: None,
+            outpaced_rounds: 2,
+            outpaced_permille: 900,
         }
     }
 }
@@ -198,6 +209,10 @@ pub struct RoundOutcome {
     /// Pages stop-and-copy would have to send now: the dirtied pages and any held back as
     /// predicted hot. Equal to `dirty_pages` without a predictor.
     pub pending_pages: u64,
+    /// Of those, the pages that would cross the link inside the downtime (a predictor's
+    /// strategy may send its held pages in a release round first). The downtime estimate
+    /// counts these; convergence is judged on all pending pages.
+    pub downtime_pages: u64,
 }
 
 /// The scheduler's verdict at the end of a round.
@@ -221,8 +236,12 @@ pub struct Scheduler {
     bandwidth: Option<ByteRate>,
     smallest_dirty: u64,
     stalled_rounds: u32,
+    /// Consecutive rounds the dirty rate outran the link without the dirty set shrinking.
+    outpaced_rounds: u32,
     last_dirty_rate: ByteRate,
     last_estimate: Nanos,
+    /// Why the last decision was taken, in words (for the report).
+    why: String,
 }
 
 /// Rounds shorter than this or smaller than [`MIN_SAMPLE_BYTES`] give a noisy bandwidth sample;
@@ -240,9 +259,28 @@ impl Scheduler {
             bandwidth: None,
             smallest_dirty: u64::MAX,
             stalled_rounds: 0,
+            outpaced_rounds: 0,
             last_dirty_rate: ByteRate(0),
             last_estimate: Nanos::ZERO,
+            why: String::new(),
         }
+    }
+
+    /// Why the last decision was taken: which rule fired and on what figures.
+    pub fn explanation(&self) -> &str {
+        &self.why
+    }
+
+    /// Whether the last stop came from the early rule: the guest outpaces the link.
+    pub fn outpaced(&self) -> bool {
+        self.rules.outpaced_rounds > 0 && self.outpaced_rounds >= self.rules.outpaced_rounds
+    }
+
+    /// The guest was throttled after the link was outpaced: count afresh.
+    pub fn restart_convergence(&mut self) {
+        self.outpaced_rounds = 0;
+        self.stalled_rounds = 0;
+        self.smallest_dirty = u64::MAX;
     }
 
     /// The current round's bandwidth limit.
@@ -299,7 +337,7 @@ impl Scheduler {
         } else {
             ByteRate::measured(dirty_bytes, outcome.duration)
         };
-        let pending_bytes = outcome.pending_pages.saturating_mul(page_wire_bytes);
+        let pending_bytes = outcome.downtime_pages.saturating_mul(page_wire_bytes);
         self.last_estimate = bandwidth.time_for(pending_bytes);
 
         let shrank = (outcome.pending_pages as u128) * 1000
@@ -311,22 +349,54 @@ impl Scheduler {
         } else {
             self.stalled_rounds += 1;
         }
+        // Round 1 has no earlier set to shrink from: its rate alone decides.
+        let near_link = (self.last_dirty_rate.0 as u128) * 1000
+            >= (bandwidth.0 as u128) * self.rules.outpaced_permille as u128
+            && outcome.dirty_pages > 0;
+        let first = self.smallest_dirty == u64::MAX;
+        if near_link && (first || !shrank) {
+            self.outpaced_rounds += 1;
+        } else {
+            self.outpaced_rounds = 0;
+        }
         self.smallest_dirty = self.smallest_dirty.min(outcome.pending_pages);
 
         if self.last_estimate <= self.rules.downtime_target {
+            self.why = alloc::format!(
+                "estimated downtime {} is within the target {}",
+                self.last_estimate,
+                self.rules.downtime_target
+            );
             return Decision::StopAndCopy(StopReason::DowntimeTarget);
         }
-        if self.rules.deadline.is_some_and(|d| elapsed >= d) {
+        if let Some(deadline) = self.rules.deadline.filter(|&d| elapsed >= d) {
+            self.why = alloc::format!("{elapsed} of pre-copy passed the deadline {deadline}");
             return Decision::StopAndCopy(StopReason::Deadline);
         }
         if outcome.round >= self.rules.max_rounds {
+            self.why = alloc::format!("{} rounds, the most allowed", outcome.round);
             return Decision::StopAndCopy(StopReason::MaxRounds);
+        }
+        if self.rules.outpaced_rounds > 0 && self.outpaced_rounds >= self.rules.outpaced_rounds {
+            self.why = alloc::format!(
+                "the guest dirtied memory at {} against a link of {} for {} round(s) and the dirty set did not shrink: more rounds would only resend memory",
+                self.last_dirty_rate,
+                bandwidth,
+                self.outpaced_rounds
+            );
+            return Decision::StopAndCopy(StopReason::NotConverging);
         }
         if self.rules.non_convergence_rounds > 0
             && self.stalled_rounds >= self.rules.non_convergence_rounds
         {
+            self.why = alloc::format!(
+                "the dirty set made no new low (by {}‰) for {} rounds",
+                self.rules.min_shrink_permille,
+                self.stalled_rounds
+            );
             return Decision::StopAndCopy(StopReason::NotConverging);
         }
+        self.why.clear();
         self.limit = self.plan.next_limit(self.limit, self.last_dirty_rate);
         Decision::Continue { limit: self.limit }
     }
@@ -343,6 +413,7 @@ mod tests {
             duration: Nanos::from_millis(ms),
             dirty_pages,
             pending_pages: dirty_pages,
+            downtime_pages: dirty_pages,
         }
     }
 

@@ -808,6 +808,11 @@ impl<S: Strategy> Source<S> {
         if let Some(first) = &self.failure {
             return Err(first.clone());
         }
+        self.report.throttle_percent = self.strategy.throttle_percent();
+        if !self.paused && self.report.throttle_percent > 0 {
+            // The guest runs on here: at full speed again.
+            let _ = host.throttle(0);
+        }
         if self.paused {
             if !self.ready_seen {
                 self.report.downtime = now - self.paused_at;
@@ -820,6 +825,10 @@ impl<S: Strategy> Source<S> {
                 && matches!(&error, MigrationError::PeerAborted { code, .. }
                     if *code != AbortCode::GuestStarted);
             if !self.report.committed || destination_refused {
+                if self.strategy.throttle_percent() > 0 {
+                    // The guest runs on here: at full speed again.
+                    let _ = host.throttle(0);
+                }
                 match host.resume() {
                     Ok(()) => self.paused = false,
                     Err(e) => self.resume_error = Some(e),
@@ -1239,6 +1248,8 @@ impl<S: Strategy> Source<S> {
         self.paused_at = now;
         self.stop_and_copy = true;
         self.report.stop_reason = Some(reason);
+        self.report.stop_detail = self.strategy.explain_stop();
+        self.report.throttle_percent = self.strategy.throttle_percent();
         self.report.preparation_time = now - self.start;
         let mut round = RoundReport::default();
         let mut cx =

@@ -941,11 +941,13 @@ impl Net {
     }
 
     /// A generous bound on the loop's calls: a round takes at most a few per page (a batch, a
-    /// delivery and a wait each sending at least one page) plus a few, hashing at most one
-    /// per page, and waiting for the peer a few per message.
+    /// delivery and a wait each sending at least one page, and the destination's `Applied`
+    /// reports, which arrive a byte at a time on the slowest links) plus a few, hashing at most
+    /// one per page, and waiting for the peer a few per message.
     fn step_cap(&self) -> u64 {
-        let rounds = self.sc.config.stop.max_rounds.min(1000) as u64 + 1;
-        rounds * (4 * self.sc.pages + 32) + 2 * self.sc.pages + 2000
+        // The push rounds, a predictor's release round, and stop-and-copy.
+        let rounds = self.sc.config.stop.max_rounds.min(1000) as u64 + 2;
+        rounds * (8 * self.sc.pages + 64) + 2 * self.sc.pages + 4000
     }
 
     fn step(&mut self) {
@@ -1142,8 +1144,10 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
         rounds.len() >= 2,
         "at least one push round and stop-and-copy"
     );
+    // A predictor may add one release round: its held-back pages go while the guest runs.
+    let release = u64::from(sc.config.predictor != PredictorKind::None || custom_predictor);
     prop_assert!(
-        rounds.len() as u64 <= stop.max_rounds as u64 + 1,
+        rounds.len() as u64 <= stop.max_rounds as u64 + 1 + release,
         "{} rounds with max_rounds {}",
         rounds.len(),
         stop.max_rounds
@@ -1217,9 +1221,15 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
         Some(StopReason::DowntimeTarget) => {
             prop_assert!(last_push.estimated_downtime <= stop.downtime_target)
         }
-        Some(StopReason::MaxRounds) => prop_assert_eq!(push_rounds, stop.max_rounds),
+        Some(StopReason::MaxRounds) => prop_assert!(
+            push_rounds as u64 >= stop.max_rounds as u64
+                && push_rounds as u64 <= stop.max_rounds as u64 + release
+        ),
         Some(StopReason::NotConverging) => prop_assert!(
-            stop.non_convergence_rounds > 0 && push_rounds >= stop.non_convergence_rounds
+            (stop.non_convergence_rounds > 0 && push_rounds >= stop.non_convergence_rounds)
+                || (stop.outpaced_rounds > 0 && push_rounds >= stop.outpaced_rounds),
+            "{}",
+            r.stop_detail
         ),
         Some(StopReason::Deadline) => {
             prop_assert!(stop.deadline.is_some_and(|d| r.preparation_time >= d))
@@ -1362,14 +1372,17 @@ fn stop_rules() -> impl Strategy<Value = StopRules> {
         0u32..=5,
         0u32..=300,
         proptest::option::of(0u64..=3_000_000),
+        (0u32..=3, 500u32..=1200),
     )
         .prop_map(
-            |(target_us, max_rounds, nc, shrink, deadline_us)| StopRules {
+            |(target_us, max_rounds, nc, shrink, deadline_us, (outpaced, permille))| StopRules {
                 downtime_target: Nanos::from_micros(target_us),
                 max_rounds,
                 non_convergence_rounds: nc,
                 min_shrink_permille: shrink,
                 deadline: deadline_us.map(Nanos::from_micros),
+                outpaced_rounds: outpaced,
+                outpaced_permille: permille,
             },
         )
 }
@@ -1406,6 +1419,7 @@ fn config() -> impl Strategy<Value = PreCopyConfig> {
                 verify_before_start: false,
                 predictor: PredictorKind::parse(predictor).expect("a valid predictor"),
                 learning_samples,
+                throttle_when_outpaced: false,
             },
         )
 }
@@ -1481,7 +1495,10 @@ fn busy_scenario(pages: u64) -> Scenario {
     sc.config.stop = StopRules {
         downtime_target: Nanos::ZERO,
         max_rounds: 4,
+        // This guest outpaces its link on purpose (every round resends the hot set): the
+        // scenario is about several rounds, so neither convergence rule stops it early.
         non_convergence_rounds: 0,
+        outpaced_rounds: 0,
         ..StopRules::default()
     };
     sc.config.batch_bytes = 64 << 10;

@@ -148,4 +148,15 @@ pub trait Strategy: Send {
     fn pages_after_switchover(&self) -> bool {
         false
     }
+
+    /// Why the rounds stopped, with the figures that decided it (for the report).
+    fn explain_stop(&self) -> String {
+        String::new()
+    }
+
+    /// How much the strategy throttled the guest (percent of its time taken away; 0: none).
+    /// The session lifts the throttle when the migration fails.
+    fn throttle_percent(&self) -> u8 {
+        0
+    }
 }

@@ -13,6 +13,7 @@ use alloc::string::String;
 use crate::bitmap::DirtyBitmap;
 use crate::error::MigrationError;
 use crate::memory::{sync_all, SourceHost};
+use crate::report::StopReason;
 use crate::schedule::{self, RatePlan, RoundOutcome, Scheduler, StopRules};
 use crate::time::{ByteRate, Nanos};
 use crate::track::{Predictor, PredictorKind};
@@ -39,6 +40,11 @@ pub struct PreCopyConfig {
     /// Dirty-log samples taken during round 1 to teach the predictor the working set before
     /// round 2 (paper 002's pre-processing phase). Default 4; ignored without a predictor.
     pub learning_samples: u32,
+    /// When the guest outpaces the link ([`StopRules::outpaced_rounds`]): throttle it
+    /// ([`crate::memory::SourceGuest::throttle`]: 20%, then 10% more each time, up to 99%) and
+    /// go on, instead of stopping the rounds at once. A host that cannot throttle stops them.
+    /// Default off.
+    pub throttle_when_outpaced: bool,
 }
 
 impl Default for PreCopyConfig {
@@ -51,6 +57,7 @@ impl Default for PreCopyConfig {
             verify_before_start: false,
             predictor: PredictorKind::None,
             learning_samples: 4,
+            throttle_when_outpaced: false,
         }
     }
 }
@@ -70,7 +77,19 @@ pub struct PreCopy {
     hot: DirtyBitmap,
     next_sample_at: u64,
     sample_interval: u64,
+    /// The predictor may hold pages back (it stops when it proves wrong on this workload).
+    holding: bool,
+    /// A stop rule fired while pages held back were still unsent: this round sends them
+    /// while the guest runs, and stop-and-copy follows for this reason.
+    releasing: Option<StopReason>,
+    /// The guest's throttle, in percent (0: none).
+    throttle: u8,
+    /// Scratch: held pages the guest did not write again.
+    release: DirtyBitmap,
 }
+
+/// A predictor is judged once it held back at least this many pages in a round.
+const JUDGED_HOLD_BACK: u64 = 32;
 
 impl PreCopy {
     /// Pre-copy with `config` (its predictor is built from `config.predictor`).
@@ -85,6 +104,10 @@ impl PreCopy {
             hot: DirtyBitmap::new(0),
             next_sample_at: u64::MAX,
             sample_interval: u64::MAX,
+            holding: true,
+            releasing: None,
+            throttle: 0,
+            release: DirtyBitmap::new(0),
         };
         p.predictor = match config.predictor {
             PredictorKind::None => None,
@@ -209,12 +232,32 @@ impl Strategy for PreCopy {
         } else {
             0
         };
-        // Everything stop-and-copy would send now: this round's dirt and what is held back.
+        // A predictor whose held pages mostly stay clean is wrong on this workload: it only
+        // delays pages to the end. It stops holding back for the rest of the migration.
+        if self.holding && held_back >= JUDGED_HOLD_BACK && redirtied * 2 < held_back {
+            self.holding = false;
+        }
+        // Held pages the guest did not write again (after a release round: pages kept for
+        // stop-and-copy that it did not write again either).
+        let unsent_held = held_back - redirtied;
+        let releasing = self.releasing.take();
+        if unsent_held > 0 && releasing.is_none() {
+            self.release.clone_from(&self.held);
+            self.release.difference_with(&self.dirty);
+        }
+        // Everything still to send: this round's dirt and what it held back.
         if self.predicting() {
             self.dirty.union_with(&self.held);
             self.held.clear();
         }
-        let pending_pages = dirty_pages + held_back - redirtied;
+        // The downtime a stop now would cost: this round's dirt. Held pages the guest did not
+        // write again are sent in a short release round before the pause, never in the
+        // downtime; after that round, everything pending goes in the downtime.
+        let downtime_pages = if releasing.is_some() {
+            dirty_pages + unsent_held
+        } else {
+            dirty_pages
+        };
         // The session pauses only once the transport's buffers have drained; the guest keeps
         // writing meanwhile, at this round's rate, and those pages join the final round.
         let drain = cx
@@ -233,7 +276,8 @@ impl Strategy for PreCopy {
                 bytes: r.bytes,
                 duration: r.duration,
                 dirty_pages,
-                pending_pages: pending_pages + backlog_pages,
+                pending_pages: dirty_pages + unsent_held + backlog_pages,
+                downtime_pages: downtime_pages + backlog_pages,
             },
             cx.elapsed,
             cx.page_wire_bytes,
@@ -253,10 +297,55 @@ impl Strategy for PreCopy {
         // Next round sends what is pending, less what is predicted hot.
         core::mem::swap(cx.send, &mut self.dirty);
         self.dirty.clear();
+        if releasing.is_some() {
+            // The release round is over; the migration is at its end: hold nothing more, and
+            // let the rules decide on what is left.
+            self.holding = false;
+        }
+        let decision = match decision {
+            schedule::Decision::StopAndCopy(reason)
+                if unsent_held > 0 && releasing.is_none() && self.holding =>
+            {
+                // Held pages the guest did not write again would go in the downtime: send
+                // them alone in one short round while the guest runs. The rest waits for the
+                // pause (as the "held back" of that round), with what the guest writes
+                // meanwhile.
+                self.releasing = Some(reason);
+                self.held.clone_from(cx.send);
+                self.held.difference_with(&self.release);
+                cx.send.clone_from(&self.release);
+                return Ok(Decision::NextRound);
+            }
+            schedule::Decision::StopAndCopy(StopReason::NotConverging)
+                if self.config.throttle_when_outpaced
+                    && self.scheduler.outpaced()
+                    && self.throttle < 99 =>
+            {
+                // Slow the guest down and go on (QEMU's auto-converge).
+                let next = if self.throttle == 0 {
+                    20
+                } else {
+                    (self.throttle + 10).min(99)
+                };
+                match host.throttle(next) {
+                    Ok(()) => {
+                        self.throttle = next;
+                        self.scheduler.restart_convergence();
+                        schedule::Decision::Continue {
+                            limit: self.scheduler.limit(),
+                        }
+                    }
+                    Err(_) => decision,
+                }
+            }
+            d => d,
+        };
         match decision {
             schedule::Decision::StopAndCopy(reason) => Ok(Decision::StopAndCopy(reason)),
             schedule::Decision::Continue { .. } => {
-                if self.predicting() {
+                if self.predicting() && self.holding {
+                    // Only pages the guest wrote in this round may be held back again.
+                    self.hot.intersect_with(&self.sample);
                     self.held.union_with(cx.send);
                     self.held.intersect_with(&self.hot);
                     cx.send.difference_with(&self.hot);
@@ -264,6 +353,21 @@ impl Strategy for PreCopy {
                 Ok(Decision::NextRound)
             }
         }
+    }
+
+    fn explain_stop(&self) -> String {
+        let mut why = String::from(self.scheduler.explanation());
+        if self.throttle > 0 {
+            why.push_str(&alloc::format!(" (guest throttled to {}%)", self.throttle));
+        }
+        if self.predicting() && !self.holding {
+            why.push_str("; the predictor stopped holding pages back: most stayed clean");
+        }
+        why
+    }
+
+    fn throttle_percent(&self) -> u8 {
+        self.throttle
     }
 
     fn final_round(
