@@ -6,16 +6,23 @@
 //! preset prints the same table on every run and every machine; only the wall-clock line on
 //! stderr varies.
 
+use std::io::{BufRead, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use memferry::report::MigrationReport;
 use memferry::schedule::{RatePlan, StopRules};
 use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
 use memferry::track::PredictorKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::sim::{simulate, LinkModel, Scenario, SimOutcome, WorkloadModel};
+use crate::output::human_bytes;
+use crate::sim::workload::{fit_guest, TraceCoverage, TraceSummary};
+use crate::sim::{
+    simulate, LinkModel, LowerBounds, ModelFigures, Scenario, SimOutcome, WorkloadModel,
+};
 
 /// One strategy: a name and the engine settings that make it.
 #[derive(Clone, Debug)]
@@ -27,7 +34,7 @@ pub struct Strategy {
 }
 
 /// A figure a paper claims, to print beside the measurement.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Claim {
     /// Which paper and what it claims, in words.
     pub text: String,
@@ -181,7 +188,7 @@ pub fn presets() -> Vec<Preset> {
                 WorkloadModel::Phases { rate: 1_000_000.0, hot_fraction: 0.05, hot_share: 0.95, period: Nanos::from_millis(300) },
             ],
             seeds: vec![1, 2, 3],
-            base: Scenario { memory: 1 << 30, verify: false, ..Scenario::default() },
+            base: Scenario { memory: 1 << 30, ..Scenario::default() },
             claim: Some(Claim {
                 text: "paper 001: holding frequently updated pages to the last round sends 34% less data in 32.5% less time; paper 003: hot pages recognised from the history of dirty pages are sent at the end".into(),
             }),
@@ -189,7 +196,7 @@ pub fn presets() -> Vec<Preset> {
         },
         Preset {
             name: "wsclock-vs-precopy",
-            description: "writable-working-set predictors against plain pre-copy at the same downtime target (1 GiB guest, 10 Gbit/s link, 1M writes/s)",
+            description: "writable-working-set predictors against plain pre-copy at the same downtime target (1 GiB guest, 10 Gbit/s link, hot/cold at 1M writes/s, uniform at 50k writes/s)",
             strategies: with_predictors(&["none", "wsclock", "lru", "splay", "history"], predictor_stop),
             workloads: vec![
                 WorkloadModel::HotCold { rate: 1_000_000.0, hot_fraction: 0.05, hot_share: 0.95 },
@@ -197,7 +204,7 @@ pub fn presets() -> Vec<Preset> {
                 WorkloadModel::Uniform { rate: 50_000.0 },
             ],
             seeds: vec![1, 2, 3],
-            base: Scenario { memory: 1 << 30, verify: false, ..Scenario::default() },
+            base: Scenario { memory: 1 << 30, ..Scenario::default() },
             claim: Some(Claim {
                 text: "paper 004 (Zaw and Thein, LRU/splay): -11.45% total migration time, -23.67% data; paper 002: WSClock improves on it. Predictors must not hurt on uniform writes (within 2%).".into(),
             }),
@@ -211,12 +218,15 @@ pub fn presets() -> Vec<Preset> {
 pub struct Run {
     /// Strategy name.
     pub strategy: String,
-    /// Workload name.
+    /// Workload name (with the link, when a comparison sweeps several).
     pub workload: String,
     /// Seed.
     pub seed: u64,
     /// The outcome.
     pub outcome: SimOutcome,
+    /// For a trace workload: what the run replayed of it, and whether it looped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceCoverage>,
 }
 
 /// Median, minimum and maximum of one metric over seeds.
@@ -293,10 +303,555 @@ pub struct Comparison {
     pub claim: Option<Claim>,
     /// The strategy the others are measured against.
     pub baseline: Option<String>,
+    /// Every setting of every strategy and workload, as run.
+    pub parameters: Parameters,
     /// One row per strategy × workload.
     pub rows: Vec<Row>,
     /// Every run.
     pub runs: Vec<Run>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The matrix
+
+/// One column of a comparison: a workload on a guest and a link (every setting of a run but
+/// the strategy and the seed).
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// Name in tables: the workload's, plus the link's when a comparison sweeps several.
+    pub name: String,
+    /// The run's scenario; each run sets its seed and engine.
+    pub scenario: Scenario,
+    /// For a trace: the checked file and what its replay plays.
+    pub trace: Option<TraceSummary>,
+}
+
+/// What the command line changes in a preset.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// Workloads instead of the preset's (empty: the preset's).
+    pub workloads: Vec<WorkloadModel>,
+    /// Guest memory instead of the preset's. A trace runs on its recorded guest; this must then
+    /// equal it, unless `pad_memory`.
+    pub memory: Option<u64>,
+    /// Let `memory` exceed a trace's guest (the extra pages are never written).
+    pub pad_memory: bool,
+    /// Link bandwidths, each workload running on each (empty: the preset's link).
+    pub bandwidths: Vec<ByteRate>,
+    /// Verify the destination's memory (`None`: the preset's setting, which is on).
+    pub verify: Option<bool>,
+}
+
+/// Everything a comparison runs: strategies × cases × seeds, in that order (the run list
+/// that [`Shard`]s split).
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    /// Preset name.
+    pub preset: String,
+    /// What it compares.
+    pub description: String,
+    /// The paper's claim, if any.
+    pub claim: Option<Claim>,
+    /// The strategy the others are measured against.
+    pub baseline: Option<String>,
+    /// The strategies.
+    pub strategies: Vec<Strategy>,
+    /// The cases.
+    pub cases: Vec<Case>,
+    /// The seeds.
+    pub seeds: Vec<u64>,
+}
+
+/// A link rate for names: `1Gbit`, `100Mbit`, `500MB/s`.
+pub fn link_name(rate: ByteRate) -> String {
+    if rate.is_unlimited() {
+        return "unlimited".into();
+    }
+    let bits = rate.0 as u128 * 8;
+    if bits % 1_000_000_000 == 0 {
+        format!("{}Gbit", bits / 1_000_000_000)
+    } else if bits % 1_000_000 == 0 {
+        format!("{}Mbit", bits / 1_000_000)
+    } else {
+        format!("{}MB/s", rate.0 as f64 / 1e6)
+    }
+}
+
+impl Matrix {
+    /// The preset as it stands.
+    pub fn of(preset: &Preset) -> Result<Matrix, String> {
+        Matrix::new(preset, &Overrides::default())
+    }
+
+    /// The preset changed by `overrides`. Reads and checks every trace (so a damaged file or a
+    /// window past its end fails before any run); fails if two cases share a name.
+    pub fn new(preset: &Preset, overrides: &Overrides) -> Result<Matrix, String> {
+        let workloads = if overrides.workloads.is_empty() {
+            &preset.workloads
+        } else {
+            &overrides.workloads
+        };
+        let links: Vec<LinkModel> = if overrides.bandwidths.is_empty() {
+            vec![preset.base.link]
+        } else {
+            overrides
+                .bandwidths
+                .iter()
+                .map(|&bandwidth| LinkModel {
+                    bandwidth,
+                    ..preset.base.link
+                })
+                .collect()
+        };
+        let mut cases: Vec<Case> = Vec::new();
+        for workload in workloads {
+            let trace = TraceSummary::of(workload)?;
+            let (memory, page_size) = fit_guest(
+                workload,
+                trace.as_ref(),
+                overrides.memory,
+                (preset.base.memory, preset.base.page_size),
+                overrides.pad_memory,
+            )?;
+            for link in &links {
+                let name = if links.len() > 1 {
+                    format!("{} on {}", workload.name(), link_name(link.bandwidth))
+                } else {
+                    workload.name()
+                };
+                if cases.iter().any(|c| c.name == name) {
+                    return Err(format!(
+                        "two workloads are both named '{name}': they differ only in what the name does not show (or a trace file name appears twice); a comparison needs distinct names"
+                    ));
+                }
+                cases.push(Case {
+                    name,
+                    scenario: Scenario {
+                        memory,
+                        page_size,
+                        workload: workload.clone(),
+                        link: *link,
+                        verify: overrides.verify.unwrap_or(preset.base.verify),
+                        ..preset.base.clone()
+                    },
+                    trace: trace.clone(),
+                });
+            }
+        }
+        if preset.strategies.is_empty() || cases.is_empty() || preset.seeds.is_empty() {
+            return Err("a comparison needs at least one strategy, workload and seed".into());
+        }
+        let mut changed = Vec::new();
+        if !overrides.workloads.is_empty() {
+            changed.push("workloads");
+        }
+        if overrides.memory.is_some() {
+            changed.push("memory");
+        }
+        if !overrides.bandwidths.is_empty() {
+            changed.push("link");
+        }
+        if overrides.verify.is_some_and(|v| v != preset.base.verify) {
+            changed.push("verification");
+        }
+        let mut description = preset.description.to_string();
+        if !changed.is_empty() {
+            description.push_str(&format!(
+                " [changed on the command line: {}; the setup lines say what ran]",
+                changed.join(", ")
+            ));
+        }
+        Ok(Matrix {
+            preset: preset.name.into(),
+            description,
+            claim: preset.claim.clone(),
+            baseline: preset.baseline.map(String::from),
+            strategies: preset.strategies.clone(),
+            cases,
+            seeds: preset.seeds.clone(),
+        })
+    }
+
+    /// Runs in the matrix.
+    pub fn len(&self) -> usize {
+        self.strategies.len() * self.cases.len() * self.seeds.len()
+    }
+
+    /// Whether it has no runs.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Run `index` of the run list: (strategy, case, seed), strategies outermost, seeds
+    /// innermost.
+    pub fn job(&self, index: usize) -> (&Strategy, &Case, u64) {
+        let per_strategy = self.cases.len() * self.seeds.len();
+        let (s, rest) = (index / per_strategy, index % per_strategy);
+        let (c, k) = (rest / self.seeds.len(), rest % self.seeds.len());
+        (&self.strategies[s], &self.cases[c], self.seeds[k])
+    }
+
+    /// Every setting of every strategy and case, as run.
+    pub fn parameters(&self) -> Parameters {
+        Parameters {
+            strategies: self
+                .strategies
+                .iter()
+                .map(StrategyParameters::of)
+                .collect(),
+            workloads: self.cases.iter().map(CaseParameters::of).collect(),
+            seeds: self.seeds.clone(),
+        }
+    }
+
+    /// What a shard file records about the matrix, for the merge.
+    pub fn info(&self) -> MatrixInfo {
+        let parameters = self.parameters();
+        MatrixInfo {
+            preset: self.preset.clone(),
+            description: self.description.clone(),
+            claim: self.claim.clone(),
+            baseline: self.baseline.clone(),
+            strategies: self.strategies.iter().map(|s| s.name.clone()).collect(),
+            workloads: self.cases.iter().map(|c| c.name.clone()).collect(),
+            seeds: self.seeds.clone(),
+            runs: self.len(),
+            fingerprint: fingerprint(self, &parameters),
+            parameters,
+        }
+    }
+
+    /// Warnings worth printing before the runs: trace windows that reach past the recording.
+    pub fn notes(&self) -> Vec<String> {
+        self.cases
+            .iter()
+            .filter_map(|c| {
+                let trace = c.trace.as_ref()?;
+                trace.window_cut_short(&c.scenario.workload).then(|| {
+                    format!(
+                        "{}: the recording is only {:.3} s long; the replay window ends with it",
+                        c.name,
+                        trace.duration.as_secs_f64()
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// A hash of everything that decides the runs' results except the trace files' locations:
+/// shards whose fingerprints differ came from different comparisons and are not merged.
+fn fingerprint(m: &Matrix, parameters: &Parameters) -> String {
+    let mut p = parameters.clone();
+    for w in &mut p.workloads {
+        if let WorkloadModel::Trace { path, .. } = &mut w.workload {
+            *path = std::path::Path::new(path.as_str())
+                .file_name()
+                .map_or(path.clone(), |n| n.to_string_lossy().into_owned());
+        }
+    }
+    let text = serde_json::to_string(&(
+        &m.preset,
+        &m.description,
+        &m.claim,
+        &m.baseline,
+        &p,
+        env!("CARGO_PKG_VERSION"),
+    ))
+    .expect("the parameters serialise");
+    format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+}
+
+/// Every setting of a comparison, as run: what `compare --list` prints and the JSON carries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Parameters {
+    /// The strategies.
+    pub strategies: Vec<StrategyParameters>,
+    /// The workloads (cases), with their guests and links.
+    pub workloads: Vec<CaseParameters>,
+    /// The seeds.
+    pub seeds: Vec<u64>,
+}
+
+/// A strategy's settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StrategyParameters {
+    /// Name in tables.
+    pub name: String,
+    /// Downtime target, ms.
+    pub downtime_target_ms: f64,
+    /// Most pre-copy rounds.
+    pub max_rounds: u32,
+    /// Rounds without progress before stopping (0: never).
+    pub non_convergence_rounds: u32,
+    /// Deadline of the rounds, ms.
+    pub deadline_ms: Option<f64>,
+    /// The predictor, fully spelled out (`none` for plain pre-copy).
+    pub predictor: String,
+    /// Dirty-log samples in round 1 to teach the predictor.
+    pub learning_samples: u32,
+    /// Round 1's rate limit, bytes/s (`None`: unlimited).
+    pub rate_first_round: Option<u64>,
+    /// Each later round's rise, bytes/s.
+    pub rate_increment: u64,
+    /// The highest limit, bytes/s (`None`: unlimited).
+    pub rate_max: Option<u64>,
+    /// Every engine setting, as the engine spells it.
+    pub engine: String,
+}
+
+fn limit(rate: ByteRate) -> Option<u64> {
+    (!rate.is_unlimited()).then_some(rate.0)
+}
+
+impl StrategyParameters {
+    fn of(s: &Strategy) -> Self {
+        let e = &s.engine;
+        StrategyParameters {
+            name: s.name.clone(),
+            downtime_target_ms: e.stop.downtime_target.as_millis_f64(),
+            max_rounds: e.stop.max_rounds,
+            non_convergence_rounds: e.stop.non_convergence_rounds,
+            deadline_ms: e.stop.deadline.map(|d| d.as_millis_f64()),
+            predictor: e.predictor.to_string(),
+            learning_samples: e.learning_samples,
+            rate_first_round: limit(e.rate.first_round),
+            rate_increment: e.rate.increment.0,
+            rate_max: limit(e.rate.max),
+            engine: format!("{e:?}"),
+        }
+    }
+
+    /// The settings in words.
+    pub fn describe(&self) -> String {
+        let rate = |r: Option<u64>| r.map_or("unlimited".to_string(), |r| link_name(ByteRate(r)));
+        let mut text = format!(
+            "downtime target {} ms, at most {} rounds, {}, {}, predictor {}",
+            self.downtime_target_ms,
+            self.max_rounds,
+            match self.non_convergence_rounds {
+                0 => "no non-convergence rule".to_string(),
+                n => format!("stop after {n} rounds without progress"),
+            },
+            self.deadline_ms
+                .map_or("no deadline".to_string(), |d| format!("deadline {d} ms")),
+            self.predictor,
+        );
+        if self.predictor != "none" {
+            text.push_str(&format!(" ({} learning samples)", self.learning_samples));
+        }
+        if self.rate_increment > 0 || self.rate_first_round != self.rate_max {
+            text.push_str(&format!(
+                ", rate {} in round 1 rising by {} to {}",
+                rate(self.rate_first_round),
+                link_name(ByteRate(self.rate_increment)),
+                rate(self.rate_max)
+            ));
+        } else if self.rate_max.is_some() {
+            text.push_str(&format!(", rate limit {}", rate(self.rate_max)));
+        }
+        text
+    }
+}
+
+/// A trace case's replay, as planned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceParameters {
+    /// Guest memory the trace was recorded from, bytes.
+    pub recorded_memory_bytes: u64,
+    /// Intervals in the file.
+    pub intervals: u64,
+    /// Recorded time.
+    pub duration: Nanos,
+    /// Where the replayed part starts in the recording.
+    pub recorded_start: Nanos,
+    /// Where it ends.
+    pub recorded_end: Nanos,
+    /// One pass in replay time.
+    pub pass: Nanos,
+    /// Whether the replay loops.
+    pub looped: bool,
+}
+
+/// A case's settings: the workload, the guest, the link and the content.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CaseParameters {
+    /// Name in tables.
+    pub name: String,
+    /// The workload model and its parameters.
+    pub workload: WorkloadModel,
+    /// Guest memory, bytes.
+    pub memory_bytes: u64,
+    /// Page size, bytes.
+    pub page_size: u64,
+    /// Link bandwidth, bytes/s (`None`: unlimited).
+    pub bandwidth: Option<u64>,
+    /// One-way latency, µs.
+    pub latency_us: f64,
+    /// Bytes each frame costs beyond its own.
+    pub per_frame_overhead: u32,
+    /// Share of pages that start all-zero.
+    pub zero_fraction: f64,
+    /// Share of text-like pages.
+    pub text_fraction: f64,
+    /// Share of pages duplicating a template.
+    pub duplicate_fraction: f64,
+    /// Bytes a write changes.
+    pub bytes_per_write: u32,
+    /// Whether the destination's memory is verified (its hashing counts in resume and total
+    /// time).
+    pub verify: bool,
+    /// How long the guest runs before migration starts, ms.
+    pub warmup_ms: f64,
+    /// The CPU cost model, as the simulator spells it.
+    pub cpu: String,
+    /// For a trace: its replay.
+    pub trace: Option<TraceParameters>,
+}
+
+impl CaseParameters {
+    fn of(c: &Case) -> Self {
+        let s = &c.scenario;
+        CaseParameters {
+            name: c.name.clone(),
+            workload: s.workload.clone(),
+            memory_bytes: s.memory,
+            page_size: s.page_size,
+            bandwidth: limit(s.link.bandwidth),
+            latency_us: s.link.latency.0 as f64 / 1e3,
+            per_frame_overhead: s.link.per_frame_overhead,
+            zero_fraction: s.content.zero_fraction,
+            text_fraction: s.content.text_fraction,
+            duplicate_fraction: s.content.duplicate_fraction,
+            bytes_per_write: s.content.bytes_per_write,
+            verify: s.verify,
+            warmup_ms: s.warmup.as_millis_f64(),
+            cpu: format!("{:?}", s.cpu),
+            trace: c.trace.as_ref().map(|t| TraceParameters {
+                recorded_memory_bytes: t.memory_bytes,
+                intervals: t.intervals,
+                duration: t.duration,
+                recorded_start: t.plan.start,
+                recorded_end: t.plan.end,
+                pass: t.plan.pass,
+                looped: t.plan.looped,
+            }),
+        }
+    }
+
+    /// The guest and link in words.
+    pub fn setup(&self) -> String {
+        format!(
+            "{} guest ({} B pages), link {}, {} µs one way, {}% zero pages, verification {}",
+            human_bytes(self.memory_bytes),
+            self.page_size,
+            self.bandwidth
+                .map_or("unlimited".to_string(), |b| link_name(ByteRate(b))),
+            self.latency_us,
+            self.zero_fraction * 100.0,
+            if self.verify { "on" } else { "off" }
+        )
+    }
+}
+
+impl Parameters {
+    /// Every setting in words, one item a line (what `compare --list` prints under a preset).
+    pub fn describe(&self) -> String {
+        let mut out = String::from("  strategies:\n");
+        for s in &self.strategies {
+            out.push_str(&format!("    {:<24} {}\n", s.name, s.describe()));
+        }
+        out.push_str("  workloads:\n");
+        for w in &self.workloads {
+            out.push_str(&format!(
+                "    {:<24} {}\n    {:<24} on a {}\n",
+                w.name,
+                w.workload.describe(),
+                "",
+                w.setup()
+            ));
+        }
+        out.push_str(&format!(
+            "  seeds: {}\n",
+            self.seeds
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        out
+    }
+}
+
+/// The presets with their real parameters, for `compare --list`.
+pub fn list() -> String {
+    let mut out = String::new();
+    for p in presets() {
+        out.push_str(&format!("{:<20} {}\n", p.name, p.description));
+        match Matrix::of(&p) {
+            Ok(m) => out.push_str(&m.parameters().describe()),
+            Err(e) => out.push_str(&format!("  (cannot be run: {e})\n")),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running and sharding
+
+/// Which part of the run list a process runs: shard `index` of `count` (from 1) takes the runs
+/// whose position in the list, counted from 0, is `index - 1` modulo `count`. Dealing runs out
+/// in turn spreads every strategy and workload (and so the slow runs) over all shards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// Which shard, from 1.
+    pub index: u32,
+    /// How many.
+    pub count: u32,
+}
+
+impl Shard {
+    /// Every run.
+    pub const ALL: Shard = Shard { index: 1, count: 1 };
+
+    /// Whether run `job` of the list is in this shard.
+    pub fn contains(&self, job: usize) -> bool {
+        job % self.count as usize == (self.index - 1) as usize
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+
+    /// `K/N`, with 1 ≤ K ≤ N.
+    fn from_str(text: &str) -> Result<Shard, String> {
+        let bad = || format!("'{text}' is not a shard: use K/N with 1 <= K <= N, as in 3/8");
+        let (k, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u32, u32) = (
+            k.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if index == 0 || index > count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+/// A run and its position in the matrix's run list.
+#[derive(Clone, Debug)]
+pub struct IndexedRun {
+    /// Position in the run list, from 0.
+    pub index: usize,
+    /// The run.
+    pub run: Run,
 }
 
 /// Runs every strategy × workload × seed of `preset` on `threads` threads. `progress` is called
@@ -306,68 +861,79 @@ pub fn run(
     threads: usize,
     progress: impl Fn(usize, usize) + Sync,
 ) -> Result<Comparison, String> {
-    let mut jobs = Vec::new();
-    for s in &preset.strategies {
-        for w in &preset.workloads {
-            for &seed in &preset.seeds {
-                jobs.push((s.clone(), w.clone(), seed));
-            }
-        }
-    }
+    let matrix = Matrix::of(preset)?;
+    let runs = run_shard(&matrix, Shard::ALL, threads, progress)?;
+    Ok(summarise(&matrix.info(), runs.into_iter().map(|r| r.run).collect()))
+}
+
+/// Runs the runs of `matrix` that `shard` takes, on `threads` threads, in run-list order.
+/// `progress` is called after each run with (done, total in this shard).
+pub fn run_shard(
+    matrix: &Matrix,
+    shard: Shard,
+    threads: usize,
+    progress: impl Fn(usize, usize) + Sync,
+) -> Result<Vec<IndexedRun>, String> {
+    let jobs: Vec<usize> = (0..matrix.len()).filter(|&i| shard.contains(i)).collect();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<Run, String>>>> = Mutex::new(vec![None; jobs.len()]);
+    let results: Mutex<Vec<Option<Result<IndexedRun, String>>>> =
+        Mutex::new(vec![None; jobs.len()]);
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
             scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((strategy, workload, seed)) = jobs.get(i) else {
+                let slot = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&index) = jobs.get(slot) else {
                     return;
                 };
+                let (strategy, case, seed) = matrix.job(index);
                 let scenario = Scenario {
-                    workload: workload.clone(),
-                    seed: *seed,
+                    seed,
                     engine: strategy.engine,
-                    ..preset.base.clone()
+                    ..case.scenario.clone()
                 };
                 let result = simulate(&scenario)
-                    .map(|outcome| Run {
-                        strategy: strategy.name.clone(),
-                        workload: workload.name(),
-                        seed: *seed,
-                        outcome,
+                    .map(|outcome| IndexedRun {
+                        index,
+                        run: Run {
+                            strategy: strategy.name.clone(),
+                            workload: case.name.clone(),
+                            seed,
+                            trace: case.trace.as_ref().map(|t| {
+                                t.coverage(case.scenario.warmup + outcome.report.preparation_time)
+                            }),
+                            outcome,
+                        },
                     })
-                    .map_err(|e| {
-                        format!(
-                            "{} on {} (seed {seed}): {e}",
-                            strategy.name,
-                            workload.name()
-                        )
-                    });
-                results.lock().unwrap()[i] = Some(result);
+                    .map_err(|e| format!("{} on {} (seed {seed}): {e}", strategy.name, case.name));
+                results.lock().unwrap()[slot] = Some(result);
                 progress(done.fetch_add(1, Ordering::Relaxed) + 1, jobs.len());
             });
         }
     });
-    let runs: Vec<Run> = results
+    results
         .into_inner()
         .unwrap()
         .into_iter()
         .map(|r| r.expect("every job ran"))
-        .collect::<Result<_, _>>()?;
+        .collect()
+}
+
+/// The comparison of `runs` (the whole run list, in order) of the matrix `info` describes.
+pub fn summarise(info: &MatrixInfo, runs: Vec<Run>) -> Comparison {
     let mut rows = Vec::new();
-    for s in &preset.strategies {
-        for w in &preset.workloads {
+    for s in &info.strategies {
+        for w in &info.workloads {
             let group: Vec<&Run> = runs
                 .iter()
-                .filter(|r| r.strategy == s.name && r.workload == w.name())
+                .filter(|r| &r.strategy == s && &r.workload == w)
                 .collect();
             let metric = |f: &dyn Fn(&SimOutcome) -> f64| {
                 Spread::of(group.iter().map(|r| f(&r.outcome)).collect())
             };
             rows.push(Row {
-                strategy: s.name.clone(),
-                workload: w.name(),
+                strategy: s.clone(),
+                workload: w.clone(),
                 total_time_ms: metric(&|o| o.report.total_time.as_millis_f64()),
                 downtime_ms: metric(&|o| o.report.downtime.as_millis_f64()),
                 preparation_time_ms: metric(&|o| o.report.preparation_time.as_millis_f64()),
@@ -383,15 +949,357 @@ pub fn run(
             });
         }
     }
-    Ok(Comparison {
-        preset: preset.name.into(),
-        description: preset.description.into(),
-        claim: preset.claim.clone(),
-        baseline: preset.baseline.map(String::from),
+    Comparison {
+        preset: info.preset.clone(),
+        description: info.description.clone(),
+        claim: info.claim.clone(),
+        baseline: info.baseline.clone(),
+        parameters: info.parameters.clone(),
         rows,
         runs,
-    })
+    }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Shard files
+
+/// What a shard file records about its matrix: enough to summarise the merged runs exactly as
+/// an unsharded comparison would.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MatrixInfo {
+    /// Preset name.
+    pub preset: String,
+    /// What it compares.
+    pub description: String,
+    /// The paper's claim.
+    pub claim: Option<Claim>,
+    /// The baseline strategy.
+    pub baseline: Option<String>,
+    /// Strategy names, in order.
+    pub strategies: Vec<String>,
+    /// Workload (case) names, in order.
+    pub workloads: Vec<String>,
+    /// The seeds.
+    pub seeds: Vec<u64>,
+    /// Runs in the whole matrix.
+    pub runs: usize,
+    /// A hash of every setting (trace files by name, not path): shards merge only with shards
+    /// of the same fingerprint.
+    pub fingerprint: String,
+    /// Every setting.
+    pub parameters: Parameters,
+}
+
+/// The format name in a shard file's first line.
+pub const RUNS_FORMAT: &str = "memferry-compare-runs";
+/// Its version.
+pub const RUNS_FORMAT_VERSION: u32 = 1;
+
+/// A shard file's first line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShardHeader {
+    /// [`RUNS_FORMAT`].
+    pub format: String,
+    /// [`RUNS_FORMAT_VERSION`].
+    pub version: u32,
+    /// The memferry that ran it.
+    pub memferry_version: String,
+    /// Which shard.
+    pub shard: Shard,
+    /// Runs in this shard.
+    pub shard_runs: usize,
+    /// The matrix.
+    pub matrix: MatrixInfo,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum LineOut<'a> {
+    Header(&'a ShardHeader),
+    Run(RunOut<'a>),
+    End { runs: usize },
+}
+
+#[derive(Serialize)]
+struct RunOut<'a> {
+    index: usize,
+    strategy: &'a str,
+    workload: &'a str,
+    seed: u64,
+    outcome: &'a SimOutcome,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace: Option<&'a TraceCoverage>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum LineIn {
+    Header(ShardHeader),
+    Run(RunIn),
+    End { runs: usize },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunIn {
+    index: usize,
+    strategy: String,
+    workload: String,
+    seed: u64,
+    outcome: OutcomeIn,
+    #[serde(default)]
+    trace: Option<TraceCoverage>,
+}
+
+// Mirrors of the simulator's outcome, which is not `Deserialize`. Building the real types with
+// struct literals below makes a field added there a compile error here, not a silent loss.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeIn {
+    report: MigrationReport,
+    bounds: BoundsIn,
+    models: ModelsIn,
+    writes: u64,
+    pages_written: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BoundsIn {
+    least_bytes: u64,
+    least_downtime: Nanos,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelsIn {
+    dirty_rate: ByteRate,
+    precopy_total_time: Nanos,
+    precopy_downtime: Nanos,
+    precopy_rounds: u32,
+    precopy_bytes: u64,
+    paper000_total_time: Nanos,
+}
+
+impl From<OutcomeIn> for SimOutcome {
+    fn from(o: OutcomeIn) -> SimOutcome {
+        SimOutcome {
+            report: o.report,
+            bounds: LowerBounds {
+                least_bytes: o.bounds.least_bytes,
+                least_downtime: o.bounds.least_downtime,
+            },
+            models: ModelFigures {
+                dirty_rate: o.models.dirty_rate,
+                precopy_total_time: o.models.precopy_total_time,
+                precopy_downtime: o.models.precopy_downtime,
+                precopy_rounds: o.models.precopy_rounds,
+                precopy_bytes: o.models.precopy_bytes,
+                paper000_total_time: o.models.paper000_total_time,
+            },
+            writes: o.writes,
+            pages_written: o.pages_written,
+        }
+    }
+}
+
+/// Writes `runs` (shard `shard` of `matrix`) as JSON lines: a header line with the matrix, one
+/// line per run, and an end line with the count (a file cut short has none and is refused by
+/// the merge).
+pub fn write_runs(
+    mut out: impl Write,
+    matrix: &MatrixInfo,
+    shard: Shard,
+    runs: &[IndexedRun],
+) -> std::io::Result<()> {
+    let header = ShardHeader {
+        format: RUNS_FORMAT.into(),
+        version: RUNS_FORMAT_VERSION,
+        memferry_version: env!("CARGO_PKG_VERSION").into(),
+        shard,
+        shard_runs: runs.len(),
+        matrix: matrix.clone(),
+    };
+    let line = |out: &mut dyn Write, l: &LineOut| -> std::io::Result<()> {
+        serde_json::to_writer(&mut *out, l)?;
+        out.write_all(b"\n")
+    };
+    line(&mut out, &LineOut::Header(&header))?;
+    for r in runs {
+        line(
+            &mut out,
+            &LineOut::Run(RunOut {
+                index: r.index,
+                strategy: &r.run.strategy,
+                workload: &r.run.workload,
+                seed: r.run.seed,
+                outcome: &r.run.outcome,
+                trace: r.run.trace.as_ref(),
+            }),
+        )?;
+    }
+    line(&mut out, &LineOut::End { runs: runs.len() })?;
+    out.flush()
+}
+
+/// One shard file, read and checked.
+#[derive(Clone, Debug)]
+pub struct ShardFile {
+    /// Its header.
+    pub header: ShardHeader,
+    /// Its runs.
+    pub runs: Vec<IndexedRun>,
+}
+
+/// Reads a file [`write_runs`] wrote; `name` names it in errors.
+pub fn read_runs(input: impl BufRead, name: &str) -> Result<ShardFile, String> {
+    let mut header: Option<ShardHeader> = None;
+    let mut runs = Vec::new();
+    let mut ended = None;
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| format!("{name}: {e}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |what: String| format!("{name}, line {}: {what}", n + 1);
+        if ended.is_some() {
+            return Err(at("text after the end line".into()));
+        }
+        let parsed: LineIn = serde_json::from_str(&line).map_err(|e| {
+            at(if header.is_none() {
+                format!("not a memferry compare runs file ({e})")
+            } else {
+                e.to_string()
+            })
+        })?;
+        match (parsed, &header) {
+            (LineIn::Header(h), None) => {
+                if h.format != RUNS_FORMAT || h.version != RUNS_FORMAT_VERSION {
+                    return Err(at(format!(
+                        "format {} version {}; this memferry reads {RUNS_FORMAT} version {RUNS_FORMAT_VERSION}",
+                        h.format, h.version
+                    )));
+                }
+                header = Some(h);
+            }
+            (_, None) => return Err(at("not a memferry compare runs file (no header)".into())),
+            (LineIn::Header(_), Some(_)) => return Err(at("a second header".into())),
+            (LineIn::Run(r), Some(h)) => {
+                if r.index >= h.matrix.runs || !h.shard.contains(r.index) {
+                    return Err(at(format!(
+                        "run {} does not belong to shard {} of a {}-run comparison",
+                        r.index, h.shard, h.matrix.runs
+                    )));
+                }
+                runs.push(IndexedRun {
+                    index: r.index,
+                    run: Run {
+                        strategy: r.strategy,
+                        workload: r.workload,
+                        seed: r.seed,
+                        outcome: r.outcome.into(),
+                        trace: r.trace,
+                    },
+                });
+            }
+            (LineIn::End { runs: count }, Some(_)) => ended = Some(count),
+        }
+    }
+    let header = header.ok_or_else(|| format!("{name}: empty, not a memferry compare runs file"))?;
+    match ended {
+        None => Err(format!(
+            "{name}: cut short (no end line after {} runs): run shard {} again",
+            runs.len(),
+            header.shard
+        )),
+        Some(count) if count != runs.len() || count != header.shard_runs => Err(format!(
+            "{name}: the end line counts {count} runs, the file holds {} and its header announced {}",
+            runs.len(),
+            header.shard_runs
+        )),
+        Some(_) => Ok(ShardFile { header, runs }),
+    }
+}
+
+/// Merges shard files into the comparison an unsharded run would have printed. Every shard
+/// of one comparison (same fingerprint, same shard count) must be there exactly once.
+pub fn merge(files: Vec<(String, ShardFile)>) -> Result<Comparison, String> {
+    let Some((first_name, first)) = files.first() else {
+        return Err("nothing to merge: give the shard files".into());
+    };
+    let (info, count) = (&first.header.matrix, first.header.shard.count);
+    let mut seen: Vec<Option<&str>> = vec![None; count as usize];
+    for (name, file) in &files {
+        let h = &file.header;
+        let same = h.matrix.fingerprint == info.fingerprint
+            && h.matrix.runs == info.runs
+            && h.matrix.strategies == info.strategies
+            && h.matrix.workloads == info.workloads
+            && h.matrix.seeds == info.seeds;
+        if !same {
+            return Err(format!(
+                "{name} comes from another comparison than {first_name} (fingerprint {} vs {}): different presets, workloads, seeds, settings or memferry versions",
+                h.matrix.fingerprint, info.fingerprint
+            ));
+        }
+        if h.shard.count != count {
+            return Err(format!(
+                "{name} is shard {} but {first_name} is shard {}: merge shards of one split",
+                h.shard, first.header.shard
+            ));
+        }
+        let slot = &mut seen[(h.shard.index - 1) as usize];
+        if let Some(other) = slot {
+            return Err(format!("shard {} is given twice: {other} and {name}", h.shard));
+        }
+        *slot = Some(name);
+    }
+    let missing: Vec<String> = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_none())
+        .map(|(i, _)| format!("{}/{count}", i + 1))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("missing shards: {}", missing.join(", ")));
+    }
+    let info = info.clone();
+    let mut runs: Vec<Option<Run>> = vec![None; info.runs];
+    for (name, file) in files {
+        for r in file.runs {
+            let slot = &mut runs[r.index];
+            if slot.is_some() {
+                return Err(format!("{name}: run {} appears twice", r.index));
+            }
+            *slot = Some(r.run);
+        }
+    }
+    let runs: Vec<Run> = runs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.ok_or_else(|| format!("run {i} is in no shard file")))
+        .collect::<Result<_, _>>()?;
+    Ok(summarise(&info, runs))
+}
+
+/// Reads and merges the shard files at `paths`.
+pub fn merge_files(paths: &[impl AsRef<Path>]) -> Result<Comparison, String> {
+    let mut files = Vec::new();
+    for path in paths {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let file =
+            std::fs::File::open(path).map_err(|e| format!("cannot open {name}: {e}"))?;
+        files.push((
+            name.clone(),
+            read_runs(std::io::BufReader::new(file), &name)?,
+        ));
+    }
+    merge(files)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Printing
 
 fn spread_text(s: &Spread, scale: f64, digits: usize) -> String {
     if s.min == s.max {
@@ -407,6 +1315,76 @@ fn spread_text(s: &Spread, scale: f64, digits: usize) -> String {
             s.max / scale
         )
     }
+}
+
+/// The setup lines of the table: the guests and links (one line when every workload shares
+/// them), verification, the seeds.
+fn setup_text(c: &Comparison) -> String {
+    let p = &c.parameters;
+    let mut out = String::new();
+    let setups: Vec<String> = p.workloads.iter().map(|w| w.setup()).collect();
+    if setups.windows(2).all(|w| w[0] == w[1]) {
+        if let Some(s) = setups.first() {
+            out.push_str(&format!("setup: {s}\n"));
+        }
+    } else {
+        out.push_str("setup:\n");
+        for (w, s) in p.workloads.iter().zip(&setups) {
+            out.push_str(&format!("  {}: {s}\n", w.name));
+        }
+    }
+    out.push_str(&format!(
+        "seeds: {}\n",
+        p.seeds
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    out
+}
+
+/// What the trace workloads replayed: whether any run looped, or ran past the replay's end.
+fn trace_notes(c: &Comparison) -> String {
+    let mut out = String::new();
+    for w in c.parameters.workloads.iter().filter(|w| w.trace.is_some()) {
+        let runs: Vec<&TraceCoverage> = c
+            .runs
+            .iter()
+            .filter(|r| r.workload == w.name)
+            .filter_map(|r| r.trace.as_ref())
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let looped = runs.iter().filter(|t| t.looped_over()).count();
+        let idle = runs.iter().filter(|t| t.idle_after_end > Nanos::ZERO).count();
+        let most = runs.iter().map(|t| t.passes).fold(0.0, f64::max);
+        let t = runs[0];
+        let mut line = format!(
+            "{}: replays recorded {:.3}-{:.3} s ({:.3} s a pass){}",
+            w.name,
+            t.recorded_start.as_secs_f64(),
+            t.recorded_end.as_secs_f64(),
+            t.pass.as_secs_f64(),
+            if t.looped { ", looping" } else { ", once" }
+        );
+        if looped > 0 {
+            line.push_str(&format!(
+                "; LOOPED in {looped} of {} runs (up to {most:.2} passes)",
+                runs.len()
+            ));
+        }
+        if idle > 0 {
+            line.push_str(&format!(
+                "; ended before the pause in {idle} of {} runs (the guest then idle)",
+                runs.len()
+            ));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The summary as a text table: medians, with the range over seeds in brackets.
@@ -453,6 +1431,7 @@ pub fn table(c: &Comparison) -> String {
     if let Some(claim) = &c.claim {
         out.push_str(&format!("claim: {}\n", claim.text));
     }
+    out.push_str(&setup_text(c));
     out.push('\n');
     for (n, r) in rows.iter().enumerate() {
         let line: Vec<String> = r
@@ -502,8 +1481,21 @@ pub fn table(c: &Comparison) -> String {
         }
         out.push('\n');
     }
-    out.push_str("(median over seeds, range in brackets; least = lower bounds for any strategy; Clark and paper000 = analytic models fed this run's measured round-1 dirty rate)\n");
+    let notes = trace_notes(c);
+    if !notes.is_empty() {
+        out.push_str(&notes);
+    }
+    out.push_str("(median over seeds, range in brackets; least = lower bounds for any strategy; Clark and paper000 = analytic models fed this run's measured round-1 dirty rate; with verification on, total and resume time include the source hashing its memory after the destination starts)\n");
     out
+}
+
+/// A CSV field: quoted when it holds a comma, a quote or a line break.
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
 }
 
 /// Every run as CSV, one line per strategy × workload × seed.
@@ -513,9 +1505,9 @@ pub fn csv(c: &Comparison) -> String {
         let rep = &r.outcome.report;
         out.push_str(&format!(
             "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{:.3},{},{:.3},{:.3},{:.3}\n",
-            c.preset,
-            r.strategy,
-            r.workload,
+            csv_field(&c.preset),
+            csv_field(&r.strategy),
+            csv_field(&r.workload),
             r.seed,
             rep.total_time.as_millis_f64(),
             rep.downtime.as_millis_f64(),

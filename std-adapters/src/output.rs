@@ -6,6 +6,8 @@ use memferry::report::{MigrationReport, RoundReport};
 use memferry::time::{ByteRate, Nanos};
 use serde::Serialize;
 
+use crate::sim::workload::{TraceCoverage, TraceSummary};
+use crate::sim::{Scenario, SimOutcome, WorkloadModel};
 use crate::workload::WorkloadConfig;
 
 fn ms(t: Nanos) -> f64 {
@@ -70,9 +72,11 @@ impl From<&RoundReport> for RoundJson {
     }
 }
 
-/// The JSON object `--json` prints. Field names are a contract for scripts.
+/// The JSON object `--json` prints. Field names are a contract for scripts. `W` is the
+/// workload's view: the in-process workload's settings ([`WorkloadJson`]) for `demo` and
+/// `send`, the simulated model ([`SimWorkloadJson`]) for `simulate`.
 #[derive(Serialize)]
-pub struct ReportJson {
+pub struct ReportJson<W = WorkloadJson> {
     /// Whether the destination's digest matched the source's.
     pub verified: bool,
     /// Start to source released, ms.
@@ -118,7 +122,7 @@ pub struct ReportJson {
     /// Every round.
     pub per_round: Vec<RoundJson>,
     /// The workload that ran, if any.
-    pub workload: Option<WorkloadJson>,
+    pub workload: Option<W>,
 }
 
 /// The workload in the JSON output.
@@ -131,9 +135,9 @@ pub struct WorkloadJson {
     pub writes: u64,
 }
 
-impl ReportJson {
+impl<W> ReportJson<W> {
     /// The JSON view of `report`.
-    pub fn new(report: &MigrationReport, workload: Option<WorkloadJson>) -> Self {
+    pub fn new(report: &MigrationReport, workload: Option<W>) -> Self {
         ReportJson {
             verified: report.verified == Some(true),
             total_time_ms: ms(report.total_time),
@@ -160,6 +164,186 @@ impl ReportJson {
             workload,
         }
     }
+}
+
+/// `memferry simulate --json`: the report's contract fields, and beside them the lower bounds,
+/// the analytic models' figures, the link and the seed.
+#[derive(Serialize)]
+pub struct SimReportJson {
+    /// Every field of [`ReportJson`], at the top level.
+    #[serde(flatten)]
+    pub report: ReportJson<SimWorkloadJson>,
+    /// Lower bounds no strategy can beat on this run's workload and link.
+    pub bounds: BoundsJson,
+    /// The analytic models' predictions for this run.
+    pub models: ModelsJson,
+    /// The simulated link.
+    pub link: LinkJson,
+    /// The seed of contents and writes.
+    pub seed: u64,
+}
+
+/// The simulated workload in `simulate --json`.
+#[derive(Serialize)]
+pub struct SimWorkloadJson {
+    /// The model and its parameters (`"model": "hot_cold"`, `"rate"`, …).
+    #[serde(flatten)]
+    pub model: WorkloadModel,
+    /// Its name in tables.
+    pub name: String,
+    /// Writes it made before the pause.
+    pub writes: u64,
+    /// Distinct pages it wrote.
+    pub pages_written: u64,
+    /// For a trace: what was replayed, and whether it looped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceJson>,
+}
+
+/// What a simulation replayed of a trace.
+#[derive(Serialize)]
+pub struct TraceJson {
+    /// Guest memory the trace was recorded from, bytes.
+    pub recorded_memory_bytes: u64,
+    /// Intervals in the file.
+    pub intervals: u64,
+    /// The recording's length, ms.
+    pub duration_ms: f64,
+    /// Where the replayed part starts in the recording, ms.
+    pub recorded_start_ms: f64,
+    /// Where it ends, ms.
+    pub recorded_end_ms: f64,
+    /// One pass of it in replay time, ms.
+    pub pass_ms: f64,
+    /// Whether the replay loops (`--trace-loop`).
+    pub loop_enabled: bool,
+    /// Whether it did loop: the guest ran longer than one pass.
+    pub looped: bool,
+    /// Passes played (fractional).
+    pub passes: f64,
+    /// Time the guest ran with nothing left to replay (a replay that does not loop ended), ms.
+    pub idle_after_end_ms: f64,
+}
+
+impl TraceJson {
+    /// The JSON view of a trace and what a run replayed of it.
+    pub fn new(summary: &TraceSummary, coverage: &TraceCoverage) -> Self {
+        TraceJson {
+            recorded_memory_bytes: summary.memory_bytes,
+            intervals: summary.intervals,
+            duration_ms: ms(summary.duration),
+            recorded_start_ms: ms(coverage.recorded_start),
+            recorded_end_ms: ms(coverage.recorded_end),
+            pass_ms: ms(coverage.pass),
+            loop_enabled: coverage.looped,
+            looped: coverage.looped_over(),
+            passes: (coverage.passes * 1000.0).round() / 1000.0,
+            idle_after_end_ms: ms(coverage.idle_after_end),
+        }
+    }
+}
+
+/// Lower bounds in the JSON output.
+#[derive(Serialize)]
+pub struct BoundsJson {
+    /// The least bytes any strategy could send.
+    pub least_bytes: u64,
+    /// The oracle's downtime, ms.
+    pub least_downtime_ms: f64,
+}
+
+/// One model's figures beside the simulation's.
+#[derive(Serialize)]
+pub struct ModelJson {
+    /// Predicted total migration time, ms.
+    pub total_time_ms: f64,
+    /// Predicted downtime, ms (`None`: the model does not predict it).
+    pub downtime_ms: Option<f64>,
+    /// Predicted rounds, stop-and-copy included.
+    pub rounds: Option<u32>,
+    /// Predicted bytes on the wire.
+    pub bytes: Option<u64>,
+}
+
+/// The analytic models in the JSON output.
+#[derive(Serialize)]
+pub struct ModelsJson {
+    /// The dirty rate fed to the models (round 1's), MB/s of memory.
+    pub dirty_rate_mb_s: Option<f64>,
+    /// Clark's geometric series (paper 002).
+    pub clark: ModelJson,
+    /// Paper 000's Tmig.
+    pub paper000: ModelJson,
+}
+
+/// The simulated link in the JSON output.
+#[derive(Serialize)]
+pub struct LinkJson {
+    /// Bandwidth, MB/s (`None`: unlimited).
+    pub bandwidth_mb_s: Option<f64>,
+    /// One-way latency, ms.
+    pub latency_ms: f64,
+}
+
+impl SimReportJson {
+    /// The JSON view of a simulation.
+    pub fn new(scenario: &Scenario, outcome: &SimOutcome, trace: Option<TraceJson>) -> Self {
+        let m = &outcome.models;
+        SimReportJson {
+            report: ReportJson::new(
+                &outcome.report,
+                Some(SimWorkloadJson {
+                    model: scenario.workload.clone(),
+                    name: scenario.workload.name(),
+                    writes: outcome.writes,
+                    pages_written: outcome.pages_written,
+                    trace,
+                }),
+            ),
+            bounds: BoundsJson {
+                least_bytes: outcome.bounds.least_bytes,
+                least_downtime_ms: ms(outcome.bounds.least_downtime),
+            },
+            models: ModelsJson {
+                dirty_rate_mb_s: mb_per_s(m.dirty_rate),
+                clark: ModelJson {
+                    total_time_ms: ms(m.precopy_total_time),
+                    downtime_ms: Some(ms(m.precopy_downtime)),
+                    rounds: Some(m.precopy_rounds),
+                    bytes: Some(m.precopy_bytes),
+                },
+                paper000: ModelJson {
+                    total_time_ms: ms(m.paper000_total_time),
+                    downtime_ms: None,
+                    rounds: None,
+                    bytes: None,
+                },
+            },
+            link: LinkJson {
+                bandwidth_mb_s: mb_per_s(scenario.link.bandwidth),
+                latency_ms: ms(scenario.link.latency),
+            },
+            seed: scenario.seed,
+        }
+    }
+}
+
+/// The lower bounds and the models as lines under `simulate`'s table.
+pub fn bounds_and_models(outcome: &SimOutcome) -> String {
+    let m = &outcome.models;
+    format!(
+        "lower bounds: {} on the wire, {:.1} ms downtime
+models (fed round 1's dirty rate, {}): Clark total {:.1} ms, downtime {:.1} ms, {} rounds, {}; paper000 Tmig {:.1} ms
+",
+        human_bytes(outcome.bounds.least_bytes),
+        outcome.bounds.least_downtime.as_millis_f64(),
+        rate_text(m.dirty_rate),
+        m.precopy_total_time.as_millis_f64(),
+        m.precopy_downtime.as_millis_f64(),
+        m.precopy_rounds,
+        human_bytes(m.precopy_bytes),
+        m.paper000_total_time.as_millis_f64(),
+    )
 }
 
 /// A human-readable size.

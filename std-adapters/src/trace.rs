@@ -9,7 +9,9 @@
 //! - [`TraceReader`]: checks and decodes a trace; every defect is a typed [`TraceError`].
 //! - [`record`] / [`record_log`]: sample a dirty log every interval and write a trace.
 //! - [`TraceReplay`]: yields the intervals in order (once, or looping), or spreads each
-//!   interval's pages across its duration as writes in virtual time ([`TraceReplay::advance`]).
+//!   interval's pages across its duration as writes in virtual time ([`TraceReplay::advance`]);
+//!   [`ReplayOptions`] choose a window of the recording (start and length), the speed, and
+//!   whether it loops; [`ReplayPlan`] says what a replay of a given length played.
 //! - [`inspect`]: reads a whole trace and returns its totals (checks every checksum).
 //! - [`encoding_sizes`]: what each encoding would cost for one dirty set (for measurements).
 //!
@@ -1911,6 +1913,142 @@ pub enum AtEnd {
     Loop,
 }
 
+/// How fast a replay plays a recording: 2 plays it in half the recorded time (the same writes,
+/// twice the dirty rate), 0.5 in twice the time. Always a positive, finite number.
+#[derive(Clone, Copy, Debug, PartialEq, PartialOrd)]
+pub struct Speed(f64);
+
+impl Speed {
+    /// The recorded speed.
+    pub const RECORDED: Speed = Speed(1.0);
+
+    /// `factor` times the recorded speed, or `None` unless it is positive and finite.
+    pub fn new(factor: f64) -> Option<Speed> {
+        (factor.is_finite() && factor > 0.0).then_some(Speed(factor))
+    }
+
+    /// The factor.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+
+    /// How long `recorded` time lasts in replay time (rounded to the nanosecond; exact at the
+    /// recorded speed).
+    pub fn replay_span(self, recorded: Nanos) -> Nanos {
+        if self.0 == 1.0 {
+            recorded
+        } else {
+            // `as` saturates: a span too long for u64 stays at the maximum.
+            Nanos((recorded.0 as f64 / self.0).round() as u64)
+        }
+    }
+}
+
+impl Default for Speed {
+    fn default() -> Self {
+        Speed::RECORDED
+    }
+}
+
+/// Which part of a recording a replay plays, how fast, and what happens at its end.
+///
+/// The window `[start, start + length)` is in *recorded* time (the sum of the intervals'
+/// recorded lengths from the first interval). An interval the window cuts is cut too: of its
+/// `n` pages (write `k` due at `start + duration × k / n`, in page order, see
+/// [`TraceReplay::advance`]), only the writes due inside the window are replayed. Replay time
+/// 0 is the window's start; each pass of the window lasts its recorded length divided by the
+/// speed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReplayOptions {
+    /// Stop at the end of the window (or of the trace, if it ends first), or play it again.
+    pub at_end: AtEnd,
+    /// Where the window starts, in recorded time.
+    pub start: Nanos,
+    /// How long it is, in recorded time (`None`: to the end of the trace).
+    pub length: Option<Nanos>,
+    /// How fast it plays.
+    pub speed: Speed,
+}
+
+impl ReplayOptions {
+    /// The whole trace at its recorded speed, then `at_end`.
+    pub fn new(at_end: AtEnd) -> Self {
+        ReplayOptions {
+            at_end,
+            start: Nanos::ZERO,
+            length: None,
+            speed: Speed::RECORDED,
+        }
+    }
+
+    /// The window's end in recorded time (`Nanos::MAX` when it runs to the end of the trace).
+    pub fn end(&self) -> Nanos {
+        match self.length {
+            Some(length) => Nanos(self.start.0.saturating_add(length.0)),
+            None => Nanos::MAX,
+        }
+    }
+
+    /// What replaying a trace of `duration` recorded time plays (see [`ReplayPlan`]).
+    pub fn plan(&self, duration: Nanos) -> ReplayPlan {
+        let end = self.end().min(duration);
+        let recorded = end - self.start;
+        ReplayPlan {
+            start: self.start.min(duration),
+            end: end.max(self.start.min(duration)),
+            pass: self.speed.replay_span(recorded),
+            looped: self.at_end == AtEnd::Loop,
+        }
+    }
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions::new(AtEnd::Stop)
+    }
+}
+
+/// What a replay of a trace of known length plays: from [`ReplayOptions::plan`] (the length
+/// from [`inspect`]), so a caller can say what was replayed without replaying it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayPlan {
+    /// Where the replayed part starts, in recorded time.
+    pub start: Nanos,
+    /// Where it ends, in recorded time (the window's end, or the trace's if it ends first).
+    pub end: Nanos,
+    /// How long one pass lasts in replay time (0: nothing to replay).
+    pub pass: Nanos,
+    /// Whether the replay starts again after a pass.
+    pub looped: bool,
+}
+
+impl ReplayPlan {
+    /// How many passes a replay that ran for `replayed` (replay time) made, counting a started
+    /// pass by the share of it that was played: 2.5 is two passes and half of a third. A replay
+    /// that does not loop makes at most one.
+    pub fn passes(&self, replayed: Nanos) -> f64 {
+        if self.pass.0 == 0 {
+            return 0.0;
+        }
+        let passes = replayed.0 as f64 / self.pass.0 as f64;
+        if self.looped {
+            passes
+        } else {
+            passes.min(1.0)
+        }
+    }
+
+    /// Replay time after `replayed` during which a replay that does not loop wrote nothing
+    /// because its pass had ended (zero for a looping replay).
+    pub fn idle_after_end(&self, replayed: Nanos) -> Nanos {
+        if self.looped && self.pass.0 > 0 {
+            Nanos::ZERO
+        } else {
+            replayed - self.pass
+        }
+    }
+}
+
 /// One interval of a replay.
 #[derive(Clone, Copy, Debug)]
 pub struct ReplayInterval<'a> {
@@ -1920,13 +2058,15 @@ pub struct ReplayInterval<'a> {
     pub index: u64,
     /// When it starts, in replay time (0 is the start of the first interval of the first lap).
     pub start: Nanos,
-    /// How long it lasts (its recorded length).
+    /// How long it lasts (its recorded length, or the part the window keeps, over the speed).
     pub duration: Nanos,
-    /// The pages written during it.
+    /// The pages written during it (for an interval the window cuts: the writes inside it).
     pub dirty: &'a DirtyBitmap,
 }
 
-/// Plays a trace back as a workload: interval after interval, in order, once or looping.
+/// Plays a trace back as a workload: interval after interval, in order, once or looping, the
+/// whole trace or a window of it, at the recorded speed or faster or slower
+/// ([`ReplayOptions`]).
 ///
 /// Two ways to consume it: [`TraceReplay::next_interval`] hands over each interval's dirty set
 /// and time span; [`TraceReplay::advance`] turns them into single page writes spread evenly
@@ -1934,33 +2074,64 @@ pub struct ReplayInterval<'a> {
 /// with the same shape as the simulator's write generators.
 pub struct TraceReplay<R: Read + Seek> {
     reader: TraceReader<R>,
-    at_end: AtEnd,
+    options: ReplayOptions,
     dirty: DirtyBitmap,
     lap: u64,
-    /// Replay time at which the next interval starts.
-    clock: Nanos,
+    /// Recorded time at which the next unread interval starts.
+    recorded: Nanos,
     /// Replay time at which the current lap started.
     lap_start: Nanos,
-    /// The recorded length of the interval in `dirty`.
-    last_duration: Nanos,
+    /// The interval in `dirty`, as the window keeps it.
+    last: Option<Clip>,
     /// The interval being spread by `advance`.
     current: Option<Spreading>,
     ended: bool,
 }
 
+/// An interval as the window keeps it: its recorded start and length, its page count, and
+/// the ranks of the writes inside the window.
 #[derive(Clone, Copy, Debug)]
-struct Spreading {
+struct Clip {
     start: Nanos,
     duration: Nanos,
     pages: u64,
-    /// Writes emitted so far.
+    first: u64,
+    end: u64,
+}
+
+impl Clip {
+    /// When write `k` is due, in recorded time.
+    fn due(&self, k: u64) -> Nanos {
+        if self.pages == 0 {
+            return self.start;
+        }
+        Nanos(self.start.0 + (self.duration.0 as u128 * k as u128 / self.pages as u128) as u64)
+    }
+
+    /// The first rank whose write is due at or after `t` (recorded time).
+    fn rank_at(&self, t: Nanos) -> u64 {
+        if t <= self.start {
+            0
+        } else if self.duration.0 == 0 {
+            self.pages
+        } else {
+            let from = (t.0 - self.start.0) as u128 * self.pages as u128;
+            (from.div_ceil(self.duration.0 as u128)).min(self.pages as u128) as u64
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Spreading {
+    clip: Clip,
+    /// Writes emitted so far, as a rank in the interval.
     emitted: u64,
     /// The page to continue the walk from.
     next_page: u64,
 }
 
 impl<R: Read + Seek> TraceReplay<R> {
-    /// Opens the trace in `input` for replay.
+    /// Opens the trace in `input` for replay, whole and at its recorded speed.
     pub fn open(input: R, at_end: AtEnd) -> Result<Self, TraceError> {
         Self::open_with_limits(input, at_end, ReadLimits::default())
     }
@@ -1971,16 +2142,25 @@ impl<R: Read + Seek> TraceReplay<R> {
         at_end: AtEnd,
         limits: ReadLimits,
     ) -> Result<Self, TraceError> {
+        Self::open_with_options(input, ReplayOptions::new(at_end), limits)
+    }
+
+    /// Opens the trace in `input` to replay as `options` say.
+    pub fn open_with_options(
+        input: R,
+        options: ReplayOptions,
+        limits: ReadLimits,
+    ) -> Result<Self, TraceError> {
         let reader = TraceReader::open_with_limits(input, limits)?;
         let dirty = reader.new_bitmap();
         Ok(TraceReplay {
             reader,
-            at_end,
+            options,
             dirty,
             lap: 0,
-            clock: Nanos::ZERO,
+            recorded: Nanos::ZERO,
             lap_start: Nanos::ZERO,
-            last_duration: Nanos::ZERO,
+            last: None,
             current: None,
             ended: false,
         })
@@ -1991,9 +2171,24 @@ impl<R: Read + Seek> TraceReplay<R> {
         &self.reader.header
     }
 
+    /// What this replay plays.
+    pub fn options(&self) -> &ReplayOptions {
+        &self.options
+    }
+
     /// Laps completed so far.
     pub fn laps(&self) -> u64 {
         self.lap
+    }
+
+    /// Replay time of recorded time `t` in the current lap (clamped to the window).
+    fn replay_time(&self, t: Nanos) -> Nanos {
+        let t = t.max(self.options.start).min(self.options.end());
+        Nanos(
+            self.lap_start
+                .0
+                .saturating_add(self.options.speed.replay_span(t - self.options.start).0),
+        )
     }
 
     /// The next interval, or `None` once a `Stop` replay is past its last interval (or the
@@ -2003,19 +2198,36 @@ impl<R: Read + Seek> TraceReplay<R> {
         if !self.read_next()? {
             return Ok(None);
         }
-        let (index, duration) = (self.reader.intervals - 1, self.last_duration);
+        let clip = self.last.expect("an interval was read");
+        if clip.first > 0 || clip.end < clip.pages {
+            // Keep only the writes inside the window.
+            let mut rank = 0;
+            let outside: Vec<u64> = self
+                .dirty
+                .iter_ones()
+                .filter(|_| {
+                    let keep = (clip.first..clip.end).contains(&rank);
+                    rank += 1;
+                    !keep
+                })
+                .collect();
+            outside.into_iter().for_each(|page| self.dirty.unset(page));
+        }
+        let start = self.replay_time(clip.start);
+        let end = self.replay_time(Nanos(clip.start.0.saturating_add(clip.duration.0)));
         Ok(Some(ReplayInterval {
             lap: self.lap,
-            index,
-            start: Nanos(self.clock.0 - duration.0),
-            duration,
+            index: self.reader.intervals - 1,
+            start,
+            duration: end - start,
             dirty: &self.dirty,
         }))
     }
 
     /// Calls `write(page)` for every replayed write due in replay time `[from, to)` (write `k`
-    /// of an interval's `n` pages is due at `start + duration × k / n`). Writes due before
-    /// `from` that were not yet emitted come first: call it with consecutive spans.
+    /// of an interval's `n` pages is due at `start + duration × k / n` in recorded time, then
+    /// mapped to replay time). Writes due before `from` that were not yet emitted come first:
+    /// call it with consecutive spans.
     pub fn advance(
         &mut self,
         _from: Nanos,
@@ -2026,39 +2238,44 @@ impl<R: Read + Seek> TraceReplay<R> {
             let spreading = match self.current {
                 Some(s) => s,
                 None => {
-                    // The next interval starts at `self.clock`; read it only when it is due.
-                    if self.ended || self.clock >= to || !self.read_next()? {
+                    // The next interval starts at `self.recorded`; read it only when it is due.
+                    if self.ended || self.replay_time(self.recorded) >= to || !self.read_next()? {
                         return Ok(());
                     }
-                    let duration = self.last_duration;
+                    let clip = self.last.expect("an interval was read");
+                    // The page of rank `clip.first`: the walk starts there.
+                    let next_page = match clip.first {
+                        0 => 0,
+                        k => self.dirty.iter_ones().nth(k as usize).unwrap_or(u64::MAX),
+                    };
                     let spreading = Spreading {
-                        start: Nanos(self.clock.0 - duration.0),
-                        duration,
-                        pages: self.dirty.count_ones(),
-                        emitted: 0,
-                        next_page: 0,
+                        clip,
+                        emitted: clip.first,
+                        next_page,
                     };
                     self.current = Some(spreading);
                     spreading
                 }
             };
             let Spreading {
-                start,
-                duration,
-                pages,
+                clip,
                 mut emitted,
                 mut next_page,
             } = spreading;
-            for page in self.dirty.iter_ones_from(next_page) {
-                let due = start.0 + (duration.0 as u128 * emitted as u128 / pages as u128) as u64;
-                if due >= to.0 {
-                    break;
+            if emitted < clip.end {
+                for page in self.dirty.iter_ones_from(next_page) {
+                    if self.replay_time(clip.due(emitted)) >= to {
+                        break;
+                    }
+                    write(page);
+                    emitted += 1;
+                    next_page = page + 1;
+                    if emitted == clip.end {
+                        break;
+                    }
                 }
-                write(page);
-                emitted += 1;
-                next_page = page + 1;
             }
-            if emitted == pages {
+            if emitted >= clip.end {
                 self.current = None;
             } else {
                 self.current = Some(Spreading {
@@ -2071,9 +2288,9 @@ impl<R: Read + Seek> TraceReplay<R> {
         }
     }
 
-    /// Reads the next interval into `self.dirty`, looping if asked; advances the clock to its
-    /// end. `false` when the replay is over. An error ends the replay: the spent reader would
-    /// otherwise look like the end of the trace and a looping replay would start over.
+    /// Reads the next interval the window keeps into `self.dirty` and `self.last`, looping if
+    /// asked. `false` when the replay is over. An error ends the replay: the spent reader
+    /// would otherwise look like the end of the trace and a looping replay would start over.
     fn read_next(&mut self) -> Result<bool, TraceError> {
         if self.ended {
             return Ok(false);
@@ -2086,33 +2303,53 @@ impl<R: Read + Seek> TraceReplay<R> {
     }
 
     fn read_next_looping(&mut self) -> Result<bool, TraceError> {
-        let record = match self.reader.next_record(&mut self.dirty)? {
-            Some(record) => record,
-            None => {
-                // A trace without intervals, or whose intervals all last 0 ns, would loop
-                // forever without time moving on.
-                if self.at_end == AtEnd::Stop
-                    || self.reader.intervals == 0
-                    || self.clock == self.lap_start
-                {
+        let (window_start, window_end) = (self.options.start, self.options.end());
+        loop {
+            let record = if self.recorded >= window_end && window_end != Nanos::MAX {
+                None
+            } else {
+                self.reader.next_record(&mut self.dirty)?
+            };
+            let Some(record) = record else {
+                // The lap ends at the window's end, or the trace's if it ends first.
+                let pass = self
+                    .options
+                    .speed
+                    .replay_span(self.recorded.min(window_end) - window_start);
+                // A window past the trace's end, a trace without intervals, or one whose
+                // intervals all last 0 ns would loop forever without time moving on.
+                if self.options.at_end == AtEnd::Stop || pass.0 == 0 {
                     self.ended = true;
                     return Ok(false);
                 }
                 self.reader.rewind()?;
                 self.lap += 1;
-                self.lap_start = self.clock;
-                match self.reader.next_record(&mut self.dirty)? {
-                    Some(record) => record,
-                    None => {
-                        self.ended = true;
-                        return Ok(false);
-                    }
-                }
+                self.lap_start = Nanos(self.lap_start.0.saturating_add(pass.0));
+                self.recorded = Nanos::ZERO;
+                continue;
+            };
+            let start = self.recorded;
+            self.recorded = Nanos(start.0.saturating_add(record.duration.0));
+            let mut clip = Clip {
+                start,
+                duration: record.duration,
+                pages: record.dirty_pages,
+                first: 0,
+                end: record.dirty_pages,
+            };
+            clip.first = clip.rank_at(window_start);
+            clip.end = clip.rank_at(window_end).max(clip.first);
+            // An interval that lies wholly before the window plays no part; one that reaches
+            // into it does, even with no writes there.
+            let before = self.recorded < window_start
+                || (self.recorded == window_start && record.duration.0 > 0)
+                || (record.duration.0 == 0 && start < window_start);
+            if before {
+                continue;
             }
-        };
-        self.last_duration = record.duration;
-        self.clock = Nanos(self.clock.0.saturating_add(record.duration.0));
-        Ok(true)
+            self.last = Some(clip);
+            return Ok(true);
+        }
     }
 }
 

@@ -236,10 +236,7 @@ fn a_recorded_trace_replays_as_a_workload() {
     writer.finish().unwrap();
     let scenario = Scenario {
         memory: geometry.memory_bytes(),
-        workload: WorkloadModel::Trace {
-            path: path.to_string_lossy().into_owned(),
-            looped: false,
-        },
+        workload: WorkloadModel::trace(path.to_string_lossy()),
         // 16 MiB at 100 MB/s: ~170 ms, longer than the trace.
         link: LinkModel {
             bandwidth: ByteRate(100_000_000),

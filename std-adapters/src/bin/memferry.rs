@@ -13,9 +13,10 @@ use memferry::schedule::{RatePlan, StopRules};
 use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
 use memferry::track::PredictorKind;
-use memferry_std::compare;
+use memferry_std::compare::{self, Shard};
 use memferry_std::demo::{self, GuestOptions, JobError, TransportKind};
 use memferry_std::output::{self, ReportJson, WorkloadJson};
+use memferry_std::sim::WorkloadModel;
 use memferry_std::transport::tcp;
 use memferry_std::units::{parse_rate, parse_size};
 use memferry_std::workload::WorkloadConfig;
@@ -82,43 +83,9 @@ enum Command {
         #[arg(long)]
         description: Option<String>,
     },
-    /// Simulate one migration in virtual time and print its report.
-    Simulate {
-        /// Guest memory size.
-        #[arg(long, default_value = "1GiB", value_parser = parse_size)]
-        memory: u64,
-        /// Workload model: idle, uniform, hotcold, zipf, sweep, phases, or trace:FILE (a
-        /// recording from `memferry record`, replayed in a loop).
-        #[arg(long, default_value = "hotcold")]
-        workload: String,
-        /// Writes (pages for sweep) per virtual second.
-        #[arg(long, default_value_t = 200_000.0)]
-        rate: f64,
-        /// Link bandwidth.
-        #[arg(long, default_value = "10Gbit", value_parser = parse_rate)]
-        bandwidth: ByteRate,
-        /// Seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Skip the digest check (saves 8 bytes per page on the destination: use it for huge guests).
-        #[arg(long)]
-        no_verify: bool,
-        /// Share of pages that start all-zero (a big guest rarely touches all its memory).
-        #[arg(long, default_value_t = 0.2)]
-        zero_fraction: f64,
-        /// Fraction of memory that is hot (hotcold and phases workloads).
-        #[arg(long, default_value_t = 0.05)]
-        hot_fraction: f64,
-        /// Writable-working-set predictor (see `demo --help`).
-        #[arg(long, default_value = "none", value_parser = parse_predictor)]
-        predictor: PredictorKind,
-        /// Downtime target in ms.
-        #[arg(long, default_value_t = 300)]
-        downtime_ms: u64,
-        /// Print the report as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Simulate one migration in virtual time and print its report, the lower bounds and the
+    /// analytic models' figures.
+    Simulate(SimulateArgs),
     /// Simulate a small datacenter run by paper 000's placement policy: loads over time, the
     /// migrations it triggers (each simulated by the engine), time over threshold, bytes moved.
     Cluster {
@@ -154,30 +121,9 @@ enum Command {
         json: bool,
     },
     /// Compare strategies × workloads × seeds in the virtual-time simulator: a table of
-    /// medians and spread, or CSV / JSON, and SVG plots.
-    Compare {
-        /// Which comparison (see --list).
-        #[arg(long, default_value = "default")]
-        preset: String,
-        /// List the presets and exit.
-        #[arg(long)]
-        list: bool,
-        /// Seeds per cell (default: the preset's).
-        #[arg(long)]
-        seeds: Option<u64>,
-        /// Every run as CSV instead of the table.
-        #[arg(long, conflicts_with = "json")]
-        csv: bool,
-        /// The whole comparison as JSON instead of the table.
-        #[arg(long)]
-        json: bool,
-        /// Write SVG plots into this directory.
-        #[arg(long)]
-        plots: Option<std::path::PathBuf>,
-        /// Worker threads (default: the machine's cores).
-        #[arg(long)]
-        threads: Option<usize>,
-    },
+    /// medians and spread, or CSV / JSON, and SVG plots. Runs split into shards that run
+    /// anywhere (--shard K/N --output FILE) and merge into the same table (--merge FILES).
+    Compare(CompareArgs),
     /// Migrate an in-process guest, workload running, to a `memferry listen` at ADDR.
     Send {
         /// Address of the listener.
@@ -187,6 +133,115 @@ enum Command {
         #[command(flatten)]
         migration: MigrationArgs,
     },
+}
+
+/// `memferry simulate`.
+#[derive(Args)]
+struct SimulateArgs {
+    /// Guest memory size [default: 1GiB, or for a trace the guest it was recorded from].
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Allow --memory larger than a trace's guest (the extra pages are never written);
+    /// without it a --memory other than the trace's is an error.
+    #[arg(long)]
+    pad_memory: bool,
+    /// Workload: idle, uniform, hotcold, zipf, sweep or phases, optionally with parameters
+    /// (`hotcold:rate=1e6,hot_fraction=0.05,hot_share=0.95`; see `compare --help`), or
+    /// trace:FILE (a recording, replayed once from its start at its speed: see the
+    /// --trace-* options).
+    #[arg(long, default_value = "hotcold")]
+    workload: String,
+    /// Writes (pages for sweep) per virtual second [default: 200000]. Refused for idle
+    /// and for a trace (its writes are recorded; scale them with --trace-speed).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Link bandwidth.
+    #[arg(long, default_value = "10Gbit", value_parser = parse_rate)]
+    bandwidth: ByteRate,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Skip the digest check (saves 8 bytes per page on the destination: use it for huge
+    /// guests). With it on (the default, as in `compare`), resume and total time include
+    /// the source hashing its memory after the destination starts.
+    #[arg(long)]
+    no_verify: bool,
+    /// Share of pages that start all-zero (a big guest rarely touches all its memory).
+    #[arg(long, default_value_t = 0.2)]
+    zero_fraction: f64,
+    /// Fraction of memory that is hot [default: 0.05]; hotcold and phases only.
+    #[arg(long)]
+    hot_fraction: Option<f64>,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    trace: TraceArgs,
+    /// Print the report as JSON (with the bounds and the models).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `memferry compare`.
+#[derive(Args)]
+struct CompareArgs {
+    /// Which comparison (see --list): its strategies, and its workloads unless --workload.
+    #[arg(long, default_value = "default")]
+    preset: String,
+    /// List the presets with their real parameters and exit.
+    #[arg(long)]
+    list: bool,
+    /// Seeds per cell (default: the preset's).
+    #[arg(long)]
+    seeds: Option<u64>,
+    /// A workload to run instead of the preset's (repeat for several): trace:FILE, or a
+    /// built-in model with optional parameters, NAME[:key=value,...] with NAME one of
+    /// idle, uniform, hotcold, zipf, sweep, phases and keys rate (default 200000),
+    /// hot_fraction, hot_share, period, exponent, start_fraction, length_fraction; e.g.
+    /// `hotcold:rate=1e6,hot_share=0.95`.
+    #[arg(long = "workload", value_name = "WORKLOAD")]
+    workloads: Vec<String>,
+    /// Guest memory for the built-in workloads (default: the preset's). Traces run on the
+    /// guest they were recorded from; a --memory that differs is an error unless
+    /// --pad-memory.
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Allow --memory larger than a trace's guest (the extra pages are never written).
+    #[arg(long)]
+    pad_memory: bool,
+    /// Link bandwidth instead of the preset's; repeat to run every workload on each link
+    /// (the workload column then names the link: `hotcold-5%@200k on 1Gbit`).
+    #[arg(long = "bandwidth", value_name = "RATE", value_parser = parse_rate)]
+    bandwidths: Vec<ByteRate>,
+    /// Skip the digest check. With it on (the default, as in `simulate`), resume and total
+    /// time include the source hashing its memory after the destination starts.
+    #[arg(long)]
+    no_verify: bool,
+    #[command(flatten)]
+    trace: TraceArgs,
+    /// Run only shard K of N (1 <= K <= N) of the run list (run i goes to shard
+    /// i mod N + 1) and write its runs as JSON lines to --output (default: stdout), for
+    /// `memferry compare --merge`.
+    #[arg(long, value_name = "K/N", conflicts_with_all = ["csv", "json", "plots", "list"])]
+    shard: Option<Shard>,
+    /// Write the runs (JSON lines, one shard's or all) to this file.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<std::path::PathBuf>,
+    /// Merge the runs files of every shard of one comparison and print its table (or
+    /// --csv, --json, --plots) exactly as an unsharded run would.
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["list", "seeds", "workloads", "memory", "pad_memory", "bandwidths", "no_verify", "shard", "output", "preset"])]
+    merge: Vec<std::path::PathBuf>,
+    /// Every run as CSV instead of the table.
+    #[arg(long, conflicts_with = "json")]
+    csv: bool,
+    /// The whole comparison as JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Write SVG plots into this directory.
+    #[arg(long)]
+    plots: Option<std::path::PathBuf>,
+    /// Worker threads (default: the machine's cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -225,12 +280,10 @@ enum VerifyWhen {
     Off,
 }
 
+/// The stop rules, the predictor and the adaptive rate plan: `demo`, `send` and `simulate`
+/// share them.
 #[derive(Args)]
-struct MigrationArgs {
-    /// TCP connections to shard pages across (QEMU's multifd, Cloud Hypervisor's
-    /// connections): 1 to 16. The listener accepts whatever the source announces.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
-    channels: u16,
+struct EngineArgs {
     /// Writable-working-set predictor that holds hot pages back to stop-and-copy:
     /// none, wsclock, lru, splay or history, optionally with parameters
     /// (e.g. `lru:syncs=3,cap=100000`, `history:m=2,n=4`).
@@ -239,9 +292,6 @@ struct MigrationArgs {
     /// Dirty-log samples taken in round 1 to teach the predictor (the pre-processing phase).
     #[arg(long, default_value_t = 4)]
     learning_samples: u32,
-    /// Link bandwidth (e.g. 1Gbit, 500MB/s); unlimited by default.
-    #[arg(long, default_value = "unlimited", value_parser = parse_rate)]
-    bandwidth: ByteRate,
     /// First-round limit of Clark's adaptive rate plan (default: the link bandwidth).
     #[arg(long, value_parser = parse_rate)]
     min_bandwidth: Option<ByteRate>,
@@ -260,6 +310,19 @@ struct MigrationArgs {
     /// Overall deadline for the pre-copy rounds, in ms.
     #[arg(long)]
     deadline_ms: Option<u64>,
+}
+
+#[derive(Args)]
+struct MigrationArgs {
+    /// TCP connections to shard pages across (QEMU's multifd, Cloud Hypervisor's
+    /// connections): 1 to 16. The listener accepts whatever the source announces.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    channels: u16,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Link bandwidth (e.g. 1Gbit, 500MB/s); unlimited by default.
+    #[arg(long, default_value = "unlimited", value_parser = parse_rate)]
+    bandwidth: ByteRate,
     /// When to check the destination's memory digest against the source's: after-start (the
     /// guest runs at once; a mismatch leaves the source paused for you to decide), before-start
     /// (hashed inside the downtime; the destination starts only on a match, else the source
@@ -272,6 +335,63 @@ struct MigrationArgs {
     /// No per-round progress on stderr.
     #[arg(long)]
     quiet: bool,
+}
+
+/// How a trace workload is replayed (`simulate` and `compare`; refused for other workloads).
+#[derive(Args)]
+struct TraceArgs {
+    /// Start replay this far into the recording (recorded time, e.g. 5s) [default: 0s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    trace_start: Option<std::time::Duration>,
+    /// Replay this much of the recording from --trace-start (recorded time, e.g. 10s)
+    /// [default: to its end].
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    trace_length: Option<std::time::Duration>,
+    /// Play the replayed part again when it ends (otherwise the guest goes idle); the output
+    /// says whether, and how many times, it looped.
+    #[arg(long)]
+    trace_loop: bool,
+    /// Replay speed: 2 plays the recording in half its time (the same writes, twice the dirty
+    /// rate) [default: 1].
+    #[arg(long, value_name = "X", value_parser = parse_speed)]
+    trace_speed: Option<f64>,
+}
+
+impl TraceArgs {
+    fn given(&self) -> Option<&'static str> {
+        if self.trace_start.is_some() {
+            Some("--trace-start")
+        } else if self.trace_length.is_some() {
+            Some("--trace-length")
+        } else if self.trace_loop {
+            Some("--trace-loop")
+        } else if self.trace_speed.is_some() {
+            Some("--trace-speed")
+        } else {
+            None
+        }
+    }
+
+    /// Sets a trace model's replay; a model that is not a trace is left alone.
+    fn apply(&self, model: &mut WorkloadModel) {
+        if let WorkloadModel::Trace {
+            looped,
+            start,
+            length,
+            speed,
+            ..
+        } = model
+        {
+            *looped = self.trace_loop;
+            *start = self.trace_start.map_or(Nanos::ZERO, nanos);
+            *length = self.trace_length.map(nanos);
+            *speed = self.trace_speed.unwrap_or(1.0);
+        }
+    }
+}
+
+fn nanos(d: std::time::Duration) -> Nanos {
+    Nanos(d.as_nanos().min(u64::MAX as u128) as u64)
 }
 
 impl GuestArgs {
@@ -303,14 +423,16 @@ impl GuestArgs {
     }
 }
 
-impl MigrationArgs {
-    fn config(&self) -> PreCopyConfig {
+impl EngineArgs {
+    /// The engine's settings: rounds paced to `unpaced` (unlimited in the simulator, whose
+    /// link model sets the pace) unless the adaptive plan is asked for, which rises to `max`.
+    fn config(&self, max: ByteRate, unpaced: ByteRate) -> PreCopyConfig {
         let rate = match (self.min_bandwidth, self.bandwidth_step) {
-            (None, None) => RatePlan::fixed(self.bandwidth),
+            (None, None) => RatePlan::fixed(unpaced),
             (min, step) => RatePlan::adaptive(
-                min.unwrap_or(self.bandwidth).min(self.bandwidth),
+                min.unwrap_or(max).min(max),
                 step.unwrap_or(ByteRate(0)),
-                self.bandwidth,
+                max,
             ),
         };
         PreCopyConfig {
@@ -324,10 +446,27 @@ impl MigrationArgs {
             },
             predictor: self.predictor,
             learning_samples: self.learning_samples,
-            verify: self.verify != VerifyWhen::Off,
-            verify_before_start: self.verify == VerifyWhen::BeforeStart,
             ..PreCopyConfig::default()
         }
+    }
+}
+
+impl MigrationArgs {
+    fn config(&self) -> PreCopyConfig {
+        PreCopyConfig {
+            verify: self.verify != VerifyWhen::Off,
+            verify_before_start: self.verify == VerifyWhen::BeforeStart,
+            ..self.engine.config(self.bandwidth, self.bandwidth)
+        }
+    }
+}
+
+fn parse_speed(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!(
+            "'{text}' is not a speed: give a positive number (2 plays twice as fast)"
+        )),
     }
 }
 
@@ -374,62 +513,28 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn run_compare(
-    preset: &str,
-    list: bool,
-    seeds: Option<u64>,
+/// The built-in workloads' rate when none is given (`simulate --rate`, `rate=` in a spec).
+const DEFAULT_RATE: f64 = 200_000.0;
+
+/// Prints a comparison as asked: the table, CSV or JSON on stdout, plots into a directory.
+fn print_comparison(
+    comparison: &compare::Comparison,
     csv: bool,
     json: bool,
-    plots: Option<std::path::PathBuf>,
-    threads: Option<usize>,
+    plots: Option<&std::path::Path>,
 ) -> ExitCode {
-    let all = compare::presets();
-    if list {
-        for p in &all {
-            println!("{:<20} {}", p.name, p.description);
-        }
-        return ExitCode::SUCCESS;
-    }
-    let names: Vec<&str> = all.iter().map(|p| p.name).collect();
-    let Some(mut chosen) = all.iter().find(|p| p.name == preset).cloned() else {
-        return fail(format!(
-            "no preset '{preset}'; try one of: {}",
-            names.join(", ")
-        ));
-    };
-    if let Some(n) = seeds {
-        chosen.seeds = (1..=n.max(1)).collect();
-    }
-    let threads =
-        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-    let started = std::time::Instant::now();
-    let result = compare::run(&chosen, threads, |done, total| {
-        eprint!("\rsimulating: {done}/{total} runs");
-        if done == total {
-            eprintln!();
-        }
-    });
-    let comparison = match result {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    eprintln!(
-        "{} runs in {:.1} s of wall time",
-        comparison.runs.len(),
-        started.elapsed().as_secs_f64()
-    );
     if csv {
-        print!("{}", compare::csv(&comparison));
+        print!("{}", compare::csv(comparison));
     } else if json {
         println!(
             "{}",
-            serde_json::to_string(&comparison).expect("the comparison serialises")
+            serde_json::to_string(comparison).expect("the comparison serialises")
         );
     } else {
-        print!("{}", compare::table(&comparison));
+        print!("{}", compare::table(comparison));
     }
     if let Some(dir) = plots {
-        match memferry_std::plots::write_all(&comparison, &dir) {
+        match memferry_std::plots::write_all(comparison, dir) {
             Ok(files) => files
                 .iter()
                 .for_each(|f| eprintln!("wrote {}", f.display())),
@@ -437,6 +542,265 @@ fn run_compare(
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The workloads `compare --workload` names, with the trace options applied to the traces.
+fn compare_workloads(specs: &[String], trace: &TraceArgs) -> Result<Vec<WorkloadModel>, String> {
+    let mut models = Vec::new();
+    for spec in specs {
+        let mut model = WorkloadModel::parse(spec, DEFAULT_RATE)?;
+        trace.apply(&mut model);
+        models.push(model);
+    }
+    if let Some(flag) = trace.given() {
+        if !models.iter().any(|m| m.trace_path().is_some()) {
+            return Err(format!(
+                "{flag} applies to trace workloads, and none is given (--workload trace:FILE)"
+            ));
+        }
+    }
+    Ok(models)
+}
+
+fn run_compare(args: CompareArgs) -> ExitCode {
+    if args.list {
+        print!("{}", compare::list());
+        return ExitCode::SUCCESS;
+    }
+    if !args.merge.is_empty() {
+        return match compare::merge_files(&args.merge) {
+            Ok(comparison) => {
+                eprintln!(
+                    "merged {} runs from {} files",
+                    comparison.runs.len(),
+                    args.merge.len()
+                );
+                print_comparison(&comparison, args.csv, args.json, args.plots.as_deref())
+            }
+            Err(e) => fail(e),
+        };
+    }
+    let all = compare::presets();
+    let names: Vec<&str> = all.iter().map(|p| p.name).collect();
+    let Some(mut chosen) = all.iter().find(|p| p.name == args.preset).cloned() else {
+        return fail(format!(
+            "no preset '{}'; try one of: {}",
+            args.preset,
+            names.join(", ")
+        ));
+    };
+    if let Some(n) = args.seeds {
+        chosen.seeds = (1..=n.max(1)).collect();
+    }
+    let workloads = match compare_workloads(&args.workloads, &args.trace) {
+        Ok(w) => w,
+        Err(e) => return fail(e),
+    };
+    let overrides = compare::Overrides {
+        workloads,
+        memory: args.memory,
+        pad_memory: args.pad_memory,
+        bandwidths: args.bandwidths.clone(),
+        verify: args.no_verify.then_some(false),
+    };
+    let matrix = match compare::Matrix::new(&chosen, &overrides) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    for note in matrix.notes() {
+        eprintln!("memferry: note: {note}");
+    }
+    let shard = args.shard.unwrap_or(compare::Shard::ALL);
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let started = std::time::Instant::now();
+    let result = compare::run_shard(&matrix, shard, threads, |done, total| {
+        eprint!("\rsimulating: {done}/{total} runs");
+        if done == total {
+            eprintln!();
+        }
+    });
+    let runs = match result {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    eprintln!(
+        "{} runs{} in {:.1} s of wall time",
+        runs.len(),
+        if args.shard.is_some() {
+            format!(" (shard {shard} of a {}-run comparison)", matrix.len())
+        } else {
+            String::new()
+        },
+        started.elapsed().as_secs_f64()
+    );
+    let info = matrix.info();
+    if args.shard.is_some() || args.output.is_some() {
+        let written = match &args.output {
+            Some(path) => std::fs::File::create(path)
+                .and_then(|f| {
+                    compare::write_runs(std::io::BufWriter::new(f), &info, shard, &runs)
+                })
+                .map_err(|e| format!("cannot write {}: {e}", path.display())),
+            None => compare::write_runs(std::io::stdout().lock(), &info, shard, &runs)
+                .map_err(|e| format!("cannot write the runs: {e}")),
+        };
+        if let Err(e) = written {
+            return fail(e);
+        }
+        if let Some(path) = &args.output {
+            eprintln!("wrote {} runs to {}", runs.len(), path.display());
+        }
+        if args.shard.is_some() {
+            eprintln!("merge every shard's file with: memferry compare --merge FILES...");
+            return ExitCode::SUCCESS;
+        }
+    }
+    let comparison =
+        compare::summarise(&info, runs.into_iter().map(|r| r.run).collect::<Vec<_>>());
+    print_comparison(&comparison, args.csv, args.json, args.plots.as_deref())
+}
+
+/// The workload `simulate` runs: the spec, with --rate, --hot-fraction and the trace options
+/// applied where they mean something and refused where they do not.
+fn simulate_workload(args: &SimulateArgs) -> Result<WorkloadModel, String> {
+    let spec_rate = args
+        .workload
+        .split_once(':')
+        .is_some_and(|(name, params)| name != "trace" && params.contains("rate="));
+    if spec_rate && args.rate.is_some() {
+        return Err("give the rate once: --rate or rate= in --workload".into());
+    }
+    if let Some(rate) = args.rate {
+        if !(rate.is_finite() && rate >= 0.0) {
+            return Err(format!("--rate must be a number of writes per second, not {rate}"));
+        }
+    }
+    let mut model = WorkloadModel::parse(&args.workload, args.rate.unwrap_or(DEFAULT_RATE))?;
+    if args.rate.is_some() && !model.has_rate() {
+        return Err(match model {
+            WorkloadModel::Trace { .. } => "--rate does not apply to a trace: its writes are the recorded ones (use --trace-speed to replay them faster or slower)".into(),
+            _ => format!("--rate does not apply to the {} workload, which writes nothing", model.name()),
+        });
+    }
+    if let Some(f) = args.hot_fraction {
+        if !(0.0..=1.0).contains(&f) {
+            return Err("--zero-fraction and --hot-fraction must be between 0 and 1".into());
+        }
+        if args.workload.contains("hot_fraction=") {
+            return Err("give the hot fraction once: --hot-fraction or hot_fraction= in --workload".into());
+        }
+        match &mut model {
+            WorkloadModel::HotCold { hot_fraction, .. }
+            | WorkloadModel::Phases { hot_fraction, .. } => *hot_fraction = f,
+            WorkloadModel::Trace { .. } => {
+                return Err("--hot-fraction does not apply to a trace: its writes are the recorded ones".into())
+            }
+            other => {
+                return Err(format!(
+                    "--hot-fraction applies to the hotcold and phases workloads, not {}",
+                    other.name()
+                ))
+            }
+        }
+    }
+    match (&model, args.trace.given()) {
+        (WorkloadModel::Trace { .. }, _) => args.trace.apply(&mut model),
+        (_, Some(flag)) => {
+            return Err(format!(
+                "{flag} applies to a trace workload (--workload trace:FILE), not {}",
+                model.name()
+            ))
+        }
+        _ => {}
+    }
+    Ok(model)
+}
+
+fn run_simulate(args: SimulateArgs) -> ExitCode {
+    use memferry_std::sim::workload::{content_with_zero_fraction, fit_guest, TraceSummary};
+    if !(0.0..=1.0).contains(&args.zero_fraction) {
+        return fail("--zero-fraction and --hot-fraction must be between 0 and 1");
+    }
+    let model = match simulate_workload(&args) {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    let trace = match TraceSummary::of(&model) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
+    let (memory, page_size) = match fit_guest(
+        &model,
+        trace.as_ref(),
+        args.memory,
+        (1 << 30, 4096),
+        args.pad_memory,
+    ) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    if let Some(t) = &trace {
+        if t.window_cut_short(&model) {
+            eprintln!(
+                "memferry: note: the recording is only {:.3} s long; the replay window ends with it",
+                t.duration.as_secs_f64()
+            );
+        }
+    }
+    let scenario = memferry_std::sim::Scenario {
+        memory,
+        page_size,
+        content: content_with_zero_fraction(args.zero_fraction),
+        workload: model,
+        seed: args.seed,
+        verify: !args.no_verify,
+        engine: args.engine.config(args.bandwidth, ByteRate::UNLIMITED),
+        link: memferry_std::sim::LinkModel {
+            bandwidth: args.bandwidth,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let json = args.json;
+    let started = std::time::Instant::now();
+    let progress = |r: &memferry::report::RoundReport| {
+        if !json {
+            eprintln!("{}", output::progress_line(r, page_size));
+        }
+    };
+    match memferry_std::sim::simulate_with_progress(&scenario, progress) {
+        Ok(outcome) => {
+            eprintln!(
+                "simulated in {:.2} s of wall time; {} guest writes",
+                started.elapsed().as_secs_f64(),
+                outcome.writes
+            );
+            let coverage = trace
+                .as_ref()
+                .map(|t| (t, t.coverage(scenario.warmup + outcome.report.preparation_time)));
+            if json {
+                let view = output::SimReportJson::new(
+                    &scenario,
+                    &outcome,
+                    coverage.map(|(t, c)| output::TraceJson::new(t, &c)),
+                );
+                println!(
+                    "{}",
+                    serde_json::to_string(&view).expect("the report serialises")
+                );
+            } else {
+                print!("{}", output::table(&outcome.report));
+                print!("{}", output::bounds_and_models(&outcome));
+                if let Some((t, c)) = coverage {
+                    println!("trace {}: {}", t.path, c.sentence());
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn main() -> ExitCode {
@@ -492,103 +856,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        Command::Simulate {
-            memory,
-            workload,
-            rate,
-            bandwidth,
-            seed,
-            no_verify,
-            zero_fraction,
-            hot_fraction,
-            predictor,
-            downtime_ms,
-            json,
-        } => {
-            let model = match memferry_std::sim::WorkloadModel::named(&workload, rate) {
-                Some(m) => m,
-                None => {
-                    return fail(format!(
-                    "no workload '{workload}'; try idle, uniform, hotcold, zipf, sweep or phases"
-                ))
-                }
-            };
-            let model = match model {
-                memferry_std::sim::WorkloadModel::HotCold {
-                    rate, hot_share, ..
-                } => memferry_std::sim::WorkloadModel::HotCold {
-                    rate,
-                    hot_fraction,
-                    hot_share,
-                },
-                memferry_std::sim::WorkloadModel::Phases {
-                    rate,
-                    hot_share,
-                    period,
-                    ..
-                } => memferry_std::sim::WorkloadModel::Phases {
-                    rate,
-                    hot_fraction,
-                    hot_share,
-                    period,
-                },
-                other => other,
-            };
-            if !(0.0..=1.0).contains(&zero_fraction) || !(0.0..=1.0).contains(&hot_fraction) {
-                return fail("--zero-fraction and --hot-fraction must be between 0 and 1");
-            }
-            let content = memferry_std::sim::ContentModel {
-                zero_fraction,
-                text_fraction: (1.0 - zero_fraction) * 0.4,
-                ..Default::default()
-            };
-            let scenario = memferry_std::sim::Scenario {
-                memory,
-                content,
-                workload: model,
-                seed,
-                verify: !no_verify,
-                engine: PreCopyConfig {
-                    predictor,
-                    stop: StopRules {
-                        downtime_target: Nanos::from_millis(downtime_ms),
-                        ..StopRules::default()
-                    },
-                    ..PreCopyConfig::default()
-                },
-                link: memferry_std::sim::LinkModel {
-                    bandwidth,
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let started = std::time::Instant::now();
-            let page_size = scenario.page_size;
-            let progress = |r: &memferry::report::RoundReport| {
-                if !json {
-                    eprintln!("{}", output::progress_line(r, page_size));
-                }
-            };
-            match memferry_std::sim::simulate_with_progress(&scenario, progress) {
-                Ok(outcome) => {
-                    eprintln!(
-                        "simulated in {:.2} s of wall time; {} guest writes",
-                        started.elapsed().as_secs_f64(),
-                        outcome.writes
-                    );
-                    print_report(&outcome.report, None, json);
-                    if !json {
-                        println!(
-                            "lower bounds: {} on the wire, {:.1} ms downtime",
-                            output::human_bytes(outcome.bounds.least_bytes),
-                            outcome.bounds.least_downtime.as_millis_f64()
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
-        }
+        Command::Simulate(args) => run_simulate(args),
         Command::Cluster {
             clusters,
             hosts,
@@ -693,15 +961,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(format!("recording failed: {e}")),
             }
         }
-        Command::Compare {
-            preset,
-            list,
-            seeds,
-            csv,
-            json,
-            plots,
-            threads,
-        } => run_compare(&preset, list, seeds, csv, json, plots, threads),
+        Command::Compare(args) => run_compare(args),
         Command::Listen {
             addr,
             max_memory,
