@@ -631,6 +631,7 @@ mod tests {
             non_convergence_rounds: 2,
             min_shrink_permille: 10,
             deadline: Some(Nanos::from_secs(9)),
+            ..StopRules::default()
         };
         let m = clark(1, 1, 1).with_stop_rules(&rules);
         assert_eq!(m.downtime_target, rules.downtime_target);

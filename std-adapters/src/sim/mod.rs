@@ -168,6 +168,10 @@ pub struct SimGuest {
     pages_scanned: u64,
     /// Dirty pages the dirty log reported (each costs the predictor an update).
     dirty_reported: u64,
+    /// The migration throttles the guest to this percent of its time taken away.
+    throttle: u8,
+    /// The guest's own clock: it runs slower than virtual time while throttled.
+    guest_time: Nanos,
 }
 
 impl SimGuest {
@@ -189,16 +193,26 @@ impl SimGuest {
             pages_read: 0,
             pages_scanned: 0,
             dirty_reported: 0,
+            throttle: 0,
+            guest_time: Nanos::ZERO,
         })
     }
 
-    /// Lets the guest run from `from` to `to` (nothing happens while paused).
+    /// Lets the guest run from `from` to `to` (nothing happens while paused; a throttled guest
+    /// gets only its share of the time).
     pub fn run(&mut self, from: Nanos, to: Nanos) {
         if self.paused || to <= from {
             return;
         }
+        if self.guest_time == Nanos::ZERO {
+            self.guest_time = from;
+        }
+        let share = 100 - u64::from(self.throttle.min(100));
+        let start = self.guest_time;
+        let end = start + Nanos(((to - from).0 as u128 * share as u128 / 100) as u64);
+        self.guest_time = end;
         let (written, dirty) = (&mut self.written, &mut self.dirty);
-        self.writer.advance(from, to, |page| {
+        self.writer.advance(start, end, |page| {
             let entry = written.entry(page).or_insert((0, to));
             *entry = (entry.0 + 1, to);
             dirty.set(page);
@@ -278,6 +292,10 @@ impl SourceGuest for SimGuest {
     }
     fn resume(&mut self) -> Result<(), HostError> {
         self.paused = false;
+        Ok(())
+    }
+    fn throttle(&mut self, percent: u8) -> Result<(), HostError> {
+        self.throttle = percent.min(99);
         Ok(())
     }
     fn save_state(&mut self) -> Result<Vec<u8>, HostError> {
@@ -746,6 +764,137 @@ mod tests {
             a.report.downtime,
             a.bounds.least_downtime
         );
+    }
+
+    /// A guest that dirties memory faster than the link carries it: the rounds stop within
+    /// two, not after sending memory several times, and the report says why.
+    #[test]
+    fn an_outpacing_guest_is_stopped_within_two_rounds() {
+        let mut s = small(WorkloadModel::Uniform { rate: 200_000.0 });
+        s.engine.stop.non_convergence_rounds = 0;
+        s.engine.stop.downtime_target = Nanos::from_millis(10);
+        let o = simulate(&s).unwrap();
+        let r = &o.report;
+        assert_eq!(
+            r.stop_reason,
+            Some(memferry::report::StopReason::NotConverging)
+        );
+        assert!(r.rounds.len() <= 3, "{} rounds", r.rounds.len());
+        assert!(r.bytes_sent < 3 * s.memory, "{} bytes", r.bytes_sent);
+        assert!(
+            r.stop_detail.contains("against a link of"),
+            "{}",
+            r.stop_detail
+        );
+        // With the early rule off, the old rules take longer and send more.
+        let mut late = s.clone();
+        late.engine.stop.outpaced_rounds = 0;
+        late.engine.stop.non_convergence_rounds = 5;
+        let l = simulate(&late).unwrap();
+        assert!(l.report.bytes_sent > r.bytes_sent);
+    }
+
+    /// Throttling (auto-converge) slows the simulated guest until pre-copy converges.
+    #[test]
+    fn throttling_an_outpacing_guest_lowers_its_downtime() {
+        let mut s = small(WorkloadModel::Uniform { rate: 40_000.0 });
+        s.engine.stop.non_convergence_rounds = 0;
+        s.engine.stop.downtime_target = Nanos::from_millis(20);
+        let stopped = simulate(&s).unwrap();
+        s.engine.throttle_when_outpaced = true;
+        let throttled = simulate(&s).unwrap();
+        assert_eq!(stopped.report.throttle_percent, 0);
+        assert!(throttled.report.throttle_percent >= 20);
+        assert!(
+            throttled.report.downtime < stopped.report.downtime,
+            "{} vs {}",
+            throttled.report.downtime,
+            stopped.report.downtime
+        );
+        assert_eq!(throttled.report.verified, Some(true));
+    }
+
+    fn workload() -> impl proptest::strategy::Strategy<Value = WorkloadModel> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1_000.0f64..300_000.0).prop_map(|rate| WorkloadModel::Uniform { rate }),
+            (1_000.0f64..300_000.0, 0.01f64..0.3, 0.5f64..0.99).prop_map(
+                |(rate, hot_fraction, hot_share)| WorkloadModel::HotCold {
+                    rate,
+                    hot_fraction,
+                    hot_share
+                }
+            ),
+            (1_000.0f64..300_000.0, 0.5f64..1.5)
+                .prop_map(|(rate, exponent)| WorkloadModel::Zipf { rate, exponent }),
+            (
+                10_000.0f64..300_000.0,
+                0.02f64..0.3,
+                0.7f64..0.99,
+                20u64..2_000
+            )
+                .prop_map(|(rate, hot_fraction, hot_share, period_ms)| {
+                    WorkloadModel::Phases {
+                        rate,
+                        hot_fraction,
+                        hot_share,
+                        period: Nanos::from_millis(period_ms),
+                    }
+                }),
+            (1_000.0f64..100_000.0, 0.0f64..0.5, 0.05f64..0.5).prop_map(
+                |(rate, start_fraction, length_fraction)| WorkloadModel::Sweep {
+                    rate,
+                    start_fraction,
+                    length_fraction
+                }
+            ),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// A predictor never costs downtime: on random workloads and links, every predictor's
+        /// downtime is at most plain pre-copy's, within 2% + 2 ms (the noise measured on the
+        /// built-in workloads was below 0.01%: pages the guest writes during a short release
+        /// round).
+        #[test]
+        fn a_predictor_never_costs_downtime(
+            workload in workload(),
+            megabytes in 8u64..=32,
+            mbit in 100u64..=4_000,
+            seed in 0u64..1_000,
+            target_ms in 1u64..=50,
+        ) {
+            let mut base = Scenario {
+                memory: megabytes << 20,
+                workload,
+                link: LinkModel {
+                    bandwidth: ByteRate::from_bits_per_sec(mbit * 1_000_000),
+                    ..LinkModel::default()
+                },
+                seed,
+                verify: false,
+                ..Scenario::default()
+            };
+            // Several rounds: a tight target, and the slow rules off.
+            base.engine.stop.downtime_target = Nanos::from_millis(target_ms);
+            base.engine.stop.max_rounds = 12;
+            let plain = simulate(&base).unwrap();
+            for predictor in ["wsclock", "lru", "history"] {
+                let mut s = base.clone();
+                s.engine.predictor = memferry::track::PredictorKind::parse(predictor).unwrap();
+                let with = simulate(&s).unwrap();
+                let (d, p) = (with.report.downtime.0 as f64, plain.report.downtime.0 as f64);
+                proptest::prop_assert!(
+                    d <= p * 1.02 + 2e6,
+                    "{predictor}: downtime {} vs plain {} ({:?})",
+                    with.report.downtime,
+                    plain.report.downtime,
+                    base.workload
+                );
+            }
+        }
     }
 
     #[test]
