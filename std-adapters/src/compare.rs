@@ -494,11 +494,7 @@ impl Matrix {
     /// Every setting of every strategy and case, as run.
     pub fn parameters(&self) -> Parameters {
         Parameters {
-            strategies: self
-                .strategies
-                .iter()
-                .map(StrategyParameters::of)
-                .collect(),
+            strategies: self.strategies.iter().map(StrategyParameters::of).collect(),
             workloads: self.cases.iter().map(CaseParameters::of).collect(),
             seeds: self.seeds.clone(),
         }
@@ -626,9 +622,10 @@ impl StrategyParameters {
     pub fn describe(&self) -> String {
         let rate = |r: Option<u64>| r.map_or("unlimited".to_string(), |r| link_name(ByteRate(r)));
         let mut text = format!(
-            "downtime target {} ms, at most {} rounds, {}, {}, predictor {}",
+            "downtime target {} ms, at most {} round{}, {}, {}, predictor {}",
             self.downtime_target_ms,
             self.max_rounds,
+            if self.max_rounds == 1 { "" } else { "s" },
             match self.non_convergence_rounds {
                 0 => "no non-convergence rule".to_string(),
                 n => format!("stop after {n} rounds without progress"),
@@ -762,14 +759,16 @@ impl Parameters {
             out.push_str(&format!("    {:<24} {}\n", s.name, s.describe()));
         }
         out.push_str("  workloads:\n");
-        for w in &self.workloads {
-            out.push_str(&format!(
-                "    {:<24} {}\n    {:<24} on a {}\n",
-                w.name,
-                w.workload.describe(),
-                "",
-                w.setup()
-            ));
+        let setups: Vec<String> = self.workloads.iter().map(|w| w.setup()).collect();
+        let shared = setups.windows(2).all(|w| w[0] == w[1]);
+        for (w, setup) in self.workloads.iter().zip(&setups) {
+            out.push_str(&format!("    {:<24} {}\n", w.name, w.workload.describe()));
+            if !shared {
+                out.push_str(&format!("    {:<24} on a {setup}\n", ""));
+            }
+        }
+        if let (true, Some(setup)) = (shared, setups.first()) {
+            out.push_str(&format!("  each on a {setup}\n"));
         }
         out.push_str(&format!(
             "  seeds: {}\n",
@@ -863,7 +862,10 @@ pub fn run(
 ) -> Result<Comparison, String> {
     let matrix = Matrix::of(preset)?;
     let runs = run_shard(&matrix, Shard::ALL, threads, progress)?;
-    Ok(summarise(&matrix.info(), runs.into_iter().map(|r| r.run).collect()))
+    Ok(summarise(
+        &matrix.info(),
+        runs.into_iter().map(|r| r.run).collect(),
+    ))
 }
 
 /// Runs the runs of `matrix` that `shard` takes, on `threads` threads, in run-list order.
@@ -1068,6 +1070,7 @@ struct OutcomeIn {
 struct BoundsIn {
     least_bytes: u64,
     least_downtime: Nanos,
+    oracle_downtime: Nanos,
 }
 
 #[derive(Deserialize)]
@@ -1088,6 +1091,7 @@ impl From<OutcomeIn> for SimOutcome {
             bounds: LowerBounds {
                 least_bytes: o.bounds.least_bytes,
                 least_downtime: o.bounds.least_downtime,
+                oracle_downtime: o.bounds.oracle_downtime,
             },
             models: ModelFigures {
                 dirty_rate: o.models.dirty_rate,
@@ -1205,7 +1209,8 @@ pub fn read_runs(input: impl BufRead, name: &str) -> Result<ShardFile, String> {
             (LineIn::End { runs: count }, Some(_)) => ended = Some(count),
         }
     }
-    let header = header.ok_or_else(|| format!("{name}: empty, not a memferry compare runs file"))?;
+    let header =
+        header.ok_or_else(|| format!("{name}: empty, not a memferry compare runs file"))?;
     match ended {
         None => Err(format!(
             "{name}: cut short (no end line after {} runs): run shard {} again",
@@ -1250,7 +1255,10 @@ pub fn merge(files: Vec<(String, ShardFile)>) -> Result<Comparison, String> {
         }
         let slot = &mut seen[(h.shard.index - 1) as usize];
         if let Some(other) = slot {
-            return Err(format!("shard {} is given twice: {other} and {name}", h.shard));
+            return Err(format!(
+                "shard {} is given twice: {other} and {name}",
+                h.shard
+            ));
         }
         *slot = Some(name);
     }
@@ -1288,8 +1296,7 @@ pub fn merge_files(paths: &[impl AsRef<Path>]) -> Result<Comparison, String> {
     for path in paths {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let file =
-            std::fs::File::open(path).map_err(|e| format!("cannot open {name}: {e}"))?;
+        let file = std::fs::File::open(path).map_err(|e| format!("cannot open {name}: {e}"))?;
         files.push((
             name.clone(),
             read_runs(std::io::BufReader::new(file), &name)?,
@@ -1358,7 +1365,10 @@ fn trace_notes(c: &Comparison) -> String {
             continue;
         }
         let looped = runs.iter().filter(|t| t.looped_over()).count();
-        let idle = runs.iter().filter(|t| t.idle_after_end > Nanos::ZERO).count();
+        let idle = runs
+            .iter()
+            .filter(|t| t.idle_after_end > Nanos::ZERO)
+            .count();
         let most = runs.iter().map(|t| t.passes).fold(0.0, f64::max);
         let t = runs[0];
         let mut line = format!(

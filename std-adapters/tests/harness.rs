@@ -262,3 +262,345 @@ fn a_recorded_trace_replays_as_a_workload() {
     assert!(err.contains("more than the simulated guest"), "{err}");
     std::fs::remove_file(&path).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Traces as workloads, comparisons of any workloads, shards
+
+use memferry::page::{Geometry, PageSize};
+use memferry_std::compare::{Matrix, Overrides, Preset, Shard};
+use memferry_std::sim::workload::{fit_guest, TraceSummary};
+use memferry_std::trace::{TraceHeader, TraceWriter};
+
+/// A trace of `intervals` intervals of 10 ms on a guest of `pages` pages; interval i dirties
+/// pages 100·(i mod 4) .. 100·(i mod 4) + 100. Returns its path (removed by the caller).
+fn trace_file(name: &str, pages: u64, intervals: u64) -> std::path::PathBuf {
+    let geometry = Geometry::new(PageSize::DEFAULT, pages).unwrap();
+    let path = std::env::temp_dir().join(format!("memferry-{name}-{}.mft", std::process::id()));
+    let mut writer = TraceWriter::new(
+        std::fs::File::create(&path).unwrap(),
+        &TraceHeader::new(geometry, Nanos::from_millis(10)),
+    )
+    .unwrap();
+    for i in 0..intervals {
+        let first = 100 * (i % 4);
+        let pages: Vec<u64> = (first..first + 100).collect();
+        writer.write_interval_pages(&pages).unwrap();
+    }
+    writer.finish().unwrap();
+    path
+}
+
+fn traced(
+    path: &std::path::Path,
+    start_ms: u64,
+    length_ms: Option<u64>,
+    speed: f64,
+    looped: bool,
+) -> WorkloadModel {
+    WorkloadModel::Trace {
+        path: path.to_string_lossy().into_owned(),
+        looped,
+        start: Nanos::from_millis(start_ms),
+        length: length_ms.map(Nanos::from_millis),
+        speed,
+    }
+}
+
+#[test]
+fn a_trace_window_replays_once_unless_looping_and_scales_with_speed() {
+    let path = trace_file("window", 2048, 10);
+    // 8 MiB at 100 MB/s: round 1 alone lasts ~85 ms, longer than any window below.
+    let scenario = |workload| Scenario {
+        memory: 2048 * 4096,
+        workload,
+        link: LinkModel {
+            bandwidth: ByteRate(100_000_000),
+            ..LinkModel::default()
+        },
+        ..Scenario::default()
+    };
+    // Recorded 20..50 ms: intervals 2, 3 and 4, 100 writes each, once.
+    let once = simulate(&scenario(traced(&path, 20, Some(30), 1.0, false))).unwrap();
+    assert_eq!(once.writes, 300);
+    assert_eq!(once.pages_written, 300, "pages 200..400 and 0..100");
+    // Looping, the same window plays again and again while pre-copy runs.
+    let looped = simulate(&scenario(traced(&path, 20, Some(30), 1.0, true))).unwrap();
+    let prep = looped.report.preparation_time;
+    assert!(looped.writes > 600, "{} writes in {prep}", looped.writes);
+    assert_eq!(looped.pages_written, 300);
+    // At 3x speed a pass lasts 10 ms: three times the passes of 1x in the same time.
+    let fast = simulate(&scenario(traced(&path, 20, Some(30), 3.0, true))).unwrap();
+    let per_ms = |o: &memferry_std::sim::SimOutcome| {
+        o.writes as f64 / o.report.preparation_time.as_millis_f64()
+    };
+    let ratio = per_ms(&fast) / per_ms(&looped);
+    assert!(
+        (2.7..3.3).contains(&ratio),
+        "3x speed wrote {ratio}x as fast"
+    );
+    // What the run replayed is known from the summary alone.
+    let model = traced(&path, 20, Some(30), 1.0, true);
+    let summary = TraceSummary::of(&model).unwrap().unwrap();
+    assert_eq!(summary.duration, Nanos::from_millis(100));
+    let coverage = summary.coverage(prep);
+    assert!(coverage.looped_over());
+    assert!((coverage.passes - prep.as_secs_f64() / 0.030).abs() < 1e-9);
+    let once_coverage = TraceSummary::of(&traced(&path, 20, Some(30), 1.0, false))
+        .unwrap()
+        .unwrap()
+        .coverage(once.report.preparation_time);
+    assert!(!once_coverage.looped_over());
+    assert_eq!(once_coverage.passes, 1.0);
+    assert!(
+        once_coverage.sentence().contains("idle"),
+        "{}",
+        once_coverage.sentence()
+    );
+    // A start at or past the recording's end is refused before any run.
+    let err = TraceSummary::of(&traced(&path, 100, None, 1.0, false)).unwrap_err();
+    assert!(err.contains("past the end"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_trace_runs_on_its_own_guest_unless_padding_is_asked_for() {
+    let path = trace_file("guest", 2048, 2);
+    let model = WorkloadModel::trace(path.to_string_lossy());
+    let summary = TraceSummary::of(&model).unwrap();
+    let t = summary.as_ref();
+    let base = (1 << 30, 4096);
+    assert_eq!(fit_guest(&model, t, None, base, false), Ok((8 << 20, 4096)));
+    assert_eq!(
+        fit_guest(&model, t, Some(8 << 20), base, false),
+        Ok((8 << 20, 4096))
+    );
+    let bigger = fit_guest(&model, t, Some(16 << 20), base, false).unwrap_err();
+    assert!(bigger.contains("--pad-memory"), "{bigger}");
+    assert_eq!(
+        fit_guest(&model, t, Some(16 << 20), base, true),
+        Ok((16 << 20, 4096))
+    );
+    let smaller = fit_guest(&model, t, Some(4 << 20), base, true).unwrap_err();
+    assert!(smaller.contains("smaller"), "{smaller}");
+    // Built-in workloads take the memory asked for, or the base's.
+    let idle = WorkloadModel::Idle;
+    assert_eq!(fit_guest(&idle, None, None, base, false), Ok(base));
+    assert_eq!(
+        fit_guest(&idle, None, Some(4096), base, false),
+        Ok((4096, 4096))
+    );
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn workload_specs_take_every_parameter_and_refuse_the_rest() {
+    assert_eq!(
+        WorkloadModel::parse("hotcold:rate=1e6,hot_fraction=0.1,hot_share=0.95", 5.0),
+        Ok(WorkloadModel::HotCold {
+            rate: 1e6,
+            hot_fraction: 0.1,
+            hot_share: 0.95
+        })
+    );
+    assert_eq!(
+        WorkloadModel::parse("uniform", 5.0),
+        Ok(WorkloadModel::Uniform { rate: 5.0 })
+    );
+    assert_eq!(
+        WorkloadModel::parse("phases:period=250ms", 7.0),
+        Ok(WorkloadModel::Phases {
+            rate: 7.0,
+            hot_fraction: 0.05,
+            hot_share: 0.9,
+            period: Nanos::from_millis(250)
+        })
+    );
+    assert_eq!(
+        WorkloadModel::parse("sweep:start_fraction=0.5,length_fraction=0.1,rate=9", 1.0),
+        Ok(WorkloadModel::Sweep {
+            rate: 9.0,
+            start_fraction: 0.5,
+            length_fraction: 0.1
+        })
+    );
+    assert_eq!(
+        WorkloadModel::parse("trace:dir/app.mft", 1.0),
+        Ok(WorkloadModel::trace("dir/app.mft"))
+    );
+    for (spec, why) in [
+        ("nothing", "no workload"),
+        ("uniform:hot_share=0.5", "no parameter"),
+        ("idle:rate=5", "no parameter"),
+        ("hotcold:hot_fraction=2", "between 0 and 1"),
+        ("zipf:exponent=-1", "positive"),
+        ("uniform:rate=-3", "negative"),
+        ("uniform:rate", "key=value"),
+        ("phases:period=5", "unit"),
+        ("trace:", "needs a file"),
+    ] {
+        let err = WorkloadModel::parse(spec, 1.0).unwrap_err();
+        assert!(err.contains(why), "{spec}: {err}");
+    }
+    // Names show a trace's window, speed and looping, so the cells of a comparison differ.
+    let path = std::path::Path::new("/x/app.mft");
+    assert_eq!(traced(path, 0, None, 1.0, false).name(), "trace:app.mft");
+    assert_eq!(
+        traced(path, 5000, Some(10_000), 2.0, true).name(),
+        "trace:app.mft[5s+10s x2 loop]"
+    );
+}
+
+fn small_preset(seeds: Vec<u64>) -> Preset {
+    Preset {
+        name: "shard-test",
+        description: "sharding test",
+        strategies: vec![
+            compare::Strategy {
+                name: "pre-copy".into(),
+                engine: PreCopyConfig::default(),
+            },
+            compare::Strategy {
+                name: "pre-copy 20ms".into(),
+                engine: PreCopyConfig {
+                    stop: StopRules {
+                        downtime_target: Nanos::from_millis(20),
+                        ..StopRules::default()
+                    },
+                    ..PreCopyConfig::default()
+                },
+            },
+        ],
+        workloads: vec![WorkloadModel::Idle],
+        seeds,
+        base: Scenario {
+            memory: 4 << 20,
+            ..Scenario::default()
+        },
+        claim: None,
+        baseline: Some("pre-copy"),
+    }
+}
+
+/// Runs shard `k` of `n` and returns its runs file.
+fn shard_file(matrix: &Matrix, shard: Shard) -> Vec<u8> {
+    let runs = compare::run_shard(matrix, shard, 2, |_, _| {}).unwrap();
+    let mut out = Vec::new();
+    compare::write_runs(&mut out, &matrix.info(), shard, &runs).unwrap();
+    out
+}
+
+#[test]
+fn sharded_and_unsharded_compare_give_the_same_table() {
+    let path = trace_file("shards", 1024, 6);
+    let overrides = Overrides {
+        workloads: vec![
+            traced(&path, 0, None, 1.0, true),
+            WorkloadModel::Uniform { rate: 20_000.0 },
+            WorkloadModel::HotCold {
+                rate: 50_000.0,
+                hot_fraction: 0.05,
+                hot_share: 0.9,
+            },
+        ],
+        bandwidths: vec![ByteRate(125_000_000), ByteRate(25_000_000)],
+        ..Overrides::default()
+    };
+    let matrix = Matrix::new(&small_preset(vec![1, 2]), &overrides).unwrap();
+    assert_eq!(matrix.len(), 2 * 6 * 2);
+    let whole = compare::run_shard(&matrix, Shard::ALL, 2, |_, _| {}).unwrap();
+    let unsharded = compare::summarise(&matrix.info(), whole.into_iter().map(|r| r.run).collect());
+    assert!(compare::table(&unsharded).contains("trace:"));
+    assert!(compare::table(&unsharded).contains(" on 200Mbit"));
+
+    let n = 5;
+    let files: Vec<Vec<u8>> = (1..=n)
+        .map(|k| shard_file(&matrix, Shard { index: k, count: n }))
+        .collect();
+    let read = |k: usize, bytes: &[u8]| {
+        let name = format!("shard{k}");
+        let file = compare::read_runs(bytes, &name).unwrap();
+        (name, file)
+    };
+    // Given in any order, the shards merge into the unsharded comparison, byte for byte.
+    let merged = compare::merge(
+        files
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(k, f)| read(k, f))
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(compare::table(&merged), compare::table(&unsharded));
+    assert_eq!(compare::csv(&merged), compare::csv(&unsharded));
+    assert_eq!(
+        serde_json::to_string(&merged).unwrap(),
+        serde_json::to_string(&unsharded).unwrap()
+    );
+    // And so do the plots.
+    let dirs = ["merged", "unsharded"].map(|d| {
+        std::env::temp_dir().join(format!("memferry-shard-plots-{d}-{}", std::process::id()))
+    });
+    let a = memferry_std::plots::write_all(&merged, &dirs[0]).unwrap();
+    let b = memferry_std::plots::write_all(&unsharded, &dirs[1]).unwrap();
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.file_name(), y.file_name());
+        assert_eq!(
+            std::fs::read(x).unwrap(),
+            std::fs::read(y).unwrap(),
+            "{}",
+            x.display()
+        );
+    }
+    dirs.iter()
+        .for_each(|d| std::fs::remove_dir_all(d).unwrap());
+
+    // A missing shard, a shard given twice, a cut file and another comparison's shard are
+    // refused, each with its reason.
+    let some = |ks: &[usize]| ks.iter().map(|&k| read(k, &files[k])).collect::<Vec<_>>();
+    let err = compare::merge(some(&[0, 1, 3, 4])).unwrap_err();
+    assert!(err.contains("missing shards: 3/5"), "{err}");
+    let err = compare::merge(some(&[0, 1, 2, 2, 3, 4])).unwrap_err();
+    assert!(err.contains("given twice"), "{err}");
+    let cut = &files[1][..files[1].len() - 2];
+    let cut = &cut[..cut.iter().rposition(|&b| b == b'\n').unwrap() + 1];
+    let err = compare::read_runs(cut, "cut").unwrap_err();
+    assert!(err.contains("cut short"), "{err}");
+    let other = Matrix::new(&small_preset(vec![1, 3]), &overrides).unwrap();
+    let mut foreign = Vec::new();
+    compare::write_runs(
+        &mut foreign,
+        &other.info(),
+        Shard { index: 3, count: n },
+        &[],
+    )
+    .unwrap();
+    let mut mixed = some(&[0, 1, 3, 4]);
+    mixed.push((
+        "foreign".into(),
+        compare::read_runs(&foreign[..], "foreign").unwrap(),
+    ));
+    let err = compare::merge(mixed).unwrap_err();
+    assert!(err.contains("another comparison"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn shards_split_the_run_list_exactly() {
+    for count in 1..12u32 {
+        for runs in [0usize, 1, 5, 24, 100] {
+            let mut taken = vec![0; runs];
+            for index in 1..=count {
+                let shard: Shard = format!("{index}/{count}").parse().unwrap();
+                (0..runs)
+                    .filter(|&i| shard.contains(i))
+                    .for_each(|i| taken[i] += 1);
+            }
+            assert!(taken.iter().all(|&t| t == 1), "{count} shards of {runs}");
+        }
+    }
+    for bad in ["0/3", "4/3", "3", "a/b", "1/0", "-1/2"] {
+        assert!(bad.parse::<Shard>().is_err(), "{bad}");
+    }
+}

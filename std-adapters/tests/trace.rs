@@ -14,8 +14,8 @@ use memferry::time::Nanos;
 use memferry_std::demo::{prepare_source, GuestOptions};
 use memferry_std::trace::{
     encoding_sizes, inspect, record, record_log, AtEnd, DirtySet, Encoding, ReadLimits,
-    RecordError, RecordOptions, TraceError, TraceHeader, TracePart, TraceReader, TraceReplay,
-    TraceWriter, CHUNK_PAGES, MAGIC, MAX_DESCRIPTION_LEN,
+    RecordError, RecordOptions, ReplayOptions, Speed, TraceError, TraceHeader, TracePart,
+    TraceReader, TraceReplay, TraceWriter, CHUNK_PAGES, MAGIC, MAX_DESCRIPTION_LEN,
 };
 use memferry_std::workload::WorkloadConfig;
 use proptest::prelude::*;
@@ -1075,6 +1075,200 @@ fn advance_loops_too() {
         .advance(Nanos(0), Nanos(701), |p| all.push(p))
         .unwrap();
     assert_eq!(all, vec![1, 2, 3, 4, 7, 1, 2, 3, 4, 7, 1]);
+}
+
+fn windowed(at_end: AtEnd, start: u64, length: Option<u64>, speed: f64) -> ReplayOptions {
+    ReplayOptions {
+        at_end,
+        start: Nanos(start),
+        length: length.map(Nanos),
+        speed: Speed::new(speed).unwrap(),
+    }
+}
+
+/// Every write of `replay` in replay time `[0, until)`, with the time it was made, stepping
+/// one nanosecond at a time.
+fn timed_writes<R: std::io::Read + std::io::Seek>(
+    replay: &mut TraceReplay<R>,
+    until: u64,
+) -> Vec<(u64, u64)> {
+    let mut writes = Vec::new();
+    for t in 0..until {
+        replay
+            .advance(Nanos(t), Nanos(t + 1), |p| writes.push((t, p)))
+            .unwrap();
+    }
+    writes
+}
+
+#[test]
+fn a_window_cuts_intervals_where_their_writes_fall() {
+    // Recorded time 50..250 ns: of interval 0 (0..100 ns, pages 1-4 due at 0, 25, 50, 75) the
+    // writes at 50 and 75 (pages 3, 4); interval 1 (empty); of interval 2 (150..350, page 7 due
+    // at 150) all. Replay time 0 is recorded time 50.
+    let (_, bytes) = three_interval_trace();
+    let options = windowed(AtEnd::Stop, 50, Some(200), 1.0);
+    let mut replay =
+        TraceReplay::open_with_options(Cursor::new(bytes.clone()), options, ReadLimits::default())
+            .unwrap();
+    assert_eq!(
+        timed_writes(&mut replay, 1000),
+        vec![(0, 3), (25, 4), (100, 7)]
+    );
+
+    let mut replay =
+        TraceReplay::open_with_options(Cursor::new(bytes), options, ReadLimits::default()).unwrap();
+    let mut seen = Vec::new();
+    while let Some(i) = replay.next_interval().unwrap() {
+        seen.push((i.index, i.start.0, i.duration.0, pages_of(i.dirty)));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            (0, 0, 50, vec![3, 4]),
+            (1, 50, 50, vec![]),
+            (2, 100, 100, vec![7]),
+        ]
+    );
+    assert_eq!(options.plan(Nanos(350)).pass, Nanos(200));
+}
+
+#[test]
+fn a_window_loops_only_when_asked_and_scales_with_the_speed() {
+    let (_, bytes) = three_interval_trace();
+    // At twice the speed the 200 ns window lasts 100 ns: writes at 0, 12.5 (rounded to 13)
+    // and 50, then again from 100.
+    let looping = windowed(AtEnd::Loop, 50, Some(200), 2.0);
+    let mut replay =
+        TraceReplay::open_with_options(Cursor::new(bytes.clone()), looping, ReadLimits::default())
+            .unwrap();
+    assert_eq!(
+        timed_writes(&mut replay, 201),
+        vec![
+            (0, 3),
+            (13, 4),
+            (50, 7),
+            (100, 3),
+            (113, 4),
+            (150, 7),
+            (200, 3)
+        ]
+    );
+    assert_eq!(replay.laps(), 2);
+    let plan = looping.plan(Nanos(350));
+    assert_eq!(plan.pass, Nanos(100));
+    assert_eq!(plan.passes(Nanos(250)), 2.5);
+    assert_eq!(plan.idle_after_end(Nanos(250)), Nanos::ZERO);
+
+    // The same window once: three writes, then nothing.
+    let once = ReplayOptions {
+        at_end: AtEnd::Stop,
+        ..looping
+    };
+    let mut replay =
+        TraceReplay::open_with_options(Cursor::new(bytes.clone()), once, ReadLimits::default())
+            .unwrap();
+    assert_eq!(timed_writes(&mut replay, 400).len(), 3);
+    let plan = once.plan(Nanos(350));
+    assert_eq!(plan.passes(Nanos(250)), 1.0);
+    assert_eq!(plan.idle_after_end(Nanos(250)), Nanos(150));
+
+    // Half speed: the whole trace, each write at twice its recorded time.
+    let slow = windowed(AtEnd::Stop, 0, None, 0.5);
+    let mut replay =
+        TraceReplay::open_with_options(Cursor::new(bytes), slow, ReadLimits::default()).unwrap();
+    assert_eq!(
+        timed_writes(&mut replay, 1000),
+        vec![(0, 1), (50, 2), (100, 3), (150, 4), (300, 7)]
+    );
+    assert_eq!(slow.plan(Nanos(350)).pass, Nanos(700));
+}
+
+#[test]
+fn a_window_past_the_recording_replays_nothing_even_looping() {
+    let (_, bytes) = three_interval_trace();
+    for start in [350, 400] {
+        let options = windowed(AtEnd::Loop, start, Some(100), 1.0);
+        let mut replay = TraceReplay::open_with_options(
+            Cursor::new(bytes.clone()),
+            options,
+            ReadLimits::default(),
+        )
+        .unwrap();
+        replay
+            .advance(Nanos(0), Nanos(u64::MAX), |p| panic!("wrote page {p}"))
+            .unwrap();
+        assert!(replay.next_interval().unwrap().is_none());
+        assert_eq!(options.plan(Nanos(350)).pass, Nanos::ZERO);
+    }
+    assert!(Speed::new(0.0).is_none());
+    assert!(Speed::new(-1.0).is_none());
+    assert!(Speed::new(f64::NAN).is_none());
+    assert!(Speed::new(f64::INFINITY).is_none());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// A window replays exactly the writes of the whole replay that fall inside it, each moved
+    /// back by the window's start, whatever the step sizes of the caller.
+    #[test]
+    fn a_window_is_the_whole_replay_cut_and_shifted(
+        intervals in prop::collection::vec(
+            (prop::collection::btree_set(0u64..40, 0..8), 0u64..60),
+            1..6,
+        ),
+        start in 0u64..200,
+        length in 1u64..200,
+        steps in prop::collection::vec(1u64..40, 1..20),
+    ) {
+        let intervals: Vec<Interval> = intervals
+            .into_iter()
+            .map(|(pages, d)| (pages.into_iter().collect(), Nanos(d)))
+            .collect();
+        let total: u64 = intervals.iter().map(|(_, d)| d.0).sum();
+        prop_assume!(start < total);
+        let bytes = write_trace(&TraceHeader::new(geometry(40), Nanos(10)), &intervals);
+        // Expected: write k of an interval of n pages at a + d*k/n, inside [start, start+length).
+        let mut expected = Vec::new();
+        let mut a = 0;
+        for (pages, d) in &intervals {
+            for (k, &page) in pages.iter().enumerate() {
+                let due = a + (d.0 as u128 * k as u128 / pages.len() as u128) as u64;
+                if (start..start + length).contains(&due) {
+                    expected.push((due - start, page));
+                }
+            }
+            a += d.0;
+        }
+        let options = windowed(AtEnd::Stop, start, Some(length), 1.0);
+        let mut replay = TraceReplay::open_with_options(
+            Cursor::new(bytes),
+            options,
+            ReadLimits::default(),
+        )
+        .unwrap();
+        // Uneven steps: each write must land in the step that contains its time.
+        let mut got = Vec::new();
+        let mut t = 0;
+        for step in steps.iter().cycle().take(400) {
+            let next = t + step;
+            let mut in_step = Vec::new();
+            replay.advance(Nanos(t), Nanos(next), |p| in_step.push(p)).unwrap();
+            let due_here: Vec<u64> = expected
+                .iter()
+                .filter(|(due, _)| (t..next).contains(due))
+                .map(|&(_, p)| p)
+                .collect();
+            prop_assert_eq!(&in_step, &due_here, "step {}..{}", t, next);
+            got.extend(in_step);
+            t = next;
+            if t > total + length {
+                break;
+            }
+        }
+        prop_assert_eq!(got.len(), expected.len());
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

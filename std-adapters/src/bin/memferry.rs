@@ -639,9 +639,7 @@ fn run_compare(args: CompareArgs) -> ExitCode {
     if args.shard.is_some() || args.output.is_some() {
         let written = match &args.output {
             Some(path) => std::fs::File::create(path)
-                .and_then(|f| {
-                    compare::write_runs(std::io::BufWriter::new(f), &info, shard, &runs)
-                })
+                .and_then(|f| compare::write_runs(std::io::BufWriter::new(f), &info, shard, &runs))
                 .map_err(|e| format!("cannot write {}: {e}", path.display())),
             None => compare::write_runs(std::io::stdout().lock(), &info, shard, &runs)
                 .map_err(|e| format!("cannot write the runs: {e}")),
@@ -657,8 +655,7 @@ fn run_compare(args: CompareArgs) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
-    let comparison =
-        compare::summarise(&info, runs.into_iter().map(|r| r.run).collect::<Vec<_>>());
+    let comparison = compare::summarise(&info, runs.into_iter().map(|r| r.run).collect::<Vec<_>>());
     print_comparison(&comparison, args.csv, args.json, args.plots.as_deref())
 }
 
@@ -674,7 +671,9 @@ fn simulate_workload(args: &SimulateArgs) -> Result<WorkloadModel, String> {
     }
     if let Some(rate) = args.rate {
         if !(rate.is_finite() && rate >= 0.0) {
-            return Err(format!("--rate must be a number of writes per second, not {rate}"));
+            return Err(format!(
+                "--rate must be a number of writes per second, not {rate}"
+            ));
         }
     }
     let mut model = WorkloadModel::parse(&args.workload, args.rate.unwrap_or(DEFAULT_RATE))?;
@@ -689,13 +688,18 @@ fn simulate_workload(args: &SimulateArgs) -> Result<WorkloadModel, String> {
             return Err("--zero-fraction and --hot-fraction must be between 0 and 1".into());
         }
         if args.workload.contains("hot_fraction=") {
-            return Err("give the hot fraction once: --hot-fraction or hot_fraction= in --workload".into());
+            return Err(
+                "give the hot fraction once: --hot-fraction or hot_fraction= in --workload".into(),
+            );
         }
         match &mut model {
             WorkloadModel::HotCold { hot_fraction, .. }
             | WorkloadModel::Phases { hot_fraction, .. } => *hot_fraction = f,
             WorkloadModel::Trace { .. } => {
-                return Err("--hot-fraction does not apply to a trace: its writes are the recorded ones".into())
+                return Err(
+                    "--hot-fraction does not apply to a trace: its writes are the recorded ones"
+                        .into(),
+                )
             }
             other => {
                 return Err(format!(
@@ -777,9 +781,12 @@ fn run_simulate(args: SimulateArgs) -> ExitCode {
                 started.elapsed().as_secs_f64(),
                 outcome.writes
             );
-            let coverage = trace
-                .as_ref()
-                .map(|t| (t, t.coverage(scenario.warmup + outcome.report.preparation_time)));
+            let coverage = trace.as_ref().map(|t| {
+                (
+                    t,
+                    t.coverage(scenario.warmup + outcome.report.preparation_time),
+                )
+            });
             if json {
                 let view = output::SimReportJson::new(
                     &scenario,

@@ -130,10 +130,16 @@ pub fn parse_short_duration(text: &str) -> Result<Nanos, String> {
         "ms" => 1e6,
         "s" => 1e9,
         "min" => 60e9,
-        _ => return Err(format!("'{text}': unknown unit '{unit}'; use ns, us, ms, s or min")),
+        _ => {
+            return Err(format!(
+                "'{text}': unknown unit '{unit}'; use ns, us, ms, s or min"
+            ))
+        }
     };
     if !(n.is_finite() && n >= 0.0) {
-        return Err(format!("'{text}' is not a duration; it must not be negative"));
+        return Err(format!(
+            "'{text}' is not a duration; it must not be negative"
+        ));
     }
     Ok(Nanos((n * scale).round() as u64))
 }
@@ -222,7 +228,9 @@ impl WorkloadModel {
                 pct(*hot_fraction)
             ),
             WorkloadModel::Zipf { rate, exponent } => {
-                format!("zipf: {rate} writes/s, page rank r written with probability ∝ 1/r^{exponent}")
+                format!(
+                    "zipf: {rate} writes/s, page rank r written with probability ∝ 1/r^{exponent}"
+                )
             }
             WorkloadModel::Sweep {
                 rate,
@@ -381,9 +389,12 @@ impl WorkloadModel {
                 (WorkloadModel::Sweep { start_fraction, .. }, "start_fraction") => {
                     Some(start_fraction)
                 }
-                (WorkloadModel::Sweep { length_fraction, .. }, "length_fraction") => {
-                    Some(length_fraction)
-                }
+                (
+                    WorkloadModel::Sweep {
+                        length_fraction, ..
+                    },
+                    "length_fraction",
+                ) => Some(length_fraction),
                 (WorkloadModel::Zipf { exponent, .. }, "exponent") => {
                     let v = number()?;
                     if v <= 0.0 {
@@ -502,7 +513,9 @@ impl TraceSummary {
             format!("trace {path}: the speed must be a positive number, not {speed}")
         })?;
         if *length == Some(Nanos::ZERO) {
-            return Err(format!("trace {path}: the replayed length must be positive"));
+            return Err(format!(
+                "trace {path}: the replayed length must be positive"
+            ));
         }
         let file =
             std::fs::File::open(path).map_err(|e| format!("cannot open trace {path}: {e}"))?;
