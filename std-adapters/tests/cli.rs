@@ -199,3 +199,419 @@ fn bad_options_get_clear_errors() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// simulate and compare
+
+/// Runs `memferry ARGS` and returns (stdout, stderr), asserting it succeeded.
+fn run_ok(args: &[&str]) -> (String, String) {
+    let out = memferry().args(args).output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    (stdout, stderr)
+}
+
+/// Runs `memferry ARGS`, asserts it failed without panicking, and returns its stderr.
+fn run_err(args: &[&str]) -> String {
+    let out = memferry().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    stderr
+}
+
+/// A trace of a 4 MiB guest (1024 pages): `intervals` intervals of 20 ms, each dirtying 64
+/// pages. Returns its path.
+fn cli_trace(name: &str, intervals: u64) -> std::path::PathBuf {
+    use memferry::page::{Geometry, PageSize};
+    use memferry::time::Nanos;
+    use memferry_std::trace::{TraceHeader, TraceWriter};
+    let path = std::env::temp_dir().join(format!("memferry-cli-{name}-{}.mft", std::process::id()));
+    let geometry = Geometry::new(PageSize::DEFAULT, 1024).unwrap();
+    let mut writer = TraceWriter::new(
+        std::fs::File::create(&path).unwrap(),
+        &TraceHeader::new(geometry, Nanos::from_millis(20)),
+    )
+    .unwrap();
+    for i in 0..intervals {
+        let pages: Vec<u64> = (0..64)
+            .map(|p| (p * 7 + i * 64) % 1024)
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        writer.write_interval_pages(&pages).unwrap();
+    }
+    writer.finish().unwrap();
+    path
+}
+
+#[test]
+fn simulate_json_has_the_contract_fields_bounds_and_models() {
+    let (stdout, _) = run_ok(&[
+        "simulate",
+        "--memory",
+        "8MiB",
+        "--workload",
+        "uniform",
+        "--rate",
+        "20000",
+        "--bandwidth",
+        "1Gbit",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    for field in [
+        "verified",
+        "total_time_ms",
+        "downtime_ms",
+        "preparation_time_ms",
+        "resume_time_ms",
+        "bytes_sent",
+        "pages_sent",
+        "rounds",
+        "stop_reason",
+        "per_round",
+    ] {
+        assert!(!v[field].is_null(), "{field} in {v}");
+    }
+    assert_eq!(v["memory_bytes"], 8 << 20);
+    assert!(v["bounds"]["least_bytes"].as_u64().unwrap() > 0);
+    assert!(v["bounds"]["least_downtime_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["bounds"]["least_downtime_ms"].as_f64() <= v["downtime_ms"].as_f64());
+    assert!(v["models"]["clark"]["total_time_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["models"]["clark"]["downtime_ms"].is_f64());
+    assert!(v["models"]["paper000"]["total_time_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["workload"]["model"], "uniform");
+    assert_eq!(v["workload"]["rate"], 20000.0);
+    assert!(v["workload"]["writes"].as_u64().unwrap() > 0);
+    assert_eq!(v["link"]["bandwidth_mb_s"], 125.0);
+    // The text output prints them too.
+    let (text, _) = run_ok(&["simulate", "--memory", "8MiB", "--workload", "idle"]);
+    assert!(text.contains("lower bounds:"), "{text}");
+    assert!(text.contains("Clark total"), "{text}");
+}
+
+#[test]
+fn simulate_takes_the_stop_rules_predictor_and_rate_plan_of_demo() {
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
+            "simulate",
+            "--memory",
+            "8MiB",
+            "--workload",
+            "hotcold",
+            "--rate",
+            "400000",
+            "--bandwidth",
+            "1Gbit",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&run_ok(&args).0).unwrap()
+    };
+    let v = json(&["--max-rounds", "1", "--downtime-ms", "1"]);
+    assert_eq!(v["stop_reason"], "max_rounds");
+    assert_eq!(v["rounds"], 2);
+    let v = json(&[
+        "--deadline-ms",
+        "1",
+        "--downtime-ms",
+        "1",
+        "--max-rounds",
+        "20",
+    ]);
+    assert_eq!(v["stop_reason"], "deadline", "{}", v["stop_reason"]);
+    let v = json(&[
+        "--min-bandwidth",
+        "10MB/s",
+        "--bandwidth-step",
+        "5MB/s",
+        "--downtime-ms",
+        "1",
+        "--max-rounds",
+        "3",
+        "--non-convergence-rounds",
+        "0",
+    ]);
+    let limits: Vec<f64> = v["per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rate_limit_mb_s"].as_f64().unwrap())
+        .collect();
+    // Round 1 at the floor; later rounds rise (by at least the step over the dirty rate).
+    assert_eq!(limits[0], 10.0, "{limits:?}");
+    assert!(limits[1] >= 15.0, "{limits:?}");
+    let v = json(&[
+        "--predictor",
+        "wsclock",
+        "--learning-samples",
+        "2",
+        "--downtime-ms",
+        "5",
+    ]);
+    let held: u64 = v["per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["held_back"].as_u64().unwrap())
+        .sum();
+    assert!(held > 0, "the predictor held pages back: {v}");
+}
+
+#[test]
+fn simulate_and_compare_count_verification_the_same_way() {
+    // The same guest, workload, link, strategy and seed through both commands: the same
+    // totals, with verification (the default of both) and without (--no-verify on both).
+    for no_verify in [false, true] {
+        let mut sim = vec![
+            "simulate",
+            "--memory",
+            "8MiB",
+            "--workload",
+            "uniform",
+            "--rate",
+            "30000",
+            "--bandwidth",
+            "1Gbit",
+            "--seed",
+            "1",
+            "--json",
+        ];
+        let mut cmp = vec![
+            "compare",
+            "--workload",
+            "uniform:rate=30000",
+            "--memory",
+            "8MiB",
+            "--seeds",
+            "1",
+            "--json",
+        ];
+        if no_verify {
+            sim.push("--no-verify");
+            cmp.push("--no-verify");
+        }
+        let s: serde_json::Value = serde_json::from_str(&run_ok(&sim).0).unwrap();
+        let c: serde_json::Value = serde_json::from_str(&run_ok(&cmp).0).unwrap();
+        let run = c["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["strategy"] == "pre-copy")
+            .unwrap();
+        let c_total = run["outcome"]["report"]["total_time"].as_u64().unwrap() as f64 / 1e6;
+        let c_resume = run["outcome"]["report"]["resume_time"].as_u64().unwrap() as f64 / 1e6;
+        let s_total = s["total_time_ms"].as_f64().unwrap();
+        assert!(
+            (s_total - c_total).abs() < 0.002,
+            "no_verify {no_verify}: simulate {s_total} ms, compare {c_total} ms"
+        );
+        assert!((s["resume_time_ms"].as_f64().unwrap() - c_resume).abs() < 0.002);
+        assert_eq!(s["verified"], !no_verify);
+        assert_eq!(c["parameters"]["workloads"][0]["verify"], !no_verify);
+        if no_verify {
+            assert!(c_resume < 1.0, "resume {c_resume} ms without verification");
+        } else {
+            assert!(
+                c_resume > 0.2,
+                "verification takes time: resume {c_resume} ms"
+            );
+        }
+    }
+}
+
+#[test]
+fn simulate_replays_a_trace_on_its_guest_and_says_when_it_loops() {
+    let path = cli_trace("simulate", 5);
+    let trace = format!("trace:{}", path.display());
+    let base = [
+        "simulate",
+        "--workload",
+        trace.as_str(),
+        "--bandwidth",
+        "100Mbit",
+    ];
+    let json = |extra: &[&str]| -> serde_json::Value {
+        let args: Vec<&str> = base
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .chain(["--json"])
+            .collect();
+        serde_json::from_str(&run_ok(&args).0).unwrap()
+    };
+    // The guest is the trace's (4 MiB), not the 1 GiB default; played once, not looped.
+    let v = json(&[]);
+    assert_eq!(v["memory_bytes"], 4 << 20);
+    assert_eq!(v["workload"]["trace"]["looped"], false);
+    assert_eq!(v["workload"]["trace"]["passes"], 1.0);
+    assert_eq!(v["workload"]["writes"], 5 * 64);
+    // Looping (and saying so), from 20 ms, 40 ms long, at twice the speed.
+    let v = json(&[
+        "--trace-loop",
+        "--trace-start",
+        "20ms",
+        "--trace-length",
+        "40ms",
+        "--trace-speed",
+        "2",
+    ]);
+    let t = &v["workload"]["trace"];
+    assert_eq!(t["looped"], true, "{t}");
+    assert_eq!(t["recorded_start_ms"], 20.0);
+    assert_eq!(t["recorded_end_ms"], 60.0);
+    assert_eq!(t["pass_ms"], 20.0);
+    assert!(t["passes"].as_f64().unwrap() > 1.0);
+    assert_eq!(v["workload"]["speed"], 2.0);
+    let args: Vec<&str> = base.iter().copied().chain(["--trace-loop"]).collect();
+    let (text, _) = run_ok(&args);
+    assert!(text.contains("LOOPED"), "{text}");
+    // Padding is asked for, never silent.
+    let v = json(&["--memory", "8MiB", "--pad-memory"]);
+    assert_eq!(v["memory_bytes"], 8 << 20);
+    for (extra, expect) in [
+        (vec!["--memory", "8MiB"], "--pad-memory"),
+        (vec!["--memory", "2MiB"], "smaller"),
+        (vec!["--rate", "1000"], "does not apply to a trace"),
+        (vec!["--hot-fraction", "0.1"], "does not apply to a trace"),
+        (vec!["--trace-start", "1s"], "past the end"),
+        (vec!["--trace-speed", "0"], "positive number"),
+        (vec!["--trace-length", "0s"], "positive duration"),
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        let stderr = run_err(&args);
+        assert!(stderr.contains(expect), "{extra:?}: {stderr}");
+    }
+    // Trace options and rates where they mean nothing are refused too.
+    let stderr = run_err(&["simulate", "--workload", "uniform", "--trace-loop"]);
+    assert!(stderr.contains("applies to a trace"), "{stderr}");
+    let stderr = run_err(&["simulate", "--workload", "idle", "--rate", "5"]);
+    assert!(stderr.contains("--rate does not apply"), "{stderr}");
+    let stderr = run_err(&["simulate", "--workload", "uniform", "--hot-fraction", "0.2"]);
+    assert!(stderr.contains("hotcold and phases"), "{stderr}");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn compare_runs_traces_and_built_in_workloads_and_lists_real_parameters() {
+    let path = cli_trace("compare", 4);
+    let trace = format!("trace:{}", path.display());
+    let (table, stderr) = run_ok(&[
+        "compare",
+        "--preset",
+        "max-rounds",
+        "--workload",
+        &trace,
+        "--workload",
+        "hotcold:rate=50000,hot_share=0.95",
+        "--seeds",
+        "1",
+        "--memory",
+        "4MiB",
+    ]);
+    assert!(table.contains("trace:"), "{table}");
+    assert!(table.contains("hotcold-5%@50k"), "{table}");
+    assert!(table.contains("setup: 4.00 MiB guest"), "{table}");
+    assert!(
+        table.contains("changed on the command line: workloads, memory"),
+        "{table}"
+    );
+    assert!(stderr.contains("runs in"), "{stderr}");
+    // The trace's guest decides: another --memory needs --pad-memory.
+    let stderr = run_err(&["compare", "--workload", &trace, "--memory", "8MiB"]);
+    assert!(stderr.contains("--pad-memory"), "{stderr}");
+    let stderr = run_err(&["compare", "--workload", "uniform", "--trace-loop"]);
+    assert!(stderr.contains("applies to trace workloads"), "{stderr}");
+    let stderr = run_err(&[
+        "compare",
+        "--workload",
+        "uniform:rate=1",
+        "--workload",
+        "uniform:rate=1",
+    ]);
+    assert!(stderr.contains("both named"), "{stderr}");
+    // --list prints what each preset really runs, not only its description.
+    let (list, _) = run_ok(&["compare", "--list"]);
+    assert!(list.contains("wsclock-vs-precopy"), "{list}");
+    assert!(list.contains("uniform: 50000 writes/s"), "{list}");
+    assert!(list.contains("downtime target 50 ms"), "{list}");
+    assert!(list.contains("1.00 GiB guest"), "{list}");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn sharded_and_merged_compare_print_what_an_unsharded_one_prints() {
+    let dir = std::env::temp_dir().join(format!("memferry-cli-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = cli_trace("shards", 4);
+    let trace = format!("trace:{}", path.display());
+    let matrix = [
+        "compare",
+        "--preset",
+        "max-rounds",
+        "--workload",
+        trace.as_str(),
+        "--workload",
+        "uniform:rate=20000",
+        "--bandwidth",
+        "1Gbit",
+        "--bandwidth",
+        "500Mbit",
+        "--seeds",
+        "2",
+        "--memory",
+        "4MiB",
+        "--threads",
+        "2",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        matrix.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let table = run_ok(&args(&with(&[]))).0;
+    let csv = run_ok(&args(&with(&["--csv"]))).0;
+    let mut files = Vec::new();
+    for k in 1..=3 {
+        let file = dir.join(format!("shard-{k}.jsonl"));
+        let shard = format!("{k}/3");
+        let (stdout, _) = run_ok(&args(&with(&[
+            "--shard",
+            &shard,
+            "--output",
+            file.to_str().unwrap(),
+        ])));
+        assert!(stdout.is_empty(), "a shard prints no table: {stdout}");
+        files.push(file.to_str().unwrap().to_string());
+    }
+    // Shard 2 to stdout works too.
+    let (stdout, _) = run_ok(&args(&with(&["--shard", "2/3"])));
+    assert_eq!(stdout, std::fs::read_to_string(&files[1]).unwrap());
+    let merge = |extra: &[&str]| {
+        let mut a: Vec<&str> = vec!["compare"];
+        a.extend(extra);
+        a.push("--merge");
+        a.extend(files.iter().rev().map(String::as_str));
+        run_ok(&a).0
+    };
+    assert_eq!(merge(&[]), table, "the merged table is the unsharded one");
+    assert_eq!(
+        merge(&["--csv"]),
+        csv,
+        "the merged CSV is the unsharded one"
+    );
+    assert_eq!(csv.lines().count(), 1 + 5 * 4 * 2);
+    // A missing shard is named.
+    let stderr = run_err(&["compare", "--merge", &files[0], &files[2]]);
+    assert!(stderr.contains("missing shards: 2/3"), "{stderr}");
+    // Shards print no table, so they refuse the table's options.
+    let stderr = run_err(&args(&with(&["--shard", "1/3", "--csv"])));
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_file(&path).unwrap();
+}

@@ -1089,6 +1089,77 @@ mod tests {
     }
 
     #[test]
+    fn simulate_has_every_stop_rule_predictor_and_rate_flag_of_demo() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let flags = |name: &str| -> Vec<String> {
+            cli.find_subcommand(name)
+                .unwrap()
+                .get_arguments()
+                .filter_map(|a| a.get_long().map(String::from))
+                .collect()
+        };
+        let engine: Vec<String> = EngineArgs::augment_args(clap::Command::new("x"))
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(String::from))
+            .collect();
+        assert_eq!(engine.len(), 8, "{engine:?}");
+        for command in ["demo", "send", "simulate"] {
+            let have = flags(command);
+            for flag in &engine {
+                assert!(have.contains(flag), "{command} lacks --{flag}");
+            }
+        }
+        let Command::Simulate(args) = Cli::try_parse_from([
+            "memferry",
+            "simulate",
+            "--max-rounds",
+            "3",
+            "--non-convergence-rounds",
+            "0",
+            "--deadline-ms",
+            "900",
+            "--downtime-ms",
+            "7",
+            "--predictor",
+            "lru",
+            "--learning-samples",
+            "2",
+            "--min-bandwidth",
+            "10MB/s",
+            "--bandwidth-step",
+            "1MB/s",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not simulate");
+        };
+        let config = args.engine.config(args.bandwidth, ByteRate::UNLIMITED);
+        assert_eq!(config.stop.max_rounds, 3);
+        assert_eq!(config.stop.non_convergence_rounds, 0);
+        assert_eq!(config.stop.deadline, Some(Nanos::from_millis(900)));
+        assert_eq!(config.stop.downtime_target, Nanos::from_millis(7));
+        assert_eq!(config.predictor.name(), "lru");
+        assert_eq!(config.learning_samples, 2);
+        assert_eq!(
+            config.rate,
+            RatePlan::adaptive(ByteRate(10_000_000), ByteRate(1_000_000), args.bandwidth)
+        );
+        // Without the adaptive plan the simulator's engine is not paced: the link model is.
+        let Command::Simulate(args) = Cli::try_parse_from(["memferry", "simulate"])
+            .unwrap()
+            .command
+        else {
+            panic!("not simulate");
+        };
+        assert_eq!(
+            args.engine.config(args.bandwidth, ByteRate::UNLIMITED).rate,
+            RatePlan::default()
+        );
+    }
+
+    #[test]
     fn listen_defaults_are_the_modest_library_defaults() {
         let (max_memory, idle_timeout) = listen(&[]).unwrap();
         assert_eq!(max_memory, demo::DEFAULT_MAX_GUEST);
