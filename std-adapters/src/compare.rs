@@ -368,9 +368,9 @@ pub fn link_name(rate: ByteRate) -> String {
         return "unlimited".into();
     }
     let bits = rate.0 as u128 * 8;
-    if bits % 1_000_000_000 == 0 {
+    if bits.is_multiple_of(1_000_000_000) {
         format!("{}Gbit", bits / 1_000_000_000)
-    } else if bits % 1_000_000 == 0 {
+    } else if bits.is_multiple_of(1_000_000) {
         format!("{}Mbit", bits / 1_000_000)
     } else {
         format!("{}MB/s", rate.0 as f64 / 1e6)
