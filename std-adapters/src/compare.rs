@@ -1082,6 +1082,9 @@ struct ModelsIn {
     precopy_rounds: u32,
     precopy_bytes: u64,
     paper000_total_time: Nanos,
+    curve_total_time: Nanos,
+    curve_downtime: Nanos,
+    curve_rounds: u32,
 }
 
 impl From<OutcomeIn> for SimOutcome {
@@ -1100,6 +1103,9 @@ impl From<OutcomeIn> for SimOutcome {
                 precopy_rounds: o.models.precopy_rounds,
                 precopy_bytes: o.models.precopy_bytes,
                 paper000_total_time: o.models.paper000_total_time,
+                curve_total_time: o.models.curve_total_time,
+                curve_downtime: o.models.curve_downtime,
+                curve_rounds: o.models.curve_rounds,
             },
             writes: o.writes,
             pages_written: o.pages_written,

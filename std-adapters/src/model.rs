@@ -108,6 +108,45 @@ pub struct PreCopyModel {
     pub min_shrink_permille: u32,
     /// End the push rounds once this much time has passed since the migration started.
     pub deadline: Option<Nanos>,
+    /// End the push rounds after this many consecutive rounds dirtying at
+    /// [`PreCopyModel::outpaced_permille`] of the bandwidth or more without a shrinking dirty
+    /// set (the scheduler's early non-convergence rule). 0 turns the rule off.
+    pub outpaced_rounds: u32,
+    /// The share (thousandths) of the bandwidth a dirty rate must reach to count as outpacing.
+    pub outpaced_permille: u32,
+}
+
+/// A workload's dirty-set curve (Akoush et al., "Predicting the performance of virtual machine
+/// migration", MASCOTS 2010): how many distinct pages it writes in a window of a given length.
+/// Built from the time of each page's first write after an origin.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DirtyCurve {
+    /// Offsets of first writes from the origin, sorted.
+    first_writes: Vec<Nanos>,
+    /// How far the measurement went: windows longer than this are read as this long.
+    horizon: Nanos,
+}
+
+impl DirtyCurve {
+    /// A curve from the first-write offsets of distinct pages, measured up to `horizon`.
+    pub fn new(mut first_writes: Vec<Nanos>, horizon: Nanos) -> Self {
+        first_writes.sort_unstable();
+        DirtyCurve {
+            first_writes,
+            horizon,
+        }
+    }
+
+    /// Distinct pages written in a window of `length`.
+    pub fn pages_in(&self, length: Nanos) -> u64 {
+        let length = length.min(self.horizon);
+        self.first_writes.partition_point(|&t| t <= length) as u64
+    }
+
+    /// How far the curve was measured.
+    pub fn horizon(&self) -> Nanos {
+        self.horizon
+    }
 }
 
 impl PreCopyModel {
@@ -124,6 +163,8 @@ impl PreCopyModel {
             non_convergence_rounds: 0,
             min_shrink_permille: 0,
             deadline: None,
+            outpaced_rounds: 0,
+            outpaced_permille: 1000,
         }
         .with_stop_rules(&StopRules::default())
     }
@@ -135,6 +176,8 @@ impl PreCopyModel {
         self.non_convergence_rounds = rules.non_convergence_rounds;
         self.min_shrink_permille = rules.min_shrink_permille;
         self.deadline = rules.deadline;
+        self.outpaced_rounds = rules.outpaced_rounds;
+        self.outpaced_permille = rules.outpaced_permille;
         self
     }
 
@@ -206,12 +249,31 @@ impl PreCopyModel {
     /// scheduler give up after a few rounds where a faster one keeps going (see the test
     /// `non_convergence_rule_breaks_monotonicity`).
     pub fn predict(&self) -> PreCopyPrediction {
+        let (rate, memory) = (self.dirty_rate, self.memory_bytes);
+        self.predict_with(|duration| rate.bytes_in(duration).min(memory))
+    }
+
+    /// [`PreCopyModel::predict`] with the guest's writes given by its dirty-set curve instead
+    /// of a constant dirty rate: a round of length `t` leaves `curve.pages_in(t)` pages to send
+    /// (Akoush et al.'s model). `dirty_rate` is ignored.
+    pub fn predict_from_curve(&self, curve: &DirtyCurve, page_size: u64) -> PreCopyPrediction {
+        let memory = self.memory_bytes;
+        self.predict_with(|duration| {
+            curve
+                .pages_in(duration)
+                .saturating_mul(page_size)
+                .min(memory)
+        })
+    }
+
+    fn predict_with(&self, dirtied: impl Fn(Nanos) -> u64) -> PreCopyPrediction {
         let max_rounds = self.max_rounds.clamp(1, MAX_MODELLED_ROUNDS);
         let mut rounds = Vec::new();
         let mut elapsed = Nanos::ZERO;
         let mut to_send = self.memory_bytes;
         let mut smallest_dirty = u64::MAX;
         let mut stalled_rounds = 0u32;
+        let mut outpaced_rounds = 0u32;
         let mut round = 0u32;
         let stop_reason = loop {
             round += 1;
@@ -224,7 +286,7 @@ impl PreCopyModel {
                 stop_and_copy: false,
             });
 
-            let dirty = self.dirty_rate.bytes_in(duration).min(self.memory_bytes);
+            let dirty = dirtied(duration);
             let dirty_wire = self.wire.wire_bytes(dirty);
             let estimate = self.bandwidth.time_for(dirty_wire);
             // The scheduler's dirty rate is the wire bytes dirtied over the round's duration.
@@ -241,6 +303,14 @@ impl PreCopyModel {
             } else {
                 stalled_rounds = stalled_rounds.saturating_add(1);
             }
+            let near_link = (dirty_rate.0 as u128) * 1000
+                >= (self.bandwidth.0 as u128) * self.outpaced_permille as u128
+                && dirty > 0;
+            if near_link && (smallest_dirty == u64::MAX || !shrank) {
+                outpaced_rounds = outpaced_rounds.saturating_add(1);
+            } else {
+                outpaced_rounds = 0;
+            }
             smallest_dirty = smallest_dirty.min(dirty);
             to_send = dirty;
 
@@ -252,6 +322,9 @@ impl PreCopyModel {
             }
             if round >= max_rounds {
                 break StopReason::MaxRounds;
+            }
+            if self.outpaced_rounds > 0 && outpaced_rounds >= self.outpaced_rounds {
+                break StopReason::NotConverging;
             }
             if self.non_convergence_rounds > 0 && stalled_rounds >= self.non_convergence_rounds {
                 break StopReason::NotConverging;
@@ -512,13 +585,21 @@ mod tests {
         let m = clark(GIB, 2000 * MB, 1000 * MB);
         assert!(!m.converges());
         assert!(m.ratio() > 1.0);
+        // The early rule: the dirty rate outpaces the link from round 1, so it ends after 2.
         let p = m.predict();
         assert_eq!(p.stop_reason, StopReason::NotConverging);
-        assert_eq!(p.push_rounds(), 5);
+        assert_eq!(p.push_rounds(), 2);
         assert!(p.rounds.iter().all(|r| r.bytes == GIB));
         assert_eq!(p.downtime, Nanos(1_073_741_824));
+        // Without it, the slow rule takes 5.
+        let mut slow = m;
+        slow.outpaced_rounds = 0;
+        let p = slow.predict();
+        assert_eq!(p.stop_reason, StopReason::NotConverging);
+        assert_eq!(p.push_rounds(), 5);
 
         let mut m = m;
+        m.outpaced_rounds = 0;
         m.non_convergence_rounds = 0;
         m.max_rounds = 7;
         let p = m.predict();
@@ -531,11 +612,16 @@ mod tests {
 
     #[test]
     fn slow_shrinking_series_is_judged_not_converging() {
-        // Ratio 0.96 shrinks by less than the scheduler's 5%: rounds 2..=6 stall.
-        let p = clark(GIB, 960 * MB, 1000 * MB).predict();
+        // Ratio 0.96 shrinks by less than the scheduler's 5%, at 96% of the link: the early
+        // rule ends it after 2 rounds; without it, rounds 2..=6 stall.
+        let m = clark(GIB, 960 * MB, 1000 * MB);
+        let p = m.predict();
         assert!(p.converges);
         assert_eq!(p.stop_reason, StopReason::NotConverging);
-        assert_eq!(p.push_rounds(), 6);
+        assert_eq!(p.push_rounds(), 2);
+        let mut slow = m;
+        slow.outpaced_rounds = 0;
+        assert_eq!(slow.predict().push_rounds(), 6);
     }
 
     #[test]
@@ -590,6 +676,7 @@ mod tests {
         let mut m = clark(4096, u64::MAX, 0);
         m.max_rounds = u32::MAX;
         m.non_convergence_rounds = 0;
+        m.outpaced_rounds = 0;
         let p = m.predict();
         assert_eq!(p.push_rounds(), MAX_MODELLED_ROUNDS as usize);
         assert_eq!(p.total_time, Nanos::MAX);

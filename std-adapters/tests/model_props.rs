@@ -45,6 +45,8 @@ prop_compose! {
         non_convergence_rounds in 0u32..8,
         min_shrink_permille in 0u32..1100,
         deadline in proptest::option::of((0u64..100_000_000_000).prop_map(Nanos)),
+        outpaced_rounds in 0u32..4,
+        outpaced_permille in 500u32..1200,
     ) -> PreCopyModel {
         PreCopyModel {
             memory_bytes,
@@ -56,6 +58,8 @@ prop_compose! {
             non_convergence_rounds,
             min_shrink_permille,
             deadline,
+            outpaced_rounds,
+            outpaced_permille,
         }
     }
 }
@@ -96,7 +100,7 @@ proptest! {
         a in rate(),
         b in rate(),
     ) {
-        let m = PreCopyModel { non_convergence_rounds: 0, deadline: None, ..m };
+        let m = PreCopyModel { non_convergence_rounds: 0, outpaced_rounds: 0, deadline: None, ..m };
         let (slow, fast) = if a <= b { (a, b) } else { (b, a) };
         let slow = PreCopyModel { bandwidth: slow, ..m }.predict();
         let fast = PreCopyModel { bandwidth: fast, ..m }.predict();
@@ -112,7 +116,7 @@ proptest! {
         a in rate(),
         b in rate(),
     ) {
-        let m = PreCopyModel { non_convergence_rounds: 0, deadline: None, ..m };
+        let m = PreCopyModel { non_convergence_rounds: 0, outpaced_rounds: 0, deadline: None, ..m };
         let (calm, busy) = if a <= b { (a, b) } else { (b, a) };
         let calm = PreCopyModel { dirty_rate: calm, ..m }.predict();
         let busy = PreCopyModel { dirty_rate: busy, ..m }.predict();

@@ -366,6 +366,13 @@ pub struct ModelFigures {
     pub precopy_bytes: u64,
     /// Paper 000's Tmig with Vprof = 0, Vckpt = round 1's bytes, Vdp = the later rounds' bytes.
     pub paper000_total_time: Nanos,
+    /// Akoush et al.'s model, fed the workload's dirty-set curve (distinct pages written in a
+    /// window, measured from the workload itself): total migration time.
+    pub curve_total_time: Nanos,
+    /// The dirty-set-curve model: downtime.
+    pub curve_downtime: Nanos,
+    /// The dirty-set-curve model: rounds, stop-and-copy included.
+    pub curve_rounds: u32,
 }
 
 /// What a simulation produced.
@@ -648,6 +655,11 @@ fn model_figures(
         .with_stop_rules(&scenario.engine.stop)
         .with_wire(WireCost::memferry(geometry.page_size()))
         .predict();
+    let curve = dirty_curve(scenario, geometry);
+    let from_curve = PreCopyModel::new(geometry.memory_bytes(), dirty_rate, bandwidth)
+        .with_stop_rules(&scenario.engine.stop)
+        .with_wire(WireCost::memferry(geometry.page_size()))
+        .predict_from_curve(&curve, page_size);
     let first_bytes = first.map_or(0, |r| r.bytes);
     let later_bytes: u64 = report.rounds.iter().skip(1).map(|r| r.bytes).sum();
     let hybrid = HybridModel {
@@ -665,7 +677,43 @@ fn model_figures(
         precopy_rounds: predicted.rounds.len() as u32,
         precopy_bytes: predicted.bytes_sent,
         paper000_total_time: hybrid.t_mig,
+        curve_total_time: from_curve.total_time,
+        curve_downtime: from_curve.downtime,
+        curve_rounds: from_curve.rounds.len() as u32,
     }
+}
+
+/// The workload's dirty-set curve, measured by running a fresh copy of it from the end of the
+/// warm-up: the time of each page's first write, to a resolution of 1/512 of the horizon. The
+/// horizon is three times what a full copy of memory takes, between 10 ms and 20 s.
+fn dirty_curve(scenario: &Scenario, geometry: Geometry) -> crate::model::DirtyCurve {
+    const STEPS: u64 = 512;
+    let full_copy = scenario.link.bandwidth.time_for(geometry.memory_bytes());
+    let horizon = Nanos(full_copy.0.saturating_mul(3))
+        .max(Nanos::from_millis(10))
+        .min(Nanos::from_secs(20));
+    let Ok(mut writer) = WriteGenerator::try_new(
+        scenario.workload.clone(),
+        geometry.page_count(),
+        scenario.seed,
+    ) else {
+        return crate::model::DirtyCurve::default();
+    };
+    // Bring the copy to where the migration starts, then watch.
+    writer.advance(Nanos::ZERO, scenario.warmup, |_| {});
+    let mut seen = std::collections::HashSet::new();
+    let mut first_writes = Vec::new();
+    for step in 1..=STEPS {
+        let from = scenario.warmup + Nanos(horizon.0 / STEPS * (step - 1));
+        let to = scenario.warmup + Nanos(horizon.0 / STEPS * step);
+        let at = to - scenario.warmup;
+        writer.advance(from, to, |page| {
+            if seen.insert(page) {
+                first_writes.push(at);
+            }
+        });
+    }
+    crate::model::DirtyCurve::new(first_writes, horizon)
 }
 
 fn count_frames(bytes: &[u8]) -> u64 {
