@@ -276,6 +276,9 @@ pub struct ModelsJson {
     pub clark: ModelJson,
     /// Paper 000's Tmig.
     pub paper000: ModelJson,
+    /// Akoush et al.'s model fed the workload's dirty-set curve (pages dirtied as a function of
+    /// window length).
+    pub dirty_set_curve: ModelJson,
 }
 
 /// The simulated link in the JSON output.
@@ -321,6 +324,12 @@ impl SimReportJson {
                     rounds: None,
                     bytes: None,
                 },
+                dirty_set_curve: ModelJson {
+                    total_time_ms: ms(m.curve_total_time),
+                    downtime_ms: Some(ms(m.curve_downtime)),
+                    rounds: Some(m.curve_rounds),
+                    bytes: None,
+                },
             },
             link: LinkJson {
                 bandwidth_mb_s: mb_per_s(scenario.link.bandwidth),
@@ -336,7 +345,8 @@ pub fn bounds_and_models(outcome: &SimOutcome) -> String {
     let m = &outcome.models;
     format!(
         "lower bounds: {} on the wire, {:.1} ms downtime (this run's oracle: {:.1} ms)\n\
-         models (fed round 1's dirty rate, {}): Clark total {:.1} ms, downtime {:.1} ms, {} rounds, {}; paper000 Tmig {:.1} ms\n",
+         models (fed round 1's dirty rate, {}): Clark total {:.1} ms, downtime {:.1} ms, {} rounds, {}; paper000 Tmig {:.1} ms\n\
+         model fed the workload's dirty-set curve (Akoush et al.): total {:.1} ms, downtime {:.1} ms, {} rounds\n",
         human_bytes(outcome.bounds.least_bytes),
         outcome.bounds.least_downtime.as_millis_f64(),
         outcome.bounds.oracle_downtime.as_millis_f64(),
@@ -346,6 +356,9 @@ pub fn bounds_and_models(outcome: &SimOutcome) -> String {
         m.precopy_rounds,
         human_bytes(m.precopy_bytes),
         m.paper000_total_time.as_millis_f64(),
+        m.curve_total_time.as_millis_f64(),
+        m.curve_downtime.as_millis_f64(),
+        m.curve_rounds,
     )
 }
 

@@ -284,6 +284,13 @@ fn simulate_json_has_the_contract_fields_bounds_and_models() {
     assert!(v["models"]["clark"]["total_time_ms"].as_f64().unwrap() > 0.0);
     assert!(v["models"]["clark"]["downtime_ms"].is_f64());
     assert!(v["models"]["paper000"]["total_time_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["models"]["dirty_set_curve"]["total_time_ms"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(v["bounds"]["oracle_downtime_ms"].is_f64());
     assert_eq!(v["workload"]["model"], "uniform");
     assert_eq!(v["workload"]["rate"], 20000.0);
     assert!(v["workload"]["writes"].as_u64().unwrap() > 0);
@@ -292,6 +299,7 @@ fn simulate_json_has_the_contract_fields_bounds_and_models() {
     let (text, _) = run_ok(&["simulate", "--memory", "8MiB", "--workload", "idle"]);
     assert!(text.contains("lower bounds:"), "{text}");
     assert!(text.contains("Clark total"), "{text}");
+    assert!(text.contains("dirty-set curve"), "{text}");
 }
 
 #[test]
