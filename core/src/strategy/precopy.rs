@@ -86,6 +86,8 @@ pub struct PreCopy {
     throttle: u8,
     /// Scratch: held pages the guest did not write again.
     release: DirtyBitmap,
+    /// The release round has run (it runs once).
+    released: bool,
 }
 
 /// A predictor is judged once it held back at least this many pages in a round.
@@ -108,6 +110,7 @@ impl PreCopy {
             releasing: None,
             throttle: 0,
             release: DirtyBitmap::new(0),
+            released: false,
         };
         p.predictor = match config.predictor {
             PredictorKind::None => None,
@@ -304,8 +307,9 @@ impl Strategy for PreCopy {
         }
         let decision = match decision {
             schedule::Decision::StopAndCopy(reason)
-                if unsent_held > 0 && releasing.is_none() && self.holding =>
+                if unsent_held > 0 && releasing.is_none() && !self.released =>
             {
+                self.released = true;
                 // Held pages the guest did not write again would go in the downtime: send
                 // them alone in one short round while the guest runs. The rest waits for the
                 // pause (as the "held back" of that round), with what the guest writes
