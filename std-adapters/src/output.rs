@@ -101,6 +101,10 @@ pub struct ReportJson<W = WorkloadJson> {
     pub rounds: usize,
     /// The rule that ended pre-copy.
     pub stop_reason: Option<&'static str>,
+    /// Why that rule fired, with its figures.
+    pub stop_detail: String,
+    /// The most the guest was throttled to make pre-copy converge, percent (0: never).
+    pub throttle_percent: u8,
     /// bytes_sent / total time, MB/s.
     pub throughput_mb_s: Option<f64>,
     /// Guest memory in bytes.
@@ -151,6 +155,8 @@ impl<W> ReportJson<W> {
             pages_resent: report.pages_resent(),
             rounds: report.rounds.len(),
             stop_reason: report.stop_reason.map(|r| r.as_str()),
+            stop_detail: report.stop_detail.clone(),
+            throttle_percent: report.throttle_percent,
             throughput_mb_s: mb_per_s(report.throughput()),
             memory_bytes: report.memory_bytes(),
             page_size: report.page_size,
@@ -459,11 +465,20 @@ pub fn table(report: &MigrationReport) -> String {
         ),
         (
             "rounds",
-            format!(
-                "{} (stopped by {})",
-                report.rounds.len(),
-                report.stop_reason.map_or("-", |r| r.as_str())
-            ),
+            if report.stop_detail.is_empty() {
+                format!(
+                    "{} (stopped by {})",
+                    report.rounds.len(),
+                    report.stop_reason.map_or("-", |r| r.as_str())
+                )
+            } else {
+                format!(
+                    "{} (stopped by {}: {})",
+                    report.rounds.len(),
+                    report.stop_reason.map_or("-", |r| r.as_str()),
+                    report.stop_detail
+                )
+            },
         ),
         (
             "pages sent",

@@ -307,6 +307,15 @@ struct EngineArgs {
     /// Stop after this many rounds without progress (0: never).
     #[arg(long, default_value_t = StopRules::default().non_convergence_rounds)]
     non_convergence_rounds: u32,
+    /// Decide early that the guest outpaces the link: after this many rounds dirtying memory at
+    /// 90% of the bandwidth or more without the dirty set shrinking (0: never).
+    #[arg(long, default_value_t = StopRules::default().outpaced_rounds)]
+    outpaced_rounds: u32,
+    /// When the guest outpaces the link, throttle it (20%, then 10% more each time) and go on,
+    /// instead of stopping the rounds (QEMU's auto-converge; the simulator models the slowed
+    /// guest, the demo's workload cannot be throttled and stops).
+    #[arg(long)]
+    throttle: bool,
     /// Overall deadline for the pre-copy rounds, in ms.
     #[arg(long)]
     deadline_ms: Option<u64>,
@@ -442,10 +451,12 @@ impl EngineArgs {
                 max_rounds: self.max_rounds.max(1),
                 non_convergence_rounds: self.non_convergence_rounds,
                 deadline: self.deadline_ms.map(Nanos::from_millis),
+                outpaced_rounds: self.outpaced_rounds,
                 ..StopRules::default()
             },
             predictor: self.predictor,
             learning_samples: self.learning_samples,
+            throttle_when_outpaced: self.throttle,
             ..PreCopyConfig::default()
         }
     }
