@@ -45,6 +45,8 @@ pub mod output;
 pub mod plots;
 #[cfg(feature = "research")]
 pub mod policy;
+#[cfg(all(feature = "research", target_os = "linux"))]
+pub mod record_program;
 #[cfg(feature = "research")]
 pub mod sim;
 #[cfg(feature = "research")]
