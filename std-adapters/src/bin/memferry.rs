@@ -1114,7 +1114,7 @@ mod tests {
             .get_arguments()
             .filter_map(|a| a.get_long().map(String::from))
             .collect();
-        assert_eq!(engine.len(), 8, "{engine:?}");
+        assert_eq!(engine.len(), 10, "{engine:?}");
         for command in ["demo", "send", "simulate"] {
             let have = flags(command);
             for flag in &engine {
