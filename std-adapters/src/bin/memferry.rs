@@ -76,12 +76,23 @@ enum Command {
         /// Sampling interval (e.g. 100ms).
         #[arg(long, default_value = "100ms", value_parser = parse_duration)]
         interval: std::time::Duration,
-        /// How long to record (e.g. 10s).
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        duration: std::time::Duration,
-        /// What was recorded (default: the guest and workload settings).
+        /// How long to record (e.g. 10s). Default: 10 s for the built-in workload; until the
+        /// program exits for a program.
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// What was recorded (default: the guest and workload settings, or the command line).
         #[arg(long)]
         description: Option<String>,
+        /// The recorder library to preload into the program (default: found next to this
+        /// executable; see docs/recording.md).
+        #[arg(long)]
+        library: Option<std::path::PathBuf>,
+        /// A program to record instead of the built-in workload (after `--`, e.g.
+        /// `memferry record -o xz.mft -- xz -9 big.tar`): its own writes, from the kernel
+        /// (userfaultfd write-protect and PAGEMAP_SCAN, Linux 6.7 or later). The guest flags do
+        /// not apply then.
+        #[arg(last = true)]
+        command: Vec<std::ffi::OsString>,
     },
     /// Simulate one migration in virtual time and print its report, the lower bounds and the
     /// analytic models' figures.
@@ -470,6 +481,74 @@ impl MigrationArgs {
             ..self.engine.config(self.bandwidth, self.bandwidth)
         }
     }
+}
+
+/// `memferry record -o F -- CMD ARGS…`: records a program's writes into a trace.
+#[cfg(target_os = "linux")]
+fn record_a_program(
+    output: std::path::PathBuf,
+    interval: std::time::Duration,
+    duration: Option<std::time::Duration>,
+    description: Option<String>,
+    library: Option<std::path::PathBuf>,
+    command: Vec<std::ffi::OsString>,
+) -> ExitCode {
+    use memferry_std::record_program::{record_program, ProgramRecordOptions};
+    if interval.is_zero() || duration.is_some_and(|d| d < interval) {
+        return fail("--interval must be positive and no longer than --duration");
+    }
+    let options = ProgramRecordOptions {
+        interval,
+        library,
+        duration,
+        description,
+    };
+    let file = match std::fs::File::create(&output) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("cannot create {}: {e}", output.display())),
+    };
+    eprintln!(
+        "recording {:?} every {:?} into {}",
+        command,
+        interval,
+        output.display()
+    );
+    match record_program(&command, &options, file) {
+        Ok(summary) => {
+            for warning in &summary.warnings {
+                eprintln!("memferry: warning: {warning}");
+            }
+            if !summary.complete {
+                eprintln!(
+                    "memferry: the program did not exit normally: its last interval is missing"
+                );
+            }
+            println!(
+                "wrote {}: {} intervals, {} dirty pages (at most {} in one interval), a guest of {} pages, {} bytes; the program {}",
+                output.display(),
+                summary.intervals,
+                summary.dirty_pages,
+                summary.max_dirty_pages,
+                summary.guest_pages,
+                summary.file_bytes,
+                summary.status
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("recording failed: {e}")),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn record_a_program(
+    _output: std::path::PathBuf,
+    _interval: std::time::Duration,
+    _duration: Option<std::time::Duration>,
+    _description: Option<String>,
+    _library: Option<std::path::PathBuf>,
+    _command: Vec<std::ffi::OsString>,
+) -> ExitCode {
+    fail("recording a program needs Linux (userfaultfd and PAGEMAP_SCAN)")
 }
 
 fn parse_speed(text: &str) -> Result<f64, String> {
@@ -927,7 +1006,13 @@ fn main() -> ExitCode {
             interval,
             duration,
             description,
+            library,
+            command,
         } => {
+            if !command.is_empty() {
+                return record_a_program(output, interval, duration, description, library, command);
+            }
+            let duration = duration.unwrap_or(std::time::Duration::from_secs(10));
             let options = match guest.options() {
                 Ok(o) => o,
                 Err(e) => return fail(e),
