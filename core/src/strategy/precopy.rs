@@ -88,6 +88,8 @@ pub struct PreCopy {
     release: DirtyBitmap,
     /// The release round has run (it runs once).
     released: bool,
+    /// The predictor was right (most held pages written again) in a judged round.
+    proven: bool,
 }
 
 /// A predictor is judged once it held back at least this many pages in a round.
@@ -111,6 +113,7 @@ impl PreCopy {
             throttle: 0,
             release: DirtyBitmap::new(0),
             released: false,
+            proven: false,
         };
         p.predictor = match config.predictor {
             PredictorKind::None => None,
@@ -237,8 +240,12 @@ impl Strategy for PreCopy {
         };
         // A predictor whose held pages mostly stay clean is wrong on this workload: it only
         // delays pages to the end. It stops holding back for the rest of the migration.
-        if self.holding && held_back >= JUDGED_HOLD_BACK && redirtied * 2 < held_back {
-            self.holding = false;
+        if self.holding && held_back >= JUDGED_HOLD_BACK {
+            if redirtied * 2 < held_back {
+                self.holding = false;
+            } else {
+                self.proven = true;
+            }
         }
         // Held pages the guest did not write again (after a release round: pages kept for
         // stop-and-copy that it did not write again either).
@@ -352,7 +359,17 @@ impl Strategy for PreCopy {
                     self.hot.intersect_with(&self.sample);
                     self.held.union_with(cx.send);
                     self.held.intersect_with(&self.hot);
-                    cx.send.difference_with(&self.hot);
+                    if !self.proven {
+                        // Until it has been right once, a predictor holds back at most an
+                        // eighth of the round: a wrong guess then costs little.
+                        let cap = (cx.send.count_ones() / 8).max(JUDGED_HOLD_BACK);
+                        let excess: alloc::vec::Vec<u64> =
+                            self.held.iter_ones().skip(cap as usize).collect();
+                        for page in excess {
+                            self.held.unset(page);
+                        }
+                    }
+                    cx.send.difference_with(&self.held);
                 }
                 Ok(Decision::NextRound)
             }

@@ -903,16 +903,15 @@ mod tests {
         ]
     }
 
-    const SEED: u64 = 0x6d65_6d66_6572_7279;
+    const SEED: u64 = 2;
 
     proptest::proptest! {
-        // A fixed seed: CI runs the same 32 cases every time. This does not hold everywhere
-        // yet: wider random runs find sweeps that a recency predictor gets wrong in its first
-        // hold round, costing up to 18% more downtime than plain pre-copy (26.4 vs 22.3 ms;
-        // seeds 2 and 4 of this test, 48 cases, find such cases). Bounding an unproven
-        // predictor's first hold is open work (issue 15).
+        // A fixed seed, so CI runs the same 48 cases every time: with it the test fails on
+        // the engine without the release rules, and it failed (sweeps a recency predictor got
+        // wrong in its first hold round: 26.4 vs 22.3 ms) until an unproven predictor's hold
+        // was capped at an eighth of a round. Seeds 2, 4 and 7 pass now.
         #![proptest_config(proptest::prelude::ProptestConfig {
-            cases: 32,
+            cases: 48,
             rng_seed: proptest::test_runner::RngSeed::Fixed(SEED),
             ..proptest::prelude::ProptestConfig::default()
         })]
