@@ -1274,30 +1274,10 @@ impl<S: Strategy> Source<S> {
         buf: &mut [u8],
         host: &mut H,
     ) -> Result<usize, MigrationError> {
-        if !self.stop_and_copy {
-            let mut cx = StrategyContext::new(
-                &self.layout,
-                &mut self.send,
-                &mut self.round_report,
-                now - self.start,
-            );
-            self.strategy.during_round(now, &mut cx, host)?;
-        }
-        let page_size = self.layout.page_size().bytes();
-        let entry_max = wire::PAGE_ENTRY_LEN + page_size;
-        let limit = self.round_report.rate_limit;
-        let allowed = limit
-            .bytes_in(now - self.round_start)
-            .saturating_sub(self.round_report.bytes);
-        let frame_fixed = wire::FRAME_OVERHEAD + wire::PAGES_HEADER_LEN;
-        if (allowed as usize) < frame_fixed + entry_max {
-            let wake = self.round_start
-                + limit.time_for(self.round_report.bytes + (frame_fixed + entry_max) as u64);
-            self.rate_wake = Some(wake.max(now + Nanos(1)));
+        let Some(room) = self.round_room(now, buf.len(), host)? else {
             return Ok(0);
-        }
-        self.rate_wake = None;
-        let room = buf.len().min(allowed.min(usize::MAX as u64) as usize);
+        };
+        let page_size = self.layout.page_size().bytes();
         let mut written = 0;
         if self.post_copy {
             written += self.send_urgent(ch, &mut buf[..room], host)?;
@@ -1344,6 +1324,38 @@ impl<S: Strategy> Source<S> {
             None => self.finish_walk(now, host)?,
         }
         Ok(written)
+    }
+
+    /// Before a batch of the current round: lets the strategy sample the dirty log, then says
+    /// how much of `room` the round's rate limit leaves; `None` (with a wake-up time) while not
+    /// even one page frame fits.
+    fn round_room<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        room: usize,
+        host: &mut H,
+    ) -> Result<Option<usize>, MigrationError> {
+        if !self.stop_and_copy {
+            let mut cx = StrategyContext::new(
+                &self.layout,
+                &mut self.send,
+                &mut self.round_report,
+                now - self.start,
+            );
+            self.strategy.during_round(now, &mut cx, host)?;
+        }
+        let one_page = wire::page_frame_len(self.layout.page_size().bytes());
+        let limit = self.round_report.rate_limit;
+        let allowed = limit
+            .bytes_in(now - self.round_start)
+            .saturating_sub(self.round_report.bytes);
+        if (allowed as usize) < one_page {
+            let wake = self.round_start + limit.time_for(self.round_report.bytes + one_page as u64);
+            self.rate_wake = Some(wake.max(now + Nanos(1)));
+            return Ok(None);
+        }
+        self.rate_wake = None;
+        Ok(Some(room.min(allowed.min(usize::MAX as u64) as usize)))
     }
 
     /// Encodes page `p` into `writer`: zero pages the host knows of as headers only, then the
@@ -1441,28 +1453,10 @@ impl<S: Strategy> Source<S> {
         room: usize,
         host: &mut H,
     ) -> Result<Option<PagePlan>, MigrationError> {
-        if !self.stop_and_copy {
-            let mut cx = StrategyContext::new(
-                &self.layout,
-                &mut self.send,
-                &mut self.round_report,
-                now - self.start,
-            );
-            self.strategy.during_round(now, &mut cx, host)?;
-        }
-        let page_size = self.layout.page_size().bytes();
-        let limit = self.round_report.rate_limit;
-        let allowed = limit
-            .bytes_in(now - self.round_start)
-            .saturating_sub(self.round_report.bytes);
-        let one_page = wire::page_frame_len(page_size);
-        if (allowed as usize) < one_page {
-            let wake = self.round_start + limit.time_for(self.round_report.bytes + one_page as u64);
-            self.rate_wake = Some(wake.max(now + Nanos(1)));
+        let Some(room) = self.round_room(now, room, host)? else {
             return Ok(None);
-        }
-        self.rate_wake = None;
-        let room = room.min(allowed.min(usize::MAX as u64) as usize);
+        };
+        let page_size = self.layout.page_size().bytes();
         let (most, _) = plan::pages_that_fit(room, page_size, self.checksum);
         let mut pages = Vec::new();
         if self.post_copy {
