@@ -522,18 +522,9 @@ impl<S: Strategy> Source<S> {
         buf: &mut [u8],
         host: &mut H,
     ) -> Result<usize, MigrationError> {
-        self.last_now = self.last_now.max(now);
         let ch = channel as usize;
-        if ch >= self.channels.len() {
-            return Ok(0);
-        }
-        if self.failure.is_some() {
-            let n = self.channels[ch].drain_into(buf);
-            self.account(now, n);
-            return Ok(n);
-        }
-        if let Err(e) = self.advance(now, host) {
-            return self.fail(now, e, host);
+        if let Some(done) = self.begin_output(now, ch, buf, host)? {
+            return Ok(done);
         }
         let mut n = self.channels[ch].drain_into(buf);
         if self.post_copy
@@ -571,6 +562,30 @@ impl<S: Strategy> Source<S> {
         Ok(n)
     }
 
+    /// What every output call does first: `Some(bytes)` when the call is over (an unknown
+    /// channel, or after a failure only the queued abort drains), else advances the migration.
+    fn begin_output<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        ch: usize,
+        buf: &mut [u8],
+        host: &mut H,
+    ) -> Result<Option<usize>, MigrationError> {
+        self.last_now = self.last_now.max(now);
+        if ch >= self.channels.len() {
+            return Ok(Some(0));
+        }
+        if self.failure.is_some() {
+            let n = self.channels[ch].drain_into(buf);
+            self.account(now, n);
+            return Ok(Some(n));
+        }
+        if let Err(e) = self.advance(now, host) {
+            return self.fail(now, e, host);
+        }
+        Ok(None)
+    }
+
     fn account(&mut self, now: Nanos, n: usize) {
         if n == 0 {
             return;
@@ -598,18 +613,9 @@ impl<S: Strategy> Source<S> {
         buf: &mut [u8],
         host: &mut H,
     ) -> Result<Transmit, MigrationError> {
-        self.last_now = self.last_now.max(now);
         let ch = channel as usize;
-        if ch >= self.channels.len() {
-            return Ok(Transmit::Bytes(0));
-        }
-        if self.failure.is_some() {
-            let n = self.channels[ch].drain_into(buf);
-            self.account(now, n);
-            return Ok(Transmit::Bytes(n));
-        }
-        if let Err(e) = self.advance(now, host) {
-            return self.fail(now, e, host);
+        if let Some(done) = self.begin_output(now, ch, buf, host)? {
+            return Ok(Transmit::Bytes(done));
         }
         let n = self.channels[ch].drain_into(buf);
         if n > 0 {
