@@ -1496,11 +1496,8 @@ impl<S: Strategy> Source<S> {
         if pages.is_empty() {
             return Ok(None);
         }
-        let (_, planned_bytes) = plan::pages_that_fit(
-            plan::room_for(pages.len() as u64, page_size, self.checksum),
-            page_size,
-            self.checksum,
-        );
+        // Full frames of raw pages: exactly what `PagePlan::encode` writes at most.
+        let planned_bytes = plan::room_for(pages.len() as u64, page_size, self.checksum);
         let count = pages.len() as u64;
         self.round_report.pages += count;
         self.round_report.bytes += planned_bytes as u64;
