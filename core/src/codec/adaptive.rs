@@ -1,0 +1,365 @@
+//! Adaptive choice of encoding per page (after Jin et al., paper 004: −27.1% downtime, −68.8%
+//! data), and the rule that weighs CPU against the link.
+//!
+//! Why: no one encoding wins everywhere. XBZRLE beats LZ4 on 93–100% of changed pages of most
+//! programs, but a JVM's young collection rewrites pages and XBZRLE wins on only 17–49% there;
+//! random data does not compress at all and compressing it only burns CPU; and an encoder slower
+//! than the link slows the migration down however much it saves.
+//!
+//! # Classes
+//! [`classify`] looks at a page cheaply (a sample, no allocation) and says what it is:
+//! - [`PageClass::Zero`]: all zero (header only);
+//! - [`PageClass::RecentlySent`]: the delta cache holds a version from an earlier round;
+//! - [`PageClass::FewWords`]: a sample of its 64-bit words holds at most
+//!   [`FEW_WORDS`] distinct values (fills, sparse tables): compresses extremely well;
+//! - [`PageClass::LowEntropy`]: the bytes of a sample have a collision entropy below
+//!   [`LOW_ENTROPY_BITS`] bits (text, small integers, pointers): worth LZ4;
+//! - [`PageClass::HighEntropy`]: the rest (compressed or encrypted data): sent raw.
+//!
+//! # Choice ([`Adaptive`])
+//! 1. dedup: content sent before goes as a reference (24 bytes);
+//! 2. a recently sent page tries XBZRLE; a delta of at most a quarter page is taken as is, a
+//!    longer one is compared with LZ4 when the page is compressible;
+//! 3. few distinct words or low entropy: LZ4; high entropy: raw.
+//!
+//! Each step runs only if [`encoder_pays`] allows that encoder under the measured [`Rates`].
+//!
+//! # CPU against the link
+//! With the encoder on `threads` threads turning page bytes at `E` bytes/s into `r` times as many
+//! (r < 1), and a link of `L` bytes/s, pages flow at `min(E·threads, L / r)` instead of `L`: the
+//! encoder helps iff `E·threads > L` ([`encoder_pays`]; [`effective_rate`] gives the figure). The
+//! caller measures `E` and `L`; these functions only compare them.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::dedup::DedupEncoder;
+use super::lz4::Lz4Compressor;
+use super::xbzrle::DeltaEncoder;
+use super::zero::is_zero_page;
+use super::PageEncoder;
+use crate::wire::Encoding;
+
+/// What a page looks like to [`classify`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageClass {
+    /// All zero bytes.
+    Zero,
+    /// A version from an earlier round is cached for a delta.
+    RecentlySent,
+    /// Few distinct words in a sample.
+    FewWords,
+    /// Compressible bytes.
+    LowEntropy,
+    /// Incompressible bytes.
+    HighEntropy,
+}
+
+/// A sample with at most this many distinct 64-bit words is [`PageClass::FewWords`].
+pub const FEW_WORDS: usize = 4;
+/// Words sampled for [`PageClass::FewWords`].
+pub const WORD_SAMPLE: usize = 32;
+/// A sample whose bytes' collision entropy is below this many bits per byte is
+/// [`PageClass::LowEntropy`] (random bytes measure close to 8; English text about 4–5; LZ4
+/// gains little above 6).
+pub const LOW_ENTROPY_BITS: u32 = 6;
+/// Bytes sampled for the entropy estimate (16 runs of 32 bytes spread over the page).
+pub const BYTE_SAMPLE: usize = 512;
+
+/// Classifies `page`; `recently_sent` says whether the delta cache holds an earlier version.
+pub fn classify(page: &[u8], recently_sent: bool) -> PageClass {
+    if is_zero_page(page) {
+        return PageClass::Zero;
+    }
+    if recently_sent {
+        return PageClass::RecentlySent;
+    }
+    classify_content(page)
+}
+
+/// The content classes only: [`PageClass::FewWords`], [`PageClass::LowEntropy`] or
+/// [`PageClass::HighEntropy`].
+pub fn classify_content(page: &[u8]) -> PageClass {
+    if few_words(page) {
+        return PageClass::FewWords;
+    }
+    if low_entropy(page) {
+        PageClass::LowEntropy
+    } else {
+        PageClass::HighEntropy
+    }
+}
+
+fn few_words(page: &[u8]) -> bool {
+    let words = page.len() / 8;
+    if words == 0 {
+        return true;
+    }
+    let step = (words / WORD_SAMPLE).max(1);
+    let mut seen = [0u64; FEW_WORDS];
+    let mut distinct = 0;
+    for w in page.chunks_exact(8).step_by(step).take(WORD_SAMPLE) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        let v = u64::from_ne_bytes(a);
+        if !seen[..distinct].contains(&v) {
+            if distinct == FEW_WORDS {
+                return false;
+            }
+            seen[distinct] = v;
+            distinct += 1;
+        }
+    }
+    true
+}
+
+fn low_entropy(page: &[u8]) -> bool {
+    const RUN: usize = 32;
+    let runs = BYTE_SAMPLE / RUN;
+    let mut counts = [0u32; 256];
+    let mut n = 0u64;
+    let step = (page.len() / runs).max(RUN);
+    for chunk in page.chunks(step).take(runs) {
+        for &b in &chunk[..chunk.len().min(RUN)] {
+            counts[b as usize] += 1;
+            n += 1;
+        }
+    }
+    // Collision entropy H2 = -log2(sum p^2) < bits  <=>  sum c^2 * 2^bits > n^2.
+    let sum_sq: u64 = counts.iter().map(|&c| c as u64 * c as u64).sum();
+    (sum_sq << LOW_ENTROPY_BITS) > n * n
+}
+
+/// Whether an encoder turning `encoder_rate` bytes of page per second per thread, on `threads`
+/// threads, keeps up with a link of `link_rate` bytes per second (if not, compressing slows the
+/// migration: send raw). A rate of 0 means unmeasured and counts as keeping up.
+pub fn encoder_pays(encoder_rate: u64, threads: u32, link_rate: u64) -> bool {
+    if encoder_rate == 0 || link_rate == 0 {
+        return true;
+    }
+    encoder_rate.saturating_mul(threads.max(1) as u64) >= link_rate
+}
+
+/// Page bytes per second that flow with an encoder of `encoder_rate` (per thread, `threads`
+/// threads) whose output is `ratio_permille`/1000 of its input, over a link of `link_rate`:
+/// `min(encoder_rate · threads, link_rate / ratio)`.
+pub fn effective_rate(encoder_rate: u64, threads: u32, ratio_permille: u32, link_rate: u64) -> u64 {
+    let cpu = encoder_rate.saturating_mul(threads.max(1) as u64);
+    let wire = if ratio_permille == 0 {
+        u64::MAX
+    } else {
+        (link_rate as u128 * 1000 / ratio_permille as u128).min(u64::MAX as u128) as u64
+    };
+    cpu.min(wire)
+}
+
+/// Measured figures for [`Adaptive`], in bytes of page per second per thread (0: unmeasured).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rates {
+    /// The link's delivery rate (0: unknown; every encoder is then allowed).
+    pub link: u64,
+    /// Encoding threads (channels).
+    pub threads: u32,
+    /// LZ4 compression.
+    pub lz4: u64,
+    /// XBZRLE encoding.
+    pub delta: u64,
+    /// Content hashing (dedup).
+    pub hash: u64,
+}
+
+/// Which of its encoders [`Adaptive`] uses now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enabled {
+    /// References to content sent before.
+    pub dedup: bool,
+    /// XBZRLE deltas.
+    pub delta: bool,
+    /// LZ4.
+    pub lz4: bool,
+}
+
+impl Enabled {
+    /// The encoders that keep up with the link under `rates`.
+    pub fn from_rates(rates: &Rates) -> Self {
+        let pays = |r| encoder_pays(r, rates.threads, rates.link);
+        Enabled {
+            dedup: pays(rates.hash),
+            delta: pays(rates.delta),
+            lz4: pays(rates.lz4),
+        }
+    }
+}
+
+/// Pages [`Adaptive`] sent per choice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AdaptiveStats {
+    /// As references.
+    pub reference: u64,
+    /// As XBZRLE deltas.
+    pub delta: u64,
+    /// With LZ4.
+    pub lz4: u64,
+    /// Raw (high entropy, or nothing shorter).
+    pub raw: u64,
+    /// Pages classified few-words, low-entropy, high-entropy (for reports).
+    pub few_words: u64,
+    /// See `few_words`.
+    pub low_entropy: u64,
+    /// See `few_words`.
+    pub high_entropy: u64,
+}
+
+/// An encoder that picks, page by page, among dedup, XBZRLE and LZ4 (any may be left out), by
+/// [`classify`] and the CPU-against-link rule. Keeps the delta cache and the dedup index equal to
+/// what the destination holds whatever it picks; the same ordering rules as for its parts apply
+/// (each page through the same encoder, in order, on one channel).
+pub struct Adaptive {
+    dedup: Option<DedupEncoder>,
+    delta: Option<DeltaEncoder>,
+    lz4: Option<Lz4Compressor>,
+    enabled: Enabled,
+    scratch: Vec<u8>,
+    stats: AdaptiveStats,
+}
+
+impl Adaptive {
+    /// An adaptive encoder over the given parts; all enabled until [`Adaptive::set_rates`].
+    pub fn new(dedup: Option<DedupEncoder>, delta: Option<DeltaEncoder>, lz4: bool) -> Self {
+        Adaptive {
+            dedup,
+            delta,
+            lz4: lz4.then(Lz4Compressor::default),
+            enabled: Enabled {
+                dedup: true,
+                delta: true,
+                lz4: true,
+            },
+            scratch: Vec::new(),
+            stats: AdaptiveStats::default(),
+        }
+    }
+
+    /// Applies measured rates: encoders slower than the link are not used.
+    pub fn set_rates(&mut self, rates: &Rates) {
+        self.enabled = Enabled::from_rates(rates);
+    }
+
+    /// The encoders in use.
+    pub fn enabled(&self) -> Enabled {
+        self.enabled
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> AdaptiveStats {
+        self.stats
+    }
+
+    /// The delta encoder, if any.
+    pub fn delta(&self) -> Option<&DeltaEncoder> {
+        self.delta.as_ref()
+    }
+
+    /// The dedup encoder, if any.
+    pub fn dedup(&self) -> Option<&DedupEncoder> {
+        self.dedup.as_ref()
+    }
+
+    fn lz4_into(&mut self, page: &[u8], out: &mut [u8]) -> Option<usize> {
+        if !self.enabled.lz4 {
+            return None;
+        }
+        self.lz4.as_mut()?.compress(page, out)
+    }
+}
+
+impl PageEncoder for Adaptive {
+    fn name(&self) -> &'static str {
+        "adaptive"
+    }
+
+    fn encode(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<(Encoding, usize)> {
+        let limit = out.len().min(page.len().saturating_sub(1));
+        let out = &mut out[..limit];
+
+        // 1. Content sent before: a reference. Otherwise the index records this page.
+        if let Some(dedup) = self.dedup.as_mut() {
+            let found = if self.enabled.dedup {
+                dedup.encode_reference(index, page, out)
+            } else {
+                dedup.record(index, page);
+                None
+            };
+            if let Some(n) = found {
+                if let Some(delta) = self.delta.as_mut() {
+                    delta.record(index, page);
+                }
+                self.stats.reference += 1;
+                return Some((Encoding::REFERENCE, n));
+            }
+        }
+
+        // 2. Sent in an earlier round: try a delta. The cache follows the page in every case.
+        let mut best: Option<(Encoding, usize)> = None;
+        if let Some(delta) = self.delta.as_mut() {
+            if self.enabled.delta && delta.has_base(index) {
+                if let Some(n) = delta.encode_delta(index, page, out) {
+                    if n <= page.len() / 4 {
+                        self.stats.delta += 1;
+                        return Some((Encoding::XBZRLE, n));
+                    }
+                    best = Some((Encoding::XBZRLE, n));
+                }
+            } else {
+                delta.record(index, page);
+            }
+        }
+
+        // 3. By content.
+        let class = classify_content(page);
+        match class {
+            PageClass::FewWords => self.stats.few_words += 1,
+            PageClass::LowEntropy => self.stats.low_entropy += 1,
+            _ => self.stats.high_entropy += 1,
+        }
+        if class != PageClass::HighEntropy {
+            let room = best.map_or(limit, |(_, n)| n.saturating_sub(1));
+            if best.is_some() {
+                // The delta sits in `out`: compress into the scratch, copy if shorter.
+                let mut scratch = core::mem::take(&mut self.scratch);
+                if scratch.len() < page.len() {
+                    scratch = vec![0; page.len()];
+                }
+                let got = self.lz4_into(page, &mut scratch[..room]);
+                if let Some(m) = got {
+                    out[..m].copy_from_slice(&scratch[..m]);
+                    best = Some((Encoding::LZ4, m));
+                }
+                self.scratch = scratch;
+            } else if let Some(m) = self.lz4_into(page, &mut out[..room]) {
+                best = Some((Encoding::LZ4, m));
+            }
+        }
+        match best {
+            Some((Encoding::LZ4, _)) => self.stats.lz4 += 1,
+            Some(_) => self.stats.delta += 1,
+            None => self.stats.raw += 1,
+        }
+        best
+    }
+
+    fn begin_generation(&mut self, generation: u32) {
+        if let Some(delta) = self.delta.as_mut() {
+            delta.begin_generation(generation);
+        }
+    }
+
+    fn sent_zero(&mut self, index: u64) {
+        if let Some(delta) = self.delta.as_mut() {
+            delta.sent_zero(index);
+        }
+        if let Some(dedup) = self.dedup.as_mut() {
+            dedup.sent_zero(index);
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! Deduplication within a migration: a page whose content was already sent goes as a
+//! *reference* to the page that carried it, and the destination copies it from its own memory.
+//!
+//! Why: a whole VM holds duplicate pages (shared libraries loaded twice, copies, fills), and a
+//! page that is dirtied but rewritten with the same bytes is a duplicate of itself. A reference is
+//! 24 bytes instead of a page.
+//!
+//! # Index
+//! [`DedupIndex`] maps the xxh3-128 hash of content already sent to the first page index that
+//! carried it (a hashbrown map bounded to a number of entries, oldest dropped first), and each
+//! such page to its hash, so that a page sent again with other content stops being referenced.
+//!
+//! # The hash and its seed
+//! The hash is `xxh3_128_with_seed(page, seed)` ([`content_hash`]). The seed is the caller's, the
+//! same on both sides (the session can derive it from the session id). A seed of 0 is plain
+//! xxh3-128. A per-migration random seed is recommended: xxh3 is not cryptographic, and with a
+//! known seed a guest could build two pages with one hash so that one replaces the other on the
+//! destination (the guest corrupts only itself, but a secret seed makes it hard to do at all).
+//! Seeding costs nothing (`codec/hash` bench). This is not the digest's hash, which is seeded by
+//! the page *index* so equal pages hash differently there; here equal content must hash equal.
+//!
+//! # Payload of [`Encoding::REFERENCE`] (24 bytes)
+//! ```text
+//! source page index  u64 LE   a page of the destination's memory that holds the content
+//! hash               u128 LE  content_hash of the page's content
+//! ```
+//! The decoder ([`resolve`]) reads the source page from the destination's own memory and copies
+//! it only if its bytes hash to `hash`: a stale index, a reference sent before its target landed,
+//! or a hash collision is an error, never a silently wrong page.
+//!
+//! # Order
+//! A reference is only right if its target page holds that content at the destination when the
+//! reference is applied: the index holds only pages this encoder sent, and each page must always
+//! go through the same encoder, in order, on one channel (as for XBZRLE).
+
+use alloc::collections::VecDeque;
+use core::fmt;
+
+use hashbrown::HashMap;
+use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+use super::{PageDecoder, PageEncoder};
+use crate::wire::Encoding;
+
+/// Length of a reference payload.
+pub const REFERENCE_LEN: usize = 24;
+
+/// The content hash of a page under `seed` (xxh3-128).
+#[inline]
+pub fn content_hash(seed: u64, page: &[u8]) -> u128 {
+    xxh3_128_with_seed(page, seed)
+}
+
+/// A content hash function: `(seed, page) -> hash`. [`content_hash`] unless a test forces
+/// collisions.
+pub type Hasher = fn(u64, &[u8]) -> u128;
+
+/// Writes a reference payload into `out` (at least [`REFERENCE_LEN`] bytes); returns its length.
+pub fn write_reference(out: &mut [u8], source: u64, hash: u128) -> Option<usize> {
+    let out = out.get_mut(..REFERENCE_LEN)?;
+    out[..8].copy_from_slice(&source.to_le_bytes());
+    out[8..].copy_from_slice(&hash.to_le_bytes());
+    Some(REFERENCE_LEN)
+}
+
+/// Reads a reference payload: the source page index and the content hash.
+pub fn parse_reference(payload: &[u8]) -> Result<(u64, u128), ReferenceError> {
+    if payload.len() != REFERENCE_LEN {
+        return Err(ReferenceError::BadLength { len: payload.len() });
+    }
+    let mut index = [0u8; 8];
+    index.copy_from_slice(&payload[..8]);
+    let mut hash = [0u8; 16];
+    hash.copy_from_slice(&payload[8..]);
+    Ok((u64::from_le_bytes(index), u128::from_le_bytes(hash)))
+}
+
+/// Why a reference was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReferenceError {
+    /// The payload is not 24 bytes.
+    BadLength {
+        /// Its length.
+        len: usize,
+    },
+    /// The destination could not read the source page (out of range, not received, I/O).
+    Unreadable {
+        /// The source page.
+        source: u64,
+        /// The reader's reason.
+        reason: &'static str,
+    },
+    /// The source page's bytes do not hash to the reference's hash: not copied.
+    HashMismatch {
+        /// The source page.
+        source: u64,
+    },
+}
+
+impl ReferenceError {
+    /// A fixed description (what [`PageDecoder::decode`] returns).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReferenceError::BadLength { .. } => "reference payload is not 24 bytes",
+            ReferenceError::Unreadable { .. } => "reference to a page the destination cannot read",
+            ReferenceError::HashMismatch { .. } => {
+                "referenced page does not hash to the reference (stale or colliding)"
+            }
+        }
+    }
+}
+
+impl fmt::Display for ReferenceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ReferenceError::BadLength { len } => write!(f, "{} ({len} bytes)", self.as_str()),
+            ReferenceError::Unreadable { source, reason } => {
+                write!(f, "{} (page {source}: {reason})", self.as_str())
+            }
+            ReferenceError::HashMismatch { source } => {
+                write!(f, "{} (page {source})", self.as_str())
+            }
+        }
+    }
+}
+
+impl core::error::Error for ReferenceError {}
+
+/// Read access to the destination's own memory, for resolving references.
+pub trait ReadDestination {
+    /// Copies page `index` as the destination holds it now into `buf` (one page).
+    fn read_page(&mut self, index: u64, buf: &mut [u8]) -> Result<(), &'static str>;
+}
+
+impl<F: FnMut(u64, &mut [u8]) -> Result<(), &'static str>> ReadDestination for F {
+    fn read_page(&mut self, index: u64, buf: &mut [u8]) -> Result<(), &'static str> {
+        self(index, buf)
+    }
+}
+
+/// Resolves a reference `payload`: reads the source page through `read` into `out` (one page)
+/// and checks it hashes to the reference under `seed`. On an error `out` must not be used (it
+/// may hold the unverified bytes). Never panics.
+pub fn resolve<R: ReadDestination + ?Sized>(
+    payload: &[u8],
+    seed: u64,
+    read: &mut R,
+    out: &mut [u8],
+) -> Result<(), ReferenceError> {
+    resolve_with(payload, seed, read, out, content_hash)
+}
+
+/// [`resolve`] with another hash function (tests).
+pub fn resolve_with<R: ReadDestination + ?Sized>(
+    payload: &[u8],
+    seed: u64,
+    read: &mut R,
+    out: &mut [u8],
+    hasher: Hasher,
+) -> Result<(), ReferenceError> {
+    let (source, hash) = parse_reference(payload)?;
+    read.read_page(source, out)
+        .map_err(|reason| ReferenceError::Unreadable { source, reason })?;
+    if hasher(seed, out) != hash {
+        return Err(ReferenceError::HashMismatch { source });
+    }
+    Ok(())
+}
+
+/// Counters of a [`DedupIndex`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DedupStats {
+    /// Lookups that found the content.
+    pub hits: u64,
+    /// Lookups that did not.
+    pub misses: u64,
+    /// Entries dropped because the index was full.
+    pub evicted: u64,
+    /// Entries dropped because their page was sent again with other content.
+    pub invalidated: u64,
+}
+
+/// The content index: hash → first page that carried it, bounded to `capacity` entries (the
+/// oldest is dropped first). About 100 bytes per entry.
+pub struct DedupIndex {
+    seed: u64,
+    capacity: usize,
+    by_hash: HashMap<u128, u64>,
+    by_page: HashMap<u64, u128>,
+    order: VecDeque<(u128, u64)>,
+    stats: DedupStats,
+}
+
+impl DedupIndex {
+    /// An index of at most `capacity` contents, hashed with `seed`.
+    pub fn new(seed: u64, capacity: usize) -> Self {
+        DedupIndex {
+            seed,
+            capacity,
+            by_hash: HashMap::new(),
+            by_page: HashMap::new(),
+            order: VecDeque::new(),
+            stats: DedupStats::default(),
+        }
+    }
+
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// Contents indexed now.
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// Whether nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> DedupStats {
+        self.stats
+    }
+
+    /// The page that carried content `hash`, if indexed.
+    pub fn lookup(&mut self, hash: u128) -> Option<u64> {
+        let hit = self.by_hash.get(&hash).copied();
+        if hit.is_some() {
+            self.stats.hits += 1;
+        } else {
+            self.stats.misses += 1;
+        }
+        hit
+    }
+
+    /// Page `index` no longer holds the content it was indexed with (sent again as zero, or
+    /// with content not indexed).
+    pub fn forget(&mut self, index: u64) {
+        if let Some(old) = self.by_page.remove(&index) {
+            if self.by_hash.get(&old) == Some(&index) {
+                self.by_hash.remove(&old);
+                self.stats.invalidated += 1;
+            }
+        }
+    }
+
+    /// Page `index` was sent with content `hash` (not as a reference): index it, unless that
+    /// content is already indexed under another page.
+    pub fn record(&mut self, index: u64, hash: u128) {
+        if self.by_page.get(&index) == Some(&hash) {
+            return;
+        }
+        self.forget(index);
+        if self.capacity == 0 || self.by_hash.contains_key(&hash) {
+            return;
+        }
+        while self.by_hash.len() >= self.capacity {
+            let Some((h, i)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_hash.get(&h) == Some(&i) {
+                self.by_hash.remove(&h);
+                self.by_page.remove(&i);
+                self.stats.evicted += 1;
+            }
+        }
+        self.by_hash.insert(hash, index);
+        self.by_page.insert(index, hash);
+        self.order.push_back((hash, index));
+        // Entries invalidated in place leave their order records behind; drop them when they
+        // outnumber the live ones, so memory stays bounded.
+        if self.order.len() > 2 * self.capacity.max(16) {
+            let by_hash = &self.by_hash;
+            self.order.retain(|(h, i)| by_hash.get(h) == Some(i));
+        }
+    }
+}
+
+/// Sends pages whose content was sent before as references ([`Encoding::REFERENCE`]); other
+/// pages go raw and are indexed.
+pub struct DedupEncoder {
+    index: DedupIndex,
+    hasher: Hasher,
+}
+
+impl DedupEncoder {
+    /// An encoder over `index`, hashing with [`content_hash`].
+    pub fn new(index: DedupIndex) -> Self {
+        DedupEncoder {
+            index,
+            hasher: content_hash,
+        }
+    }
+
+    /// The same with another hash function (a test forcing collisions).
+    pub fn with_hasher(index: DedupIndex, hasher: Hasher) -> Self {
+        DedupEncoder { index, hasher }
+    }
+
+    /// The index.
+    pub fn index(&self) -> &DedupIndex {
+        &self.index
+    }
+
+    /// Hashes `page`; if its content is indexed, writes a reference into `out` and returns its
+    /// length; else indexes the page (it will be sent another way) and returns `None`.
+    pub fn encode_reference(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<usize> {
+        let hash = (self.hasher)(self.index.seed, page);
+        match self.index.lookup(hash) {
+            Some(source) if out.len() >= REFERENCE_LEN && page.len() > REFERENCE_LEN => {
+                if source != index {
+                    // The destination's page `index` now holds a copy: not the first carrier.
+                    self.index.forget(index);
+                }
+                write_reference(out, source, hash)
+            }
+            _ => {
+                self.index.record(index, hash);
+                None
+            }
+        }
+    }
+
+    /// Notes that `page` was sent for `index` by other means.
+    pub fn record(&mut self, index: u64, page: &[u8]) {
+        let hash = (self.hasher)(self.index.seed, page);
+        self.index.record(index, hash);
+    }
+}
+
+impl PageEncoder for DedupEncoder {
+    fn name(&self) -> &'static str {
+        "dedup"
+    }
+
+    fn encode(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<(Encoding, usize)> {
+        let n = self.encode_reference(index, page, out)?;
+        Some((Encoding::REFERENCE, n))
+    }
+
+    fn sent_zero(&mut self, index: u64) {
+        self.index.forget(index);
+    }
+}
+
+/// Decodes [`Encoding::REFERENCE`] pages by reading the destination's memory through `R`.
+///
+/// A receiver that cannot lend its memory to a decoder calls [`resolve`] itself with a closure
+/// over its host (`|i, buf| host.read_back(PageIndex(i), buf)`).
+pub struct ReferenceDecoder<R> {
+    seed: u64,
+    read: R,
+}
+
+impl<R: ReadDestination + Send> ReferenceDecoder<R> {
+    /// A decoder for references hashed with `seed`, reading pages with `read`.
+    pub fn new(seed: u64, read: R) -> Self {
+        ReferenceDecoder { seed, read }
+    }
+}
+
+impl<R: ReadDestination + Send> PageDecoder for ReferenceDecoder<R> {
+    fn encoding(&self) -> Encoding {
+        Encoding::REFERENCE
+    }
+
+    fn decode(
+        &mut self,
+        _index: u64,
+        payload: &[u8],
+        scratch: &mut [u8],
+    ) -> Result<(), &'static str> {
+        resolve(payload, self.seed, &mut self.read, scratch).map_err(|e| e.as_str())
+    }
+}
