@@ -138,6 +138,15 @@ pub enum MigrationError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A hybrid's discard list that does not cover the guest's pages in order, or is missing.
+    BadDiscard {
+        /// The first page the frame names (or the first page not covered).
+        first_page: u64,
+        /// The bits the frame carries.
+        bits: u64,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A round marker that does not follow the previous one, or whose page count differs from
     /// the pages received in that round.
     RoundMismatch {
@@ -217,6 +226,7 @@ impl MigrationError {
             MigrationError::UnexpectedFrame { .. }
             | MigrationError::PageOutOfRange { .. }
             | MigrationError::BadPagePayload { .. }
+            | MigrationError::BadDiscard { .. }
             | MigrationError::RoundMismatch { .. } => AbortCode::ProtocolViolation,
             MigrationError::Incompatible(_) => AbortCode::Incompatible,
             MigrationError::PeerAborted { code, .. } => *code,
@@ -245,6 +255,14 @@ impl fmt::Display for MigrationError {
             MigrationError::BadPagePayload { page, reason } => {
                 write!(f, "protocol violation: page {page}: {reason}")
             }
+            MigrationError::BadDiscard {
+                first_page,
+                bits,
+                reason,
+            } => write!(
+                f,
+                "protocol violation: discard list at page {first_page} ({bits} pages): {reason}"
+            ),
             MigrationError::RoundMismatch { round, reason } => {
                 write!(f, "protocol violation: round {round}: {reason}")
             }

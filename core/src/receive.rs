@@ -102,6 +102,14 @@ pub trait PagePolicy: Send {
     fn places_once(&self) -> bool {
         false
     }
+    /// Hybrid: copies of `page` from generations before `generation` are stale from now on
+    /// (the source's discard list); only a copy of `generation` or later may be placed.
+    /// Returns whether this policy can do that. Default: it cannot (the destination then
+    /// refuses a hybrid switchover).
+    fn discard(&mut self, page: u64, generation: u32) -> bool {
+        let _ = (page, generation);
+        false
+    }
 }
 
 /// Pre-copy: the newest generation of a page wins, whatever order the channels deliver in.
@@ -151,6 +159,11 @@ impl PagePolicy for FirstCopyWins {
     fn places_once(&self) -> bool {
         true
     }
+    fn discard(&mut self, page: u64, generation: u32) -> bool {
+        let slot = &mut self.generations[page as usize];
+        *slot = (*slot).max(generation.saturating_sub(1));
+        true
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -197,6 +210,12 @@ pub struct Destination<P: PagePolicy = NewestWins> {
     digest_before_start: Option<u128>,
     /// Post-copy: the guest runs while the final round's pages (this generation) arrive.
     post_copy: Option<PostCopyRx>,
+    /// A post-copy switchover arrived; the guest starts once every channel closed the rounds
+    /// before it (a late copy of an earlier round must land before the guest can touch it).
+    post_copy_pending: bool,
+    /// Hybrid: the pages the source's `Discard` frames named stale, and how far they cover.
+    stale: DirtyBitmap,
+    stale_covered: u64,
     verdict: Option<Verdict>,
     pages_received: u64,
     stale_pages: u64,
@@ -250,6 +269,9 @@ impl<P: PagePolicy> Destination<P> {
             switchover: None,
             digest_before_start: None,
             post_copy: None,
+            post_copy_pending: false,
+            stale: DirtyBitmap::new(0),
+            stale_covered: 0,
             verdict: None,
             pages_received: 0,
             stale_pages: 0,
@@ -600,7 +622,10 @@ impl<P: PagePolicy> Destination<P> {
                     )));
                 }
                 if pages_follow {
-                    return self.start_post_copy(now, rounds, digest_follows, host);
+                    self.accept_post_copy(rounds)?;
+                    self.switchover = Some((rounds, digest_follows));
+                    self.post_copy_pending = true;
+                    return self.try_switchover(now, host);
                 }
                 if rounds.checked_add(1) != Some(self.channels[0].round) {
                     return Err(MigrationError::RoundMismatch {
@@ -611,6 +636,14 @@ impl<P: PagePolicy> Destination<P> {
                 self.switchover = Some((rounds, digest_follows));
                 self.try_switchover(now, host)
             }
+            (
+                DestinationStatus::Receiving,
+                Frame::Discard {
+                    first_page,
+                    bits,
+                    words,
+                },
+            ) if ch == 0 && self.switchover.is_none() => self.take_discard(first_page, bits, words),
             (DestinationStatus::Receiving, Frame::Complete { digest })
                 if ch == 0
                     && self.device_state_seen
@@ -716,7 +749,94 @@ impl<P: PagePolicy> Destination<P> {
         Ok(())
     }
 
-    /// Post-copy: starts the guest at the switchover, before the final round's pages.
+    /// Hybrid: one `Discard` frame, pages sent earlier that went stale. The frames cover
+    /// every page in order from page 0, so a lost frame shows at the switchover.
+    fn take_discard(
+        &mut self,
+        first_page: u64,
+        bits: u64,
+        words: crate::wire::U64List<'_>,
+    ) -> Result<(), MigrationError> {
+        let pages = self.layout.page_count();
+        let bad = |reason| MigrationError::BadDiscard {
+            first_page,
+            bits,
+            reason,
+        };
+        if first_page != self.stale_covered {
+            return Err(bad(
+                "discard frames must cover the pages in order from page 0",
+            ));
+        }
+        if bits > pages - first_page {
+            return Err(bad("names pages beyond the guest"));
+        }
+        if self.stale.len() != pages {
+            self.stale = DirtyBitmap::new(pages);
+        }
+        let mut at = first_page;
+        let mut left = bits;
+        for word in words.iter() {
+            let take = left.min(64);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                (1u64 << take) - 1
+            };
+            self.stale.or_words_at(at, &[word & mask]);
+            at += take;
+            left -= take;
+        }
+        self.stale_covered = first_page + bits;
+        Ok(())
+    }
+
+    /// A post-copy switchover: checks this destination can take it, and after pre-copy
+    /// rounds (hybrid) takes back the pages the source named stale.
+    fn accept_post_copy(&mut self, rounds: u32) -> Result<(), MigrationError> {
+        if !self.policy.places_once() {
+            return Err(MigrationError::Incompatible(
+                "the source switches over before its last pages (post-copy), but this destination's page policy may overwrite pages the running guest wrote (use FirstCopyWins)".into(),
+            ));
+        }
+        if rounds.checked_add(1) != Some(self.channels[0].round)
+            || self.channels[0].pages_in_round != 0
+        {
+            return Err(MigrationError::RoundMismatch {
+                round: rounds,
+                reason: "switchover names a different round count",
+            });
+        }
+        if self.pages_received == 0 {
+            return Ok(()); // plain post-copy: nothing here can be stale
+        }
+        // Hybrid: without the whole discard list the guest could run on an old copy.
+        if self.stale_covered != self.layout.page_count() {
+            return Err(MigrationError::BadDiscard {
+                first_page: self.stale_covered,
+                bits: 0,
+                reason: "a post-copy switchover after pre-copy rounds needs discard frames covering every page",
+            });
+        }
+        let final_round = rounds + 1;
+        let stale = core::mem::replace(&mut self.stale, DirtyBitmap::new(0));
+        for page in stale.iter_ones() {
+            if !self.policy.discard(page, final_round) {
+                return Err(MigrationError::Incompatible(
+                    "this destination's page policy cannot take back stale pages (hybrid post-copy)"
+                        .into(),
+                ));
+            }
+            if self.received.get(page) {
+                self.received.unset(page);
+                self.received_count -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Post-copy: starts the guest once every channel closed the rounds before the switchover;
+    /// the final round's pages follow.
     fn start_post_copy<H>(
         &mut self,
         now: Nanos,
@@ -727,27 +847,8 @@ impl<P: PagePolicy> Destination<P> {
     where
         H: PageWrite + DestinationGuest,
     {
-        if !self.policy.places_once() {
-            return Err(MigrationError::Incompatible(
-                "the source switches over before its last pages (post-copy), but this destination's page policy may overwrite pages the running guest wrote (use FirstCopyWins)".into(),
-            ));
-        }
-        if self.received_count != 0 {
-            // A hybrid would need the source to say which pages it sent went stale since
-            // (QEMU's discard bitmap): without it the guest could run on an old copy.
-            return Err(MigrationError::Incompatible(
-                "post-copy after pre-copy rounds (hybrid) is not supported yet: pages sent before the switchover may be stale".into(),
-            ));
-        }
-        // Every channel has closed the rounds before; the final one (`rounds + 1`) follows.
-        if rounds.checked_add(1) != Some(self.channels[0].round)
-            || self.channels[0].pages_in_round != 0
-        {
-            return Err(MigrationError::RoundMismatch {
-                round: rounds,
-                reason: "switchover names a different round count",
-            });
-        }
+        self.post_copy_pending = false;
+        self.switchover = None;
         host.restore_state(&self.device_state)?;
         host.start()?;
         self.started_at = Some(now);
@@ -920,12 +1021,14 @@ impl<P: PagePolicy> Destination<P> {
         let Some((rounds, digest_follows)) = self.switchover else {
             return Ok(());
         };
-        if self
-            .channels
-            .iter()
-            .any(|c| !c.joined || c.round != rounds + 1)
-        {
+        if self.channels.iter().any(|c| {
+            // Post-copy: a channel may already close the final round meanwhile.
+            !c.joined || c.round < rounds + 1 || (c.round != rounds + 1 && !self.post_copy_pending)
+        }) {
             return Ok(()); // another channel still delivers the final round
+        }
+        if self.post_copy_pending {
+            return self.start_post_copy(now, rounds, digest_follows, host);
         }
         let missing = self.layout.page_count() - self.received_count;
         if missing != 0 {
@@ -1004,7 +1107,7 @@ impl<P: PagePolicy> Destination<P> {
         entries: PageEntries<'_>,
         host: &mut H,
     ) -> Result<(), MigrationError> {
-        if self.switchover.is_some() && ch == 0 {
+        if self.switchover.is_some() && ch == 0 && !self.post_copy_pending {
             return Err(self.unexpected(FrameKind::Pages));
         }
         if generation != self.channels[ch].round {

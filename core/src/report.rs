@@ -107,6 +107,9 @@ pub struct MigrationReport {
     pub zero_pages_sent: u64,
     /// Post-copy: pages sent ahead of the push because the destination's guest asked for them.
     pub urgent_pages: u64,
+    /// Hybrid (pre-copy rounds, then post-copy): pages the destination held from earlier
+    /// rounds that went stale and followed the switchover (the `Discard` list).
+    pub discarded_pages: u64,
     /// Bytes the source put on the wire, all frames, headers included.
     pub bytes_sent: u64,
     /// Bytes the destination sent back (accept, ready, verdict).

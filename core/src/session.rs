@@ -1551,6 +1551,27 @@ impl<S: Strategy> Source<S> {
         self.config.verify && self.config.verify_before_start && !self.post_copy
     }
 
+    /// Hybrid: names the pages sent in earlier rounds that go again after the switchover (the
+    /// final round's set: what the guest wrote since they were sent, and pages held back).
+    /// The destination's guest must not touch its old copies. The frames cover every page.
+    fn queue_discard(&mut self) {
+        let pages = self.layout.page_count();
+        let words_per_frame = wire::MAX_BODY_LEN / 8 - 2;
+        let mut storage = Vec::new();
+        for (i, chunk) in self.send.as_words().chunks(words_per_frame).enumerate() {
+            let first_page = (i * words_per_frame) as u64 * 64;
+            let bits = (pages - first_page).min(chunk.len() as u64 * 64);
+            let frame = Frame::Discard {
+                first_page,
+                bits,
+                words: wire::u64_list(chunk, &mut storage),
+            };
+            self.report.control_bytes +=
+                frame.emit_with(&mut self.channels[0].queue, self.checksum) as u64;
+        }
+        self.report.discarded_pages = self.send.count_ones();
+    }
+
     /// Queues the device state and the switchover on channel 0 (the commit point, once they
     /// are handed out). `pages_follow`: post-copy, before the final round's pages.
     fn queue_switchover<H: SourceHost>(
@@ -1573,6 +1594,9 @@ impl<S: Strategy> Source<S> {
         }
         if state.is_empty() {
             self.queue(0, Frame::DeviceState(&[]));
+        }
+        if pages_follow && self.report.pages_sent > 0 {
+            self.queue_discard();
         }
         if self.checks_before_start() {
             // The digest of the paused memory goes right before the switchover.

@@ -12,7 +12,7 @@
 //! most [`MAX_FRAME_LEN`]. Flags:
 //! - bit 0 [`FLAG_UNCHECKED`]: no checksum trailer. Only allowed once both sides negotiated
 //!   [`FEATURE_CHECKSUM`] off (redundant under TLS, and impossible when pages go to the socket
-//!   straight from live memory); `Hello`, `Accept`, `Join` and `Switchover` always carry one
+//!   straight from live memory); `Hello`, `Accept`, `Join`, `Switchover` and `Discard` always carry one
 //!   (a switchover cut short and completed by stray bytes must never start a guest).
 //! - bit 1 [`FLAG_IGNORABLE`]: a reader that does not know this kind skips the frame instead of
 //!   failing. Every kind defined here is known, so the flag only matters for later versions.
@@ -40,6 +40,7 @@
 //! | `ReceivedSet` | 13 | destination → source | first page u64, bit count u64, then ⌈bits/64⌉ × u64 words (recovery: pages the destination holds) |
 //! | `Have` | 14 | destination → source | count u32, 0 u32, then count × content hash u128 (hash-first: content the destination holds) |
 //! | `Need` | 15 | destination → source | count u32, 0 u32, then count × page index u64 (hash-first: pages whose bytes it needs) |
+//! | `Discard` | 17 | source → destination, channel 0, right before a post-copy `Switchover` | first page u64, bit count u64, then ⌈bits/64⌉ × u64 words: pages sent in earlier rounds that the guest wrote since (hybrid; QEMU's discard bitmap). The frames cover every page, in order from page 0, so a lost one shows |
 //! | `Applied` | 16 | destination → source, channel 0, with [`FEATURE_APPLIED`] | bytes u64: every byte of every frame the destination has taken in so far, all channels together (it sends one per [`APPLIED_STEP`] bytes and after each `RoundEnd`) |
 //!
 //! Page indices on the wire are dense: region after region, in the order of the hello's table
@@ -150,6 +151,8 @@ pub enum FrameKind {
     Need = 15,
     /// The bytes the destination has taken in so far.
     Applied = 16,
+    /// Hybrid: pages the destination holds from earlier rounds that went stale.
+    Discard = 17,
 }
 
 impl FrameKind {
@@ -171,6 +174,7 @@ impl FrameKind {
             14 => FrameKind::Have,
             15 => FrameKind::Need,
             16 => FrameKind::Applied,
+            17 => FrameKind::Discard,
             _ => return None,
         })
     }
@@ -592,6 +596,15 @@ pub enum Frame<'a> {
         /// The running total.
         bytes: u64,
     },
+    /// Hybrid: pages sent in earlier rounds that went stale, as bits from `first_page`.
+    Discard {
+        /// The dense index of bit 0.
+        first_page: u64,
+        /// How many bits are meaningful.
+        bits: u64,
+        /// The words (bit i of word w is page first_page + 64 w + i).
+        words: U64List<'a>,
+    },
     /// A frame marked ignorable whose kind this version does not know.
     Ignored {
         /// Its kind byte.
@@ -711,12 +724,17 @@ impl<'a> Frame<'a> {
             }
             return Err(WireError::UnknownKind(kind_byte));
         };
-        // The handshake, and the switchover (the commit point: a cut switchover completed by
-        // stray bytes must never start a guest), always carry a checksum.
+        // The handshake, and the switchover with a hybrid's discard list (the commit point: a
+        // cut switchover completed by stray bytes must never start a guest on stale pages),
+        // always carry a checksum.
         let must_check = policy == ChecksumPolicy::Required
             || matches!(
                 kind,
-                FrameKind::Hello | FrameKind::Accept | FrameKind::Join | FrameKind::Switchover
+                FrameKind::Hello
+                    | FrameKind::Accept
+                    | FrameKind::Join
+                    | FrameKind::Switchover
+                    | FrameKind::Discard
             );
         if !checked && must_check {
             return Err(WireError::MissingChecksum(kind_byte));
@@ -930,7 +948,7 @@ impl<'a> Frame<'a> {
                     bytes: le_u64(body, 0),
                 }
             }
-            FrameKind::ReceivedSet => {
+            FrameKind::ReceivedSet | FrameKind::Discard => {
                 if body.len() < 16 || !(body.len() - 16).is_multiple_of(8) {
                     return Err(bad_len());
                 }
@@ -939,10 +957,19 @@ impl<'a> Frame<'a> {
                 if bits.div_ceil(64) != words as u64 {
                     return Err(bad_len());
                 }
-                Frame::ReceivedSet {
-                    first_page: le_u64(body, 0),
-                    bits,
-                    words: U64List(&body[16..]),
+                let (first_page, words) = (le_u64(body, 0), U64List(&body[16..]));
+                if kind == FrameKind::Discard {
+                    Frame::Discard {
+                        first_page,
+                        bits,
+                        words,
+                    }
+                } else {
+                    Frame::ReceivedSet {
+                        first_page,
+                        bits,
+                        words,
+                    }
                 }
             }
         })
@@ -967,6 +994,7 @@ impl<'a> Frame<'a> {
             Frame::Have(_) => FrameKind::Have,
             Frame::Need(_) => FrameKind::Need,
             Frame::Applied { .. } => FrameKind::Applied,
+            Frame::Discard { .. } => FrameKind::Discard,
             Frame::Ignored { .. } => return None,
         })
     }
@@ -978,7 +1006,7 @@ impl<'a> Frame<'a> {
     }
 
     /// Appends this frame to `out`, with a checksum trailer if `checksum`, and returns its
-    /// length. `Hello`, `Accept`, `Join` and `Switchover` are always checksummed.
+    /// length. `Hello`, `Accept`, `Join`, `Switchover` and `Discard` are always checksummed.
     pub fn emit_with(&self, out: &mut Vec<u8>, checksum: bool) -> usize {
         let Some(kind) = self.kind() else {
             return 0;
@@ -986,7 +1014,11 @@ impl<'a> Frame<'a> {
         let checksum = checksum
             || matches!(
                 kind,
-                FrameKind::Hello | FrameKind::Accept | FrameKind::Join | FrameKind::Switchover
+                FrameKind::Hello
+                    | FrameKind::Accept
+                    | FrameKind::Join
+                    | FrameKind::Switchover
+                    | FrameKind::Discard
             );
         let start = begin_frame(out, kind as u8, if checksum { 0 } else { FLAG_UNCHECKED });
         match *self {
@@ -1080,6 +1112,11 @@ impl<'a> Frame<'a> {
                 out.extend_from_slice(list.0);
             }
             Frame::ReceivedSet {
+                first_page,
+                bits,
+                words,
+            }
+            | Frame::Discard {
                 first_page,
                 bits,
                 words,
@@ -1366,6 +1403,11 @@ mod tests {
             Frame::ReceivedSet {
                 first_page: 64,
                 bits: 130,
+                words: indices,
+            },
+            Frame::Discard {
+                first_page: 128,
+                bits: 129,
                 words: indices,
             },
         ];

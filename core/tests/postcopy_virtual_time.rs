@@ -16,7 +16,7 @@ use memferry::drive::{drive_source, Link, LinkEvent};
 use memferry::plan::{PagePlan, SharedPageRead};
 use memferry::prelude::*;
 use memferry::receive::FirstCopyWins;
-use memferry::strategy::PostCopy;
+use memferry::strategy::{PostCopy, PreCopy, PreCopyConfig, Strategy};
 use proptest::prelude::*;
 use proptest::strategy::Strategy as _;
 
@@ -35,13 +35,46 @@ impl Rng {
     }
 }
 
-/// The source guest: memory, a dirty log nothing writes once paused, pause and resume counts.
+/// The source guest: memory, pause and resume counts, and (for the hybrid) a writer that
+/// dirties pages of a hot set at a steady rate while the guest runs.
 struct Guest {
     mem: Vec<u8>,
     pages: u64,
     paused: bool,
     pauses: u32,
     resumes: u32,
+    writer: Option<Writer>,
+}
+
+/// Writes `rate` pages per second, at random among `hot` pages, and logs them.
+struct Writer {
+    rate: u64,
+    hot: u64,
+    rng: Rng,
+    dirty: Vec<bool>,
+    /// Writes done since time zero.
+    done: u64,
+}
+
+impl Guest {
+    /// Runs the guest's writer up to `now` (nothing while paused).
+    fn run_to(&mut self, now: Nanos) {
+        let Some(w) = self.writer.as_mut() else {
+            return;
+        };
+        let due = (w.rate as u128 * now.0 as u128 / 1_000_000_000) as u64;
+        if self.paused {
+            w.done = due;
+            return;
+        }
+        while w.done < due {
+            w.done += 1;
+            let page = w.rng.next() % w.hot;
+            let at = page as usize * PAGE + 16;
+            self.mem[at..at + 8].copy_from_slice(&w.rng.next().to_le_bytes());
+            w.dirty[page as usize] = true;
+        }
+    }
 }
 
 impl PageRead for Guest {
@@ -60,7 +93,14 @@ impl SharedPageRead for Guest {
 }
 
 impl DirtyLog for Guest {
-    fn sync_region(&mut self, _: &Region, _: u64, _: &mut DirtyBitmap) -> Result<(), HostError> {
+    fn sync_region(&mut self, _: &Region, _: u64, into: &mut DirtyBitmap) -> Result<(), HostError> {
+        if let Some(w) = self.writer.as_mut() {
+            for (page, dirty) in w.dirty.iter_mut().enumerate() {
+                if std::mem::take(dirty) {
+                    into.set(page as u64);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -85,6 +125,8 @@ impl SourceGuest for Guest {
 struct Target {
     mem: Vec<u8>,
     placed: Vec<u32>,
+    /// Placements once the guest runs here (post-copy: at most one per page).
+    placed_running: Vec<u32>,
     started_at: Option<Nanos>,
     state: Vec<u8>,
 }
@@ -94,6 +136,9 @@ impl PageWrite for Target {
         let at = page.0 as usize * PAGE;
         self.mem[at..at + PAGE].copy_from_slice(data);
         self.placed[page.0 as usize] += 1;
+        if self.started_at.is_some() {
+            self.placed_running[page.0 as usize] += 1;
+        }
         Ok(())
     }
 }
@@ -148,6 +193,24 @@ struct Net {
     /// Pages the destination guest wrote its marker into.
     written: Vec<u64>,
     steps: u64,
+    /// A faulty link that loses every `Discard` frame.
+    drop_discards: bool,
+}
+
+/// `bytes` (whole frames) without its `Discard` frames.
+fn without_discards(bytes: &[u8]) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let len = memferry::wire::peek_frame_len(&bytes[at..])
+            .expect("a frame")
+            .expect("whole frames");
+        if bytes[at + 4] != memferry::wire::FrameKind::Discard as u8 {
+            kept.extend_from_slice(&bytes[at..at + len]);
+        }
+        at += len;
+    }
+    kept
 }
 
 fn marker(page: u64) -> [u8; 8] {
@@ -176,6 +239,7 @@ impl Net {
             target: Target {
                 mem: vec![0xAA; pages * PAGE],
                 placed: vec![0; pages],
+                placed_running: vec![0; pages],
                 started_at: None,
                 state: Vec::new(),
             },
@@ -185,6 +249,7 @@ impl Net {
             fault_waits: Vec::new(),
             written: Vec::new(),
             steps: 0,
+            drop_discards: false,
         }
     }
 
@@ -311,8 +376,9 @@ impl Link<Guest> for Net {
         (self.deliveries.len() < 2).then_some(self.out.as_mut_slice())
     }
 
-    fn send(&mut self, _guest: &mut Guest, _channel: u16, len: usize) {
+    fn send(&mut self, guest: &mut Guest, _channel: u16, len: usize) {
         self.step();
+        guest.run_to(self.now);
         if len == 0 {
             return;
         }
@@ -320,11 +386,38 @@ impl Link<Guest> for Net {
             self.now.max(self.link_free_at) + ByteRate(self.sc.bandwidth).time_for(len as u64);
         self.link_free_at = carried;
         self.deliveries.push_back((carried, len as u64));
-        self.to_dest
-            .push_back((carried + self.sc.latency, self.out[..len].to_vec()));
+        let mut bytes = self.out[..len].to_vec();
+        if self.drop_discards {
+            bytes = without_discards(&bytes);
+        }
+        self.to_dest.push_back((carried + self.sc.latency, bytes));
     }
 
-    fn wait(&mut self, _guest: &mut Guest, deadline: Option<Nanos>) -> LinkEvent<String> {
+    fn wait(&mut self, guest: &mut Guest, deadline: Option<Nanos>) -> LinkEvent<String> {
+        let event = self.wait_for_event(deadline);
+        guest.run_to(self.now);
+        event
+    }
+
+    fn sending(&self) -> bool {
+        !self.deliveries.is_empty()
+    }
+
+    fn encodes_pages(&self) -> bool {
+        self.sc.plans
+    }
+
+    fn send_plan(&mut self, guest: &mut Guest, plan: PagePlan) {
+        let outcome = plan
+            .encode(&*guest, None, &mut self.scratch, &mut self.out)
+            .expect("reading the guest");
+        self.events.push_back(LinkEvent::Encoded(outcome));
+        self.send(guest, plan.channel(), outcome.bytes);
+    }
+}
+
+impl Net {
+    fn wait_for_event(&mut self, deadline: Option<Nanos>) -> LinkEvent<String> {
         self.step();
         if let Some(e) = self.events.pop_front() {
             return e;
@@ -350,31 +443,16 @@ impl Link<Guest> for Net {
             }
         }
     }
-
-    fn sending(&self) -> bool {
-        !self.deliveries.is_empty()
-    }
-
-    fn encodes_pages(&self) -> bool {
-        self.sc.plans
-    }
-
-    fn send_plan(&mut self, guest: &mut Guest, plan: PagePlan) {
-        let outcome = plan
-            .encode(&*guest, None, &mut self.scratch, &mut self.out)
-            .expect("reading the paused guest");
-        self.events.push_back(LinkEvent::Encoded(outcome));
-        self.send(guest, plan.channel(), outcome.bytes);
-    }
 }
 
-struct Outcome {
-    source: Source<PostCopy>,
+struct Outcome<S: Strategy = PostCopy> {
+    source: Source<S>,
     guest: Guest,
     net: Net,
 }
 
-fn run(sc: &Scenario) -> Outcome {
+/// The source guest's memory at the start: mostly random pages, a fifth zero.
+fn guest_memory(sc: &Scenario) -> Vec<u8> {
     let mut rng = Rng(sc.seed);
     let mut mem = vec![0u8; sc.pages as usize * PAGE];
     for (i, page) in mem.chunks_mut(PAGE).enumerate() {
@@ -383,24 +461,44 @@ fn run(sc: &Scenario) -> Outcome {
             page[PAGE - 8..].copy_from_slice(&(i as u64).to_le_bytes());
         }
     }
+    mem
+}
+
+fn migrate<S: Strategy>(sc: &Scenario, strategy: S, writer: Option<Writer>) -> Outcome<S> {
     let mut guest = Guest {
-        mem,
+        mem: guest_memory(sc),
         pages: sc.pages,
         paused: false,
         pauses: 0,
         resumes: 0,
+        writer,
     };
     let layout = MemoryLayout::single(Geometry::new(PageSize::DEFAULT, sc.pages).unwrap());
-    let mut source = Source::new(
-        layout.clone(),
-        SessionConfig::default(),
-        PostCopy::new(ByteRate::UNLIMITED),
-    );
+    let mut source = Source::new(layout.clone(), SessionConfig::default(), strategy);
     let mut net = Net::new(sc, layout);
-    drive_source(&mut source, &mut guest, &mut net, &mut |_| {}).expect("post-copy fails");
+    drive_source(&mut source, &mut guest, &mut net, &mut |_| {}).expect("the migration fails");
     // Let the destination take in what is still on its way.
     net.run_until(net.now + Nanos::from_secs(1));
     Outcome { source, guest, net }
+}
+
+fn run(sc: &Scenario) -> Outcome {
+    migrate(sc, PostCopy::new(ByteRate::UNLIMITED), None)
+}
+
+/// The destination's memory is the source's at the pause plus its own guest's markers.
+fn memory_is_exact<S: Strategy>(o: &Outcome<S>) -> Result<(), TestCaseError> {
+    let mut expected = o.guest.mem.clone();
+    for &page in &o.net.written {
+        let at = page as usize * PAGE;
+        expected[at..at + 8].copy_from_slice(&marker(page));
+    }
+    let differs = expected
+        .chunks(PAGE)
+        .zip(o.net.target.mem.chunks(PAGE))
+        .position(|(a, b)| a != b);
+    prop_assert_eq!(differs, None, "destination page differs");
+    Ok(())
 }
 
 fn check(sc: &Scenario) -> Result<Outcome, TestCaseError> {
@@ -420,16 +518,7 @@ fn check(sc: &Scenario) -> Result<Outcome, TestCaseError> {
     );
     prop_assert_eq!(r.pages_sent, sc.pages);
     // Memory: the source's at the pause, plus the destination guest's markers.
-    let mut expected = o.guest.mem.clone();
-    for &page in &o.net.written {
-        let at = page as usize * PAGE;
-        expected[at..at + 8].copy_from_slice(&marker(page));
-    }
-    let differs = expected
-        .chunks(PAGE)
-        .zip(o.net.target.mem.chunks(PAGE))
-        .position(|(a, b)| a != b);
-    prop_assert_eq!(differs, None, "destination page differs");
+    memory_is_exact(&o)?;
     prop_assert_eq!(&o.net.target.state[..], b"vcpu state");
     // Downtime is the device state's trip, not the memory's: well under the push's time.
     let push = ByteRate(sc.bandwidth).time_for(sc.pages * PAGE as u64);
@@ -529,10 +618,12 @@ fn a_newest_wins_destination_refuses_post_copy() {
         paused: false,
         pauses: 0,
         resumes: 0,
+        writer: None,
     };
     let mut target = Target {
         mem: vec![0; 8 * PAGE],
         placed: vec![0; 8],
+        placed_running: vec![0; 8],
         started_at: None,
         state: Vec::new(),
     };
@@ -559,4 +650,198 @@ fn a_newest_wins_destination_refuses_post_copy() {
         "{error}"
     );
     assert!(target.started_at.is_none());
+}
+
+/// A hybrid: a guest that writes faster than the link carries, and pre-copy that hands over to
+/// post-copy when it sees that.
+#[derive(Clone, Debug)]
+struct Hybrid {
+    sc: Scenario,
+    /// The source guest writes this many pages per second, in percent of what the link carries.
+    outpace_percent: u64,
+    /// Its hot set, in percent of the guest's pages.
+    hot_percent: u64,
+    predictor: &'static str,
+    hand_over: bool,
+}
+
+fn run_hybrid(h: &Hybrid) -> Outcome<PreCopy> {
+    let sc = &h.sc;
+    let link_pages_per_sec = sc.bandwidth / (PAGE as u64 + 64);
+    let hot = (sc.pages * h.hot_percent / 100).max(1);
+    let writer = Writer {
+        rate: (link_pages_per_sec * h.outpace_percent / 100).max(1),
+        hot,
+        rng: Rng(sc.seed ^ 0x77),
+        dirty: vec![false; sc.pages as usize],
+        done: 0,
+    };
+    let config = PreCopyConfig {
+        // A target the hot set never fits in: the rounds cannot end by converging.
+        stop: StopRules {
+            downtime_target: Nanos::from_millis(1),
+            ..StopRules::default()
+        },
+        post_copy_when_outpaced: h.hand_over,
+        predictor: PredictorKind::parse(h.predictor).expect("a predictor"),
+        ..PreCopyConfig::default()
+    };
+    migrate(sc, PreCopy::new(config), Some(writer))
+}
+
+fn check_hybrid(h: &Hybrid) -> Result<Outcome<PreCopy>, TestCaseError> {
+    let o = run_hybrid(h);
+    let r = o.source.report();
+    prop_assert_eq!(o.source.status(), SourceStatus::Done);
+    prop_assert_eq!(o.net.dest.status(), DestinationStatus::Complete);
+    prop_assert_eq!(r.verified, Some(true));
+    prop_assert_eq!((o.guest.pauses, o.guest.resumes), (1, 0));
+    // Once the destination's guest runs, no page is placed twice (its writes survive).
+    prop_assert!(o.net.target.placed_running.iter().all(|&n| n <= 1));
+    memory_is_exact(&o)?;
+    let handed_over = r.stop_detail.contains("post-copy");
+    if handed_over {
+        prop_assert!(h.hand_over);
+        prop_assert!(r.discarded_pages > 0);
+        prop_assert_eq!(r.stop_reason, Some(StopReason::NotConverging));
+        // Decided early where the guest clearly outpaces the link (its dirty set saturates
+        // at once) and rounds are long enough to measure the link (10 ms and more, through
+        // buffers small beside the guest: a buffer of half the guest skews round 1's figures):
+        // round 1 and at most two more before the hand-over.
+        let guest_bytes = h.sc.pages * PAGE as u64;
+        let measurable = ByteRate(h.sc.bandwidth).time_for(guest_bytes) >= Nanos::from_millis(10)
+            && h.sc.room as u64 * 8 <= guest_bytes;
+        if h.outpace_percent >= 400 && h.hot_percent >= 50 && measurable {
+            // (The report's last round is the post-copy push.)
+            let before = r.rounds.len() - 1;
+            prop_assert!(before <= 3, "{before} rounds before the hand-over");
+        }
+    }
+    Ok(o)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Hybrid: pre-copy rounds, then post-copy. Stale pages never reach the running guest:
+    /// memory is exact, no page is placed twice once the guest runs, the source never resumes.
+    #[test]
+    fn hybrid_hands_over_and_memory_is_exact(
+        sc in scenario(),
+        outpace_percent in prop_oneof![50u64..=400, Just(400u64)],
+        hot_percent in 10u64..=100,
+        predictor in prop_oneof![Just("none"), Just("wsclock")],
+    ) {
+        let sc = Scenario { pages: sc.pages.max(16) * 4, ..sc };
+        check_hybrid(&Hybrid { sc, outpace_percent, hot_percent, predictor, hand_over: true })?;
+    }
+}
+
+/// A guest writing four times as fast as the link: plain pre-copy pays the whole hot set in
+/// downtime; the hybrid hands over within two rounds and pays only the device state.
+#[test]
+fn an_outpacing_guest_is_handed_over_to_post_copy() {
+    let sc = Scenario {
+        pages: 2048,
+        seed: 11,
+        bandwidth: 100_000_000,
+        latency: Nanos::from_micros(100),
+        touch_every: Nanos::from_micros(20),
+        plans: false,
+        room: 256 << 10,
+    };
+    let h = Hybrid {
+        sc,
+        outpace_percent: 400,
+        hot_percent: 50,
+        predictor: "none",
+        hand_over: true,
+    };
+    let hybrid = check_hybrid(&h).unwrap();
+    let plain = check_hybrid(&Hybrid {
+        hand_over: false,
+        ..h.clone()
+    })
+    .unwrap();
+    let (hr, pr) = (hybrid.source.report(), plain.source.report());
+    eprintln!(
+        "outpacing guest, {} pages: hybrid downtime {} after {} rounds and the push, {} pages discarded, {} requested; plain pre-copy downtime {} after {} rounds ({:?})",
+        h.sc.pages,
+        hr.downtime,
+        hr.rounds.len() - 1,
+        hr.discarded_pages,
+        hr.urgent_pages,
+        pr.downtime,
+        pr.rounds.len(),
+        pr.stop_reason,
+    );
+    assert!(hr.stop_detail.contains("post-copy"), "{}", hr.stop_detail);
+    assert!(hr.discarded_pages > 0);
+    assert!(hr.urgent_pages > 0, "the running guest asked for no page");
+    assert!(hr.rounds.len() <= 4, "3 rounds and the push at most");
+    assert!(
+        hr.downtime.0 * 10 < pr.downtime.0,
+        "hybrid downtime {} vs plain {}",
+        hr.downtime,
+        pr.downtime
+    );
+}
+
+/// A hybrid switchover whose discard list was lost never starts the destination's guest on
+/// stale pages: the destination refuses it, and the source (committed) stays paused.
+#[test]
+fn a_lost_discard_list_is_refused() {
+    let sc = Scenario {
+        pages: 256,
+        seed: 3,
+        bandwidth: 50_000_000,
+        latency: Nanos::from_micros(100),
+        touch_every: Nanos::from_micros(20),
+        plans: false,
+        room: 64 << 10,
+    };
+    let link_pages_per_sec = sc.bandwidth / (PAGE as u64 + 64);
+    let mut guest = Guest {
+        mem: guest_memory(&sc),
+        pages: sc.pages,
+        paused: false,
+        pauses: 0,
+        resumes: 0,
+        writer: Some(Writer {
+            rate: link_pages_per_sec * 4,
+            hot: sc.pages / 2,
+            rng: Rng(5),
+            dirty: vec![false; sc.pages as usize],
+            done: 0,
+        }),
+    };
+    let layout = MemoryLayout::single(Geometry::new(PageSize::DEFAULT, sc.pages).unwrap());
+    let config = PreCopyConfig {
+        stop: StopRules {
+            downtime_target: Nanos::from_millis(1),
+            ..StopRules::default()
+        },
+        post_copy_when_outpaced: true,
+        ..PreCopyConfig::default()
+    };
+    let mut source = Source::new(
+        layout.clone(),
+        SessionConfig::default(),
+        PreCopy::new(config),
+    );
+    let mut net = Net::new(&sc, layout);
+    net.drop_discards = true;
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = drive_source(&mut source, &mut guest, &mut net, &mut |_| {});
+    }));
+    let message = match result {
+        Err(panic) => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+        Ok(()) => String::new(),
+    };
+    assert!(
+        message.contains("discard frames covering every page"),
+        "the destination took a hybrid switchover without its discard list: {message:?}"
+    );
+    assert!(net.target.started_at.is_none(), "the destination started");
+    assert_eq!(guest.resumes, 0);
 }

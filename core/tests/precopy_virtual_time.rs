@@ -1420,6 +1420,7 @@ fn config() -> impl Strategy<Value = PreCopyConfig> {
                 predictor: PredictorKind::parse(predictor).expect("a valid predictor"),
                 learning_samples,
                 throttle_when_outpaced: false,
+                post_copy_when_outpaced: false,
             },
         )
 }

@@ -9,9 +9,10 @@
 //! The destination must place each page once ([`crate::receive::FirstCopyWins`]): a page the
 //! guest already wrote there must not be overwritten when the push sends it again.
 //!
-//! Hybrid (pre-copy rounds, then post-copy) needs one thing more: the switchover must tell the
-//! destination which pages it already holds went stale since (QEMU's discard bitmap). Until
-//! that frame exists the destination refuses post-copy after pages were sent.
+//! Hybrid (pre-copy rounds, then post-copy: [`crate::strategy::PreCopyConfig::post_copy_when_outpaced`])
+//! needs one thing more: the switchover tells the destination which pages it already holds
+//! went stale since (`Discard` frames, QEMU's discard bitmap), and the destination starts only
+//! once every channel has closed the rounds before.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -23,17 +24,62 @@ use crate::strategy::{Decision, Strategy, StrategyContext};
 use crate::time::{ByteRate, Nanos};
 use crate::wire::U64List;
 
-/// Post-copy: switch over at once, then push every page, requested pages first.
+/// The destination's page requests, oldest first: what post-copy and the hybrid's post-copy
+/// phase send before any pushed page.
 #[derive(Debug, Default)]
-pub struct PostCopy {
-    /// Pages the destination asked for, oldest first, each once.
+pub struct PageRequests {
     urgent: VecDeque<u64>,
     /// Pages of the guest (requests beyond it are refused).
     pages: u64,
-    /// The push's bandwidth limit.
-    limit: ByteRate,
     /// Requests received (for tests and reports).
     requested: u64,
+}
+
+impl PageRequests {
+    /// Requests for a guest of `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        PageRequests {
+            pages,
+            ..PageRequests::default()
+        }
+    }
+
+    /// Takes in one `PageRequest` frame.
+    pub fn take(&mut self, pages: U64List<'_>) -> Result<(), MigrationError> {
+        for page in pages.iter() {
+            if page >= self.pages {
+                return Err(MigrationError::PageOutOfRange {
+                    page,
+                    page_count: self.pages,
+                });
+            }
+            self.requested += 1;
+            // The queue holds each page at most a few times over: a page already sent is
+            // skipped when popped (the session checks its send set).
+            if self.urgent.len() < self.pages as usize {
+                self.urgent.push_back(page);
+            }
+        }
+        Ok(())
+    }
+
+    /// The oldest request not yet handed out.
+    pub fn pop(&mut self) -> Option<u64> {
+        self.urgent.pop_front()
+    }
+
+    /// Pages asked for so far.
+    pub fn requested(&self) -> u64 {
+        self.requested
+    }
+}
+
+/// Post-copy: switch over at once, then push every page, requested pages first.
+#[derive(Debug, Default)]
+pub struct PostCopy {
+    requests: PageRequests,
+    /// The push's bandwidth limit.
+    limit: ByteRate,
 }
 
 impl PostCopy {
@@ -47,7 +93,7 @@ impl PostCopy {
 
     /// Pages the destination has asked for so far.
     pub fn pages_requested(&self) -> u64 {
-        self.requested
+        self.requests.requested()
     }
 }
 
@@ -58,7 +104,7 @@ impl Strategy for PostCopy {
 
     fn start(&mut self, _now: Nanos, cx: &mut StrategyContext<'_>) -> Result<(), MigrationError> {
         // Nothing goes before the switchover: round 1 is empty and ends at once.
-        self.pages = cx.layout.page_count();
+        self.requests = PageRequests::new(cx.layout.page_count());
         cx.send.clear();
         Ok(())
     }
@@ -96,25 +142,11 @@ impl Strategy for PostCopy {
     }
 
     fn on_page_request(&mut self, _now: Nanos, pages: U64List<'_>) -> Result<(), MigrationError> {
-        for page in pages.iter() {
-            if page >= self.pages {
-                return Err(MigrationError::PageOutOfRange {
-                    page,
-                    page_count: self.pages,
-                });
-            }
-            self.requested += 1;
-            // The queue holds each page at most a few times over: a page already sent is
-            // skipped when popped (the session checks its send set).
-            if self.urgent.len() < self.pages as usize {
-                self.urgent.push_back(page);
-            }
-        }
-        Ok(())
+        self.requests.take(pages)
     }
 
     fn next_urgent_page(&mut self) -> Option<u64> {
-        self.urgent.pop_front()
+        self.requests.pop()
     }
 
     fn pages_after_switchover(&self) -> bool {

@@ -18,7 +18,9 @@ use crate::schedule::{self, RatePlan, RoundOutcome, Scheduler, StopRules};
 use crate::time::{ByteRate, Nanos};
 use crate::track::{Predictor, PredictorKind};
 
+use super::postcopy::PageRequests;
 use super::{Decision, Strategy, StrategyContext};
+use crate::wire::U64List;
 
 /// Settings of a pre-copy migration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +47,13 @@ pub struct PreCopyConfig {
     /// go on, instead of stopping the rounds at once. A host that cannot throttle stops them.
     /// Default off.
     pub throttle_when_outpaced: bool,
+    /// When the guest outpaces the link: hand over to post-copy (hybrid) instead of stopping
+    /// the rounds or throttling. The guest pauses only for its device state; the pages still
+    /// to send (named to the destination as stale, `Discard`) follow the switchover, those its
+    /// guest asks for first. Needs a destination that places pages once
+    /// ([`crate::receive::FirstCopyWins`]) and serves its guest's faults. Takes precedence over
+    /// `throttle_when_outpaced`. Default off.
+    pub post_copy_when_outpaced: bool,
 }
 
 impl Default for PreCopyConfig {
@@ -58,6 +67,7 @@ impl Default for PreCopyConfig {
             predictor: PredictorKind::None,
             learning_samples: 4,
             throttle_when_outpaced: false,
+            post_copy_when_outpaced: false,
         }
     }
 }
@@ -90,6 +100,10 @@ pub struct PreCopy {
     released: bool,
     /// The predictor was right (most held pages written again) in a judged round.
     proven: bool,
+    /// The rounds handed over to post-copy: the pages still to send follow the switchover.
+    post_copy: bool,
+    /// Post-copy phase: the destination's page requests.
+    requests: PageRequests,
 }
 
 /// A predictor is judged once it held back at least this many pages in a round.
@@ -114,6 +128,8 @@ impl PreCopy {
             release: DirtyBitmap::new(0),
             released: false,
             proven: false,
+            post_copy: false,
+            requests: PageRequests::default(),
         };
         p.predictor = match config.predictor {
             PredictorKind::None => None,
@@ -158,6 +174,7 @@ impl Strategy for PreCopy {
 
     fn start(&mut self, _now: Nanos, cx: &mut StrategyContext<'_>) -> Result<(), MigrationError> {
         let pages = cx.layout.page_count();
+        self.requests = PageRequests::new(pages);
         if self.config.predictor != PredictorKind::None {
             self.predictor = Some(self.config.predictor.build(pages));
         }
@@ -312,7 +329,19 @@ impl Strategy for PreCopy {
             // let the rules decide on what is left.
             self.holding = false;
         }
+        let hand_over = self.config.post_copy_when_outpaced
+            && matches!(
+                decision,
+                schedule::Decision::StopAndCopy(StopReason::NotConverging)
+            )
+            && self.scheduler.outpaced();
         let decision = match decision {
+            // Hybrid: nothing pending costs downtime once pages follow the switchover, so no
+            // release round either.
+            schedule::Decision::StopAndCopy(reason) if hand_over => {
+                self.post_copy = true;
+                return Ok(Decision::StopAndCopy(reason));
+            }
             schedule::Decision::StopAndCopy(reason)
                 if unsent_held > 0 && releasing.is_none() && !self.released =>
             {
@@ -384,7 +413,28 @@ impl Strategy for PreCopy {
         if self.predicting() && !self.holding {
             why.push_str("; the predictor stopped holding pages back: most stayed clean");
         }
+        if self.post_copy {
+            why.push_str("; handed over to post-copy: the pages still to send follow the switchover, those the destination's guest asks for first");
+        }
         why
+    }
+
+    fn pages_after_switchover(&self) -> bool {
+        self.post_copy
+    }
+
+    fn on_page_request(&mut self, _now: Nanos, pages: U64List<'_>) -> Result<(), MigrationError> {
+        if !self.post_copy {
+            return Err(MigrationError::UnexpectedFrame {
+                expected: "no page requests before a hand-over to post-copy",
+                got: crate::wire::FrameKind::PageRequest,
+            });
+        }
+        self.requests.take(pages)
+    }
+
+    fn next_urgent_page(&mut self) -> Option<u64> {
+        self.requests.pop()
     }
 
     fn throttle_percent(&self) -> u8 {
