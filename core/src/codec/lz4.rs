@@ -224,7 +224,11 @@ impl PageEncoder for DeltaLz4Encoder {
 
 /// Decodes an [`Encoding::XBZRLE_LZ4`] payload onto `page` (the destination's current copy),
 /// using `tmp` (any length; grown to a page) for the delta. `page` is unchanged on an error.
-pub fn decode_delta_lz4(payload: &[u8], page: &mut [u8], tmp: &mut Vec<u8>) -> Result<(), Lz4Error> {
+pub fn decode_delta_lz4(
+    payload: &[u8],
+    page: &mut [u8],
+    tmp: &mut Vec<u8>,
+) -> Result<(), Lz4Error> {
     if tmp.len() < page.len() {
         tmp.resize(page.len(), 0);
     }

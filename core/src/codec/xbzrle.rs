@@ -313,9 +313,7 @@ fn walk(
             });
         }
         let Some(bytes) = payload.get(i..i + nzrun) else {
-            return Err(DeltaError::Truncated {
-                at: payload.len(),
-            });
+            return Err(DeltaError::Truncated { at: payload.len() });
         };
         apply(d, bytes);
         i += nzrun;
