@@ -46,6 +46,8 @@ pub mod plots;
 #[cfg(feature = "research")]
 pub mod policy;
 #[cfg(all(feature = "research", target_os = "linux"))]
+pub mod kernel_dirty;
+#[cfg(all(feature = "research", target_os = "linux"))]
 pub mod record_program;
 #[cfg(feature = "research")]
 pub mod sim;

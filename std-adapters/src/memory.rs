@@ -169,6 +169,8 @@ pub struct SourceHost {
     workload: Option<WorkloadHandle>,
     device_state: Vec<u8>,
     paused: bool,
+    /// Where dirty pages come from instead of the writers' own marks (the kernel's log).
+    dirty_log: Option<Box<dyn DirtyLog + Send>>,
     /// How many times the engine resumed the guest after pausing it (a failed migration).
     pub resumes: u32,
 }
@@ -192,8 +194,21 @@ impl SourceHost {
             workload,
             device_state,
             paused: false,
+            dirty_log: None,
             resumes: 0,
         }
+    }
+
+    /// Takes dirty pages from `log` (for example the kernel's,
+    /// `kernel_dirty::KernelDirtyLog`) instead of the bitmap the writers mark.
+    pub fn with_dirty_log(mut self, log: Box<dyn DirtyLog + Send>) -> Self {
+        self.dirty_log = Some(log);
+        self
+    }
+
+    /// Whether dirty pages come from a log of their own rather than the writers' marks.
+    pub fn has_dirty_log(&self) -> bool {
+        self.dirty_log.is_some()
     }
 
     /// The guest memory.
@@ -232,10 +247,13 @@ impl PageRead for SourceHost {
 impl DirtyLog for SourceHost {
     fn sync_region(
         &mut self,
-        _region: &Region,
-        _first_page: u64,
+        region: &Region,
+        first_page: u64,
         into: &mut DirtyBitmap,
     ) -> Result<(), HostError> {
+        if let Some(log) = self.dirty_log.as_mut() {
+            return log.sync_region(region, first_page, into);
+        }
         // One region covering the whole guest: its bitmap is the guest's.
         self.dirty.fetch_and_clear_into(into);
         Ok(())
