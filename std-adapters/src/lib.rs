@@ -27,6 +27,8 @@
 
 // The adapters: always built.
 pub mod drive;
+#[cfg(all(feature = "kvm", target_os = "linux"))]
+pub mod kvm;
 pub mod memory;
 pub mod transport;
 pub mod units;
