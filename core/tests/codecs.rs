@@ -21,8 +21,8 @@ use memferry::codec::adaptive::{
     classify, effective_rate, encoder_pays, Adaptive, Enabled, PageClass, Rates,
 };
 use memferry::codec::dedup::{
-    content_hash, resolve, write_reference, DedupEncoder, DedupIndex, ReferenceDecoder,
-    ReferenceError, REFERENCE_LEN,
+    content_hash, resolve, write_reference, ContentHasher, DedupEncoder, DedupIndex,
+    ReferenceDecoder, ReferenceError, REFERENCE_LEN,
 };
 use memferry::codec::lz4::{
     decode_delta_lz4, decompress_page, DeltaLz4Decoder, DeltaLz4Encoder, Lz4Decoder, Lz4Encoder,
@@ -484,24 +484,31 @@ fn forced_hash_collision_is_caught() {
             .map(|p| buf.copy_from_slice(p))
             .ok_or("no such page")
     };
+    let hasher = ContentHasher::new(seed);
     assert_eq!(
-        resolve(&out[..n], seed, &mut read, &mut scratch),
+        resolve(&out[..n], &hasher, &mut read, &mut scratch),
         Err(ReferenceError::HashMismatch { source: 0 })
     );
     // An honest reference to `a` resolves; a wrong seed does not; bad lengths and missing
     // pages are refused.
     let mut good = [0u8; REFERENCE_LEN];
     write_reference(&mut good, 0, content_hash(seed, &a)).unwrap();
-    resolve(&good, seed, &mut read, &mut scratch).unwrap();
+    resolve(&good, &hasher, &mut read, &mut scratch).unwrap();
     assert_eq!(scratch, a);
-    assert!(resolve(&good, seed + 1, &mut read, &mut scratch).is_err());
+    assert!(resolve(
+        &good,
+        &ContentHasher::new(seed + 1),
+        &mut read,
+        &mut scratch
+    )
+    .is_err());
     assert_eq!(
-        resolve(&good[..23], seed, &mut read, &mut scratch),
+        resolve(&good[..23], &hasher, &mut read, &mut scratch),
         Err(ReferenceError::BadLength { len: 23 })
     );
     write_reference(&mut good, 7, content_hash(seed, &a)).unwrap();
     assert!(matches!(
-        resolve(&good, seed, &mut read, &mut scratch),
+        resolve(&good, &hasher, &mut read, &mut scratch),
         Err(ReferenceError::Unreadable { source: 7, .. })
     ));
 }
@@ -601,7 +608,13 @@ fn apply_frame(mem: &mut [Vec<u8>], frame: &[u8], seed: u64, seen: &mut [u64; 6]
                         .map(|p| buf.copy_from_slice(p))
                         .ok_or("no such page")
                 };
-                resolve(e.payload, seed, &mut read, &mut scratch).unwrap();
+                resolve(
+                    e.payload,
+                    &ContentHasher::new(seed),
+                    &mut read,
+                    &mut scratch,
+                )
+                .unwrap();
             }
             other => panic!("unknown encoding {other:?}"),
         }

@@ -11,9 +11,10 @@
 //! such page to its hash, so that a page sent again with other content stops being referenced.
 //!
 //! # The hash and its seed
-//! The hash is `xxh3_128_with_seed(page, seed)` ([`content_hash`]). The seed is the caller's, the
-//! same on both sides (the session can derive it from the session id). A seed of 0 is plain
-//! xxh3-128. A per-migration random seed is recommended: xxh3 is not cryptographic, and with a
+//! The hash is xxh3-128 with the secret xxh3 derives from a 64-bit seed ([`ContentHasher`]; for
+//! inputs over 240 bytes, every page, it equals `xxh3_128_with_seed(page, seed)`). The secret is
+//! derived once, not per page as `xxh3_128_with_seed` does. The seed is the caller's, the same
+//! on both sides (the session can derive it from the session id). A seed of 0 is plain xxh3-128. A per-migration random seed is recommended: xxh3 is not cryptographic, and with a
 //! known seed a guest could build two pages with one hash so that one replaces the other on the
 //! destination (the guest corrupts only itself, but a secret seed makes it hard to do at all).
 //! Seeding costs nothing (`codec/hash` bench). This is not the digest's hash, which is seeded by
@@ -37,7 +38,8 @@ use alloc::collections::VecDeque;
 use core::fmt;
 
 use hashbrown::HashMap;
-use xxhash_rust::xxh3::xxh3_128_with_seed;
+use xxhash_rust::const_xxh3::const_custom_default_secret;
+use xxhash_rust::xxh3::xxh3_128_with_secret;
 
 use super::{PageDecoder, PageEncoder};
 use crate::wire::Encoding;
@@ -45,14 +47,49 @@ use crate::wire::Encoding;
 /// Length of a reference payload.
 pub const REFERENCE_LEN: usize = 24;
 
-/// The content hash of a page under `seed` (xxh3-128).
-#[inline]
-pub fn content_hash(seed: u64, page: &[u8]) -> u128 {
-    xxh3_128_with_seed(page, seed)
+/// The content hash under one seed: xxh3-128 with the secret derived from the seed once.
+#[derive(Clone)]
+pub struct ContentHasher {
+    seed: u64,
+    secret: [u8; 192],
 }
 
-/// A content hash function: `(seed, page) -> hash`. [`content_hash`] unless a test forces
-/// collisions.
+impl ContentHasher {
+    /// The hasher for `seed`.
+    pub fn new(seed: u64) -> Self {
+        ContentHasher {
+            seed,
+            secret: const_custom_default_secret(seed),
+        }
+    }
+
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The hash of `page` (for inputs over 240 bytes, `xxh3_128_with_seed(page, seed)`).
+    #[inline]
+    pub fn hash(&self, page: &[u8]) -> u128 {
+        xxh3_128_with_secret(page, &self.secret)
+    }
+}
+
+impl fmt::Debug for ContentHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContentHasher")
+            .field("seed", &self.seed)
+            .finish()
+    }
+}
+
+/// The content hash of a page under `seed` ([`ContentHasher`]; derives the secret each call).
+pub fn content_hash(seed: u64, page: &[u8]) -> u128 {
+    ContentHasher::new(seed).hash(page)
+}
+
+/// A content hash function `(seed, page) -> hash` to use instead of [`ContentHasher`]: only for
+/// tests that force collisions.
 pub type Hasher = fn(u64, &[u8]) -> u128;
 
 /// Writes a reference payload into `out` (at least [`REFERENCE_LEN`] bytes); returns its length.
@@ -140,29 +177,18 @@ impl<F: FnMut(u64, &mut [u8]) -> Result<(), &'static str>> ReadDestination for F
 }
 
 /// Resolves a reference `payload`: reads the source page through `read` into `out` (one page)
-/// and checks it hashes to the reference under `seed`. On an error `out` must not be used (it
-/// may hold the unverified bytes). Never panics.
+/// and checks it hashes to the reference with `hasher` (made once per migration from the agreed
+/// seed). On an error `out` must not be used (it may hold the unverified bytes). Never panics.
 pub fn resolve<R: ReadDestination + ?Sized>(
     payload: &[u8],
-    seed: u64,
+    hasher: &ContentHasher,
     read: &mut R,
     out: &mut [u8],
-) -> Result<(), ReferenceError> {
-    resolve_with(payload, seed, read, out, content_hash)
-}
-
-/// [`resolve`] with another hash function (tests).
-pub fn resolve_with<R: ReadDestination + ?Sized>(
-    payload: &[u8],
-    seed: u64,
-    read: &mut R,
-    out: &mut [u8],
-    hasher: Hasher,
 ) -> Result<(), ReferenceError> {
     let (source, hash) = parse_reference(payload)?;
     read.read_page(source, out)
         .map_err(|reason| ReferenceError::Unreadable { source, reason })?;
-    if hasher(seed, out) != hash {
+    if hasher.hash(out) != hash {
         return Err(ReferenceError::HashMismatch { source });
     }
     Ok(())
@@ -184,7 +210,7 @@ pub struct DedupStats {
 /// The content index: hash → first page that carried it, bounded to `capacity` entries (the
 /// oldest is dropped first). About 100 bytes per entry.
 pub struct DedupIndex {
-    seed: u64,
+    hasher: ContentHasher,
     capacity: usize,
     by_hash: HashMap<u128, u64>,
     by_page: HashMap<u64, u128>,
@@ -196,7 +222,7 @@ impl DedupIndex {
     /// An index of at most `capacity` contents, hashed with `seed`.
     pub fn new(seed: u64, capacity: usize) -> Self {
         DedupIndex {
-            seed,
+            hasher: ContentHasher::new(seed),
             capacity,
             by_hash: HashMap::new(),
             by_page: HashMap::new(),
@@ -205,9 +231,9 @@ impl DedupIndex {
         }
     }
 
-    /// The seed.
-    pub fn seed(&self) -> u64 {
-        self.seed
+    /// The hasher (and its seed).
+    pub fn hasher(&self) -> &ContentHasher {
+        &self.hasher
     }
 
     /// Contents indexed now.
@@ -283,7 +309,7 @@ impl DedupIndex {
 /// pages go raw and are indexed.
 pub struct DedupEncoder {
     index: DedupIndex,
-    hasher: Hasher,
+    forced: Option<Hasher>,
 }
 
 impl DedupEncoder {
@@ -291,13 +317,16 @@ impl DedupEncoder {
     pub fn new(index: DedupIndex) -> Self {
         DedupEncoder {
             index,
-            hasher: content_hash,
+            forced: None,
         }
     }
 
     /// The same with another hash function (a test forcing collisions).
     pub fn with_hasher(index: DedupIndex, hasher: Hasher) -> Self {
-        DedupEncoder { index, hasher }
+        DedupEncoder {
+            index,
+            forced: Some(hasher),
+        }
     }
 
     /// The index.
@@ -305,10 +334,17 @@ impl DedupEncoder {
         &self.index
     }
 
+    fn hash(&self, page: &[u8]) -> u128 {
+        match self.forced {
+            Some(f) => f(self.index.hasher.seed, page),
+            None => self.index.hasher.hash(page),
+        }
+    }
+
     /// Hashes `page`; if its content is indexed, writes a reference into `out` and returns its
     /// length; else indexes the page (it will be sent another way) and returns `None`.
     pub fn encode_reference(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<usize> {
-        let hash = (self.hasher)(self.index.seed, page);
+        let hash = self.hash(page);
         match self.index.lookup(hash) {
             Some(source) if out.len() >= REFERENCE_LEN && page.len() > REFERENCE_LEN => {
                 if source != index {
@@ -326,7 +362,7 @@ impl DedupEncoder {
 
     /// Notes that `page` was sent for `index` by other means.
     pub fn record(&mut self, index: u64, page: &[u8]) {
-        let hash = (self.hasher)(self.index.seed, page);
+        let hash = self.hash(page);
         self.index.record(index, hash);
     }
 }
@@ -351,14 +387,17 @@ impl PageEncoder for DedupEncoder {
 /// A receiver that cannot lend its memory to a decoder calls [`resolve`] itself with a closure
 /// over its host (`|i, buf| host.read_back(PageIndex(i), buf)`).
 pub struct ReferenceDecoder<R> {
-    seed: u64,
+    hasher: ContentHasher,
     read: R,
 }
 
 impl<R: ReadDestination + Send> ReferenceDecoder<R> {
     /// A decoder for references hashed with `seed`, reading pages with `read`.
     pub fn new(seed: u64, read: R) -> Self {
-        ReferenceDecoder { seed, read }
+        ReferenceDecoder {
+            hasher: ContentHasher::new(seed),
+            read,
+        }
     }
 }
 
@@ -373,6 +412,22 @@ impl<R: ReadDestination + Send> PageDecoder for ReferenceDecoder<R> {
         payload: &[u8],
         scratch: &mut [u8],
     ) -> Result<(), &'static str> {
-        resolve(payload, self.seed, &mut self.read, scratch).map_err(|e| e.as_str())
+        resolve(payload, &self.hasher, &mut self.read, scratch).map_err(|e| e.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+    #[test]
+    fn the_hash_is_seeded_xxh3_128_on_pages() {
+        let page: alloc::vec::Vec<u8> = (0..4096u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        for seed in [0, 1, 0x5eed_5eed_5eed_5eed] {
+            let h = ContentHasher::new(seed);
+            assert_eq!(h.hash(&page), xxh3_128_with_seed(&page, seed));
+            assert_eq!(h.hash(&page[..241]), xxh3_128_with_seed(&page[..241], seed));
+        }
     }
 }

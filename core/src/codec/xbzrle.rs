@@ -116,6 +116,18 @@ fn skip_different(old: &[u8], new: &[u8], mut i: usize, limit: usize) -> usize {
     i
 }
 
+/// `dst.copy_from_slice(src)` without a `memcpy` call for the short runs that dominate deltas.
+#[inline(always)]
+fn copy_run(dst: &mut [u8], src: &[u8]) {
+    if src.len() <= 16 {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s;
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
 #[inline(always)]
 fn uleb_len(n: usize) -> usize {
     if n < 0x80 {
@@ -157,7 +169,7 @@ pub fn encode(old: &[u8], new: &[u8], out: &mut [u8]) -> Option<usize> {
         }
         d = put_uleb(out, d, zrun);
         d = put_uleb(out, d, nzrun);
-        out[d..end].copy_from_slice(&new[nz_start..i]);
+        copy_run(&mut out[d..end], &new[nz_start..i]);
         d = end;
     }
     Some(d)
@@ -330,7 +342,7 @@ pub fn decode(payload: &[u8], page: &mut [u8]) -> Result<(), DeltaError> {
     walk(payload, len, |_, _| {})?;
     walk(payload, len, |at, bytes| {
         if let Some(dst) = page.get_mut(at..at + bytes.len()) {
-            dst.copy_from_slice(bytes);
+            copy_run(dst, bytes);
         }
     })
 }
