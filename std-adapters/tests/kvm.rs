@@ -1,11 +1,19 @@
 //! A real KVM guest, migrated live (run whenever /dev/kvm can be used; each test prints why it
 //! is skipped otherwise).
 
+use std::net::TcpListener;
 use std::time::Duration;
 
+use memferry::report::MigrationReport;
+use memferry::schedule::StopRules;
+use memferry::strategy::PreCopyConfig;
+use memferry::time::Nanos;
+use memferry::track::PredictorKind;
+use memferry_std::kvm::dirty::{DirtyLogMode, DirtySample};
 use memferry_std::kvm::guest::{self, GuestConfig};
-use memferry_std::kvm::run_unmigrated;
 use memferry_std::kvm::vm::kvm_usable;
+use memferry_std::kvm::{run, run_unmigrated, KvmSource, SourceMachine};
+use memferry_std::transport::{tcp, BoxRead, BoxWrite};
 
 fn kvm_or_skip(test: &str) -> bool {
     match kvm_usable() {
@@ -37,4 +45,327 @@ fn the_guest_runs_at_cpl3_and_its_hash_is_the_reference_hash() {
     );
     assert_eq!(run.writes, config.iterations);
     assert_eq!(run.hash, guest::expected_hash(&config).unwrap());
+}
+
+#[test]
+fn the_same_config_gives_the_same_hash_and_another_seed_another() {
+    if !kvm_or_skip("the_same_config_gives_the_same_hash_and_another_seed_another") {
+        return;
+    }
+    let config = GuestConfig {
+        memory: 16 << 20,
+        iterations: 300_000,
+        sweep_share: 0.05,
+        ..GuestConfig::default()
+    };
+    let a = run_unmigrated(&config, Duration::from_secs(60)).unwrap();
+    let b = run_unmigrated(&config, Duration::from_secs(60)).unwrap();
+    let c = run_unmigrated(&GuestConfig { seed: 2, ..config }, Duration::from_secs(60)).unwrap();
+    assert_eq!(a.hash, b.hash);
+    assert_ne!(a.hash, c.hash);
+    assert_eq!(
+        c.hash,
+        guest::expected_hash(&GuestConfig { seed: 2, ..config }).unwrap()
+    );
+}
+
+/// What a live migration of the generated guest showed.
+struct Migrated {
+    report: MigrationReport,
+    final_hash: u64,
+    expected_hash: u64,
+    source_digest_at_pause: u128,
+    destination_digest_at_start: Option<u128>,
+    progress_at_pause: u64,
+    logging_after: bool,
+    pause: Duration,
+    samples: Vec<DirtySample>,
+}
+
+fn precopy(predictor: PredictorKind) -> PreCopyConfig {
+    PreCopyConfig {
+        stop: StopRules {
+            downtime_target: Nanos::from_millis(30),
+            max_rounds: 12,
+            ..StopRules::default()
+        },
+        predictor,
+        ..PreCopyConfig::default()
+    }
+}
+
+/// Starts the guest of `config`, lets it do `warmup_writes` writes, migrates it over `channels` TCP
+/// connections on 127.0.0.1 to a destination VM in this process, and lets it finish there.
+fn migrate_live(
+    config: GuestConfig,
+    mode: DirtyLogMode,
+    engine: PreCopyConfig,
+    channels: u16,
+    warmup_writes: u64,
+) -> Migrated {
+    let expected_hash = guest::expected_hash(&config).unwrap();
+    let (machine, mut vcpus) = SourceMachine::create(&config, mode).unwrap();
+    vcpus.start().unwrap();
+    // Migrate a guest that is well under way (on a loaded machine its first writes may take a
+    // while: first touches cost a fault each under shadow paging).
+    let t0 = std::time::Instant::now();
+    while machine.status().unwrap().progress < warmup_writes {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the guest made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let progress_before = machine.status().unwrap().progress;
+    let mut source = KvmSource::new(
+        machine.vm.fd().clone(),
+        machine.memory().unwrap(),
+        vcpus,
+        mode,
+    )
+    .unwrap();
+    assert!(source.dirty_log().is_logging());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let destination = std::thread::spawn(move || {
+        let (r, w, _) = tcp::accept(&listener).unwrap();
+        let received = receive_with_digest(r, w, &listener);
+        run::wait_finished(received.host.vcpus(), Duration::from_secs(300)).unwrap();
+        let status = received.machine.status().unwrap();
+        assert!(status.finished);
+        (
+            status.hash,
+            received.host.digest_at_start(),
+            received.verdict,
+        )
+    });
+    let ends = (0..channels).map(|_| tcp::connect(addr).unwrap()).collect();
+    let report = run::migrate_source(&mut source, engine, ends, |_| {}).unwrap();
+    let (final_hash, destination_digest_at_start, _verdict) = destination.join().unwrap();
+    let at_pause = machine.status().unwrap();
+    assert!(
+        !at_pause.finished,
+        "the guest finished before the migration paused it: give it more iterations"
+    );
+    Migrated {
+        report,
+        final_hash,
+        expected_hash,
+        source_digest_at_pause: source.memory().digest().unwrap(),
+        destination_digest_at_start,
+        progress_at_pause: at_pause.progress - progress_before,
+        logging_after: source.dirty_log().is_logging(),
+        pause: source.pause_times().iter().sum(),
+        samples: source.dirty_samples().to_vec(),
+    }
+}
+
+/// `run::receive` with the destination's memory digest taken when it starts.
+fn receive_with_digest(r: BoxRead, w: BoxWrite, listener: &TcpListener) -> run::Received {
+    run::receive_with(
+        r,
+        w,
+        u64::MAX,
+        || tcp::accept(listener).map(|(r, w, _)| (r, w)),
+        |host| host.take_digest_at_start(),
+    )
+    .unwrap()
+}
+
+fn check(m: &Migrated, what: &str) {
+    let r = &m.report;
+    eprintln!(
+        "{what}: {} rounds, total {:.1} ms, downtime {:.1} ms (vCPU pause {:.2} ms), {} pages, {:.1} MiB sent, stop {:?}; progress at pause {}; dirty syncs: {}",
+        r.rounds.len(),
+        r.total_time.0 as f64 / 1e6,
+        r.downtime.0 as f64 / 1e6,
+        m.pause.as_secs_f64() * 1e3,
+        r.pages_sent,
+        r.bytes_sent as f64 / (1 << 20) as f64,
+        r.stop_reason,
+        m.progress_at_pause,
+        m.samples
+            .iter()
+            .map(|s| format!(
+                "{}p sync {:.2}ms clear {:.2}ms/{}",
+                s.pages,
+                s.sync.as_secs_f64() * 1e3,
+                s.clear.as_secs_f64() * 1e3,
+                s.clears
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert_eq!(r.verified, Some(true), "{what}: digests");
+    assert_eq!(
+        m.destination_digest_at_start,
+        Some(m.source_digest_at_pause),
+        "{what}: the destination's memory at start is the source's at pause"
+    );
+    assert_eq!(
+        m.final_hash, m.expected_hash,
+        "{what}: the migrated guest's final hash"
+    );
+    assert!(
+        !m.logging_after,
+        "{what}: dirty logging is off after the migration"
+    );
+    assert!(
+        m.progress_at_pause > 0,
+        "{what}: the guest ran during the migration"
+    );
+    assert!(!m.samples.is_empty());
+}
+
+fn busy_guest(seed: u64) -> GuestConfig {
+    GuestConfig {
+        memory: 128 << 20,
+        seed,
+        iterations: 40_000_000,
+        hot_fraction: 0.05,
+        hot_share: 0.9,
+        sweep_share: 0.02,
+        writes_per_sec: 0,
+        ..GuestConfig::default()
+    }
+}
+
+#[test]
+fn a_live_guest_migrates_with_each_dirty_log() {
+    if !kvm_or_skip("a_live_guest_migrates_with_each_dirty_log") {
+        return;
+    }
+    for (i, mode) in [
+        DirtyLogMode::Bitmap,
+        DirtyLogMode::MANUAL,
+        DirtyLogMode::RING,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let m = migrate_live(
+            busy_guest(10 + i as u64),
+            mode,
+            precopy(PredictorKind::None),
+            1,
+            1 << 18,
+        );
+        check(&m, mode.name());
+    }
+}
+
+#[test]
+fn a_live_guest_migrates_with_predictors_and_channels() {
+    if !kvm_or_skip("a_live_guest_migrates_with_predictors_and_channels") {
+        return;
+    }
+    for (i, (predictor, channels)) in [("wsclock", 1), ("none", 2), ("lru", 2)]
+        .into_iter()
+        .enumerate()
+    {
+        let kind = PredictorKind::parse(predictor).unwrap();
+        let m = migrate_live(
+            busy_guest(20 + i as u64),
+            DirtyLogMode::MANUAL,
+            precopy(kind),
+            channels,
+            1 << 18,
+        );
+        check(&m, &format!("predictor {predictor}, {channels} channels"));
+        assert_eq!(m.report.channels, channels);
+    }
+}
+
+#[test]
+fn a_guest_dirtying_heavily_migrates() {
+    if !kvm_or_skip("a_guest_dirtying_heavily_migrates") {
+        return;
+    }
+    // Most writes go anywhere in memory: the dirty set never shrinks much, the rounds stop
+    // by rule, and the stop-and-copy carries a large set.
+    let config = GuestConfig {
+        memory: 128 << 20,
+        seed: 30,
+        iterations: 30_000_000,
+        hot_fraction: 0.1,
+        hot_share: 0.3,
+        sweep_share: 0.2,
+        writes_per_sec: 0,
+        ..GuestConfig::default()
+    };
+    let m = migrate_live(
+        config,
+        DirtyLogMode::Bitmap,
+        precopy(PredictorKind::None),
+        2,
+        1 << 18,
+    );
+    check(&m, "heavy");
+    assert!(
+        m.report.pages_sent > m.report.page_count,
+        "pages were sent again"
+    );
+}
+
+#[test]
+fn a_failed_migration_stops_dirty_logging_and_the_source_guest_runs_on() {
+    if !kvm_or_skip("a_failed_migration_stops_dirty_logging_and_the_source_guest_runs_on") {
+        return;
+    }
+    let config = GuestConfig {
+        memory: 32 << 20,
+        seed: 40,
+        iterations: 6_000_000,
+        ..GuestConfig::default()
+    };
+    for mode in [
+        DirtyLogMode::Bitmap,
+        DirtyLogMode::MANUAL,
+        DirtyLogMode::RING,
+    ] {
+        let (machine, mut vcpus) = SourceMachine::create(&config, mode).unwrap();
+        vcpus.start().unwrap();
+        let mut source = KvmSource::new(
+            machine.vm.fd().clone(),
+            machine.memory().unwrap(),
+            vcpus,
+            mode,
+        )
+        .unwrap();
+        // A destination that reads the hello and a little more, then hangs up.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dies = std::thread::spawn(move || {
+            let (mut r, _w, _) = tcp::accept(&listener).unwrap();
+            let mut buf = vec![0u8; 1 << 16];
+            let _ = std::io::Read::read(&mut r, &mut buf);
+        });
+        let ends = vec![tcp::connect(addr).unwrap()];
+        let failed = run::migrate_source(&mut source, precopy(PredictorKind::None), ends, |_| {});
+        dies.join().unwrap();
+        assert!(failed.is_err(), "{}: the migration failed", mode.name());
+        assert!(
+            !source.dirty_log().is_logging(),
+            "{}: dirty logging is off after the failure",
+            mode.name()
+        );
+        assert!(
+            !source.is_paused(),
+            "{}: the source guest runs",
+            mode.name()
+        );
+        // The guest finishes where it is, with the hash of a run that never migrated.
+        run::wait_finished(source.vcpus(), Duration::from_secs(120)).unwrap();
+        assert_eq!(
+            machine.status().unwrap().hash,
+            guest::expected_hash(&config).unwrap(),
+            "{}",
+            mode.name()
+        );
+        eprintln!(
+            "{}: failed as expected: {}",
+            mode.name(),
+            failed.err().unwrap()
+        );
+    }
 }

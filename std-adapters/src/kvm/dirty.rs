@@ -90,7 +90,7 @@ impl DirtyLogMode {
             ("manual", None) => Ok(Self::MANUAL),
             ("manual", Some(a)) => {
                 let chunk_pages = number(a)?;
-                if chunk_pages == 0 || chunk_pages % 64 != 0 {
+                if chunk_pages == 0 || !chunk_pages.is_multiple_of(64) {
                     return Err(format!(
                         "manual:{chunk_pages}: the chunk must be a positive multiple of 64 pages"
                     ));
@@ -466,7 +466,7 @@ impl DirtyTracker {
         match mode {
             DirtyLogMode::Bitmap => {}
             DirtyLogMode::ManualProtect { chunk_pages } => {
-                if chunk_pages == 0 || chunk_pages % 64 != 0 {
+                if chunk_pages == 0 || !chunk_pages.is_multiple_of(64) {
                     return Err(KvmError::new(
                         "the manual-protect chunk must be a positive multiple of 64 pages",
                     ));

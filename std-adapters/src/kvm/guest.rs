@@ -298,7 +298,7 @@ impl GuestConfig {
     /// holds everything.
     pub fn regions(&self) -> Result<Vec<RegionRange>, String> {
         let m = self.memory;
-        if m < 2 * LARGE_PAGE || m % LARGE_PAGE != 0 {
+        if m < 2 * LARGE_PAGE || !m.is_multiple_of(LARGE_PAGE) {
             return Err(format!(
                 "the KVM guest's memory must be a multiple of 2 MiB and at least 4 MiB, not {m} bytes"
             ));
@@ -314,7 +314,11 @@ impl GuestConfig {
             None if m <= 8 << 20 => m,
             None => ((m / 4 * 3) / LARGE_PAGE * LARGE_PAGE).min(3 << 30),
         };
-        if low < 2 * LARGE_PAGE || low % LARGE_PAGE != 0 || low > m || low > MAX_LOW_MEMORY {
+        if low < 2 * LARGE_PAGE
+            || !low.is_multiple_of(LARGE_PAGE)
+            || low > m
+            || low > MAX_LOW_MEMORY
+        {
             return Err(format!(
                 "the KVM guest's region 0 must be a multiple of 2 MiB from 4 MiB to the memory size (and at most 3.5 GiB), not {low} bytes"
             ));
@@ -351,7 +355,7 @@ impl GuestConfig {
 
     fn batch(&self) -> u64 {
         if self.writes_per_sec == 0 {
-            1 << 16
+            1 << 12
         } else {
             (self.writes_per_sec / 1000).clamp(1, 1 << 16)
         }
@@ -385,8 +389,15 @@ pub fn image(config: &GuestConfig, tsc_khz: u32) -> Result<Vec<(u64, Vec<u8>)>, 
         PML4,
         words(&[PDPT_LOW | PTE_P_RW_US, PDPT_DATA | PTE_P_RW_US]),
     ));
-    pieces.push((PDPT_LOW, words(&[PD_LOW | PTE_P_RW_US])));
+    let mut pdpt_low = vec![0u64; 4];
+    pdpt_low[0] = PD_LOW | PTE_P_RW_US;
+    pdpt_low[(DONE_MMIO >> 30) as usize] = PD_DONE | PTE_P_RW_US;
+    pieces.push((PDPT_LOW, words(&pdpt_low)));
     pieces.push((PD_LOW, words(&[PTE_P_RW_US | PTE_LARGE])));
+    // The done address, identity-mapped by a small page.
+    let slot = ((DONE_MMIO >> 21) & 511) * 8;
+    pieces.push((PD_DONE + slot, words(&[PT_DONE | PTE_P_RW_US])));
+    pieces.push((PT_DONE, words(&[DONE_MMIO | PTE_P_RW_US])));
     let chunks = data_chunks(&regions);
     let directories = chunks.len().div_ceil(512) as u64;
     let pdpt: Vec<u64> = (0..directories)
@@ -420,11 +431,10 @@ pub fn image(config: &GuestConfig, tsc_khz: u32) -> Result<Vec<(u64, Vec<u8>)>, 
     // Control block.
     let (hot_threshold, sweep_threshold) = config.thresholds();
     let batch = config.batch();
-    let batch_ticks = if config.writes_per_sec == 0 {
-        0
-    } else {
-        (u64::from(tsc_khz) * 1000 * batch / config.writes_per_sec).max(1)
-    };
+    // TSC ticks per batch at the asked rate; 0 (unpaced) without one.
+    let batch_ticks = (u64::from(tsc_khz) * 1000 * batch)
+        .checked_div(config.writes_per_sec)
+        .map_or(0, |t| t.max(1));
     let mut block = vec![0u8; 0x88];
     let mut put = |at: u64, v: u64| {
         let o = (at - ctrl::BASE) as usize;

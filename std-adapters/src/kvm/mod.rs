@@ -26,6 +26,7 @@
 pub mod dirty;
 pub mod guest;
 pub mod memory;
+pub mod run;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
@@ -324,6 +325,7 @@ impl SourceGuest for KvmSource {
 /// The destination host: fresh memory, the vCPUs (not running until `start`).
 pub struct KvmDestination {
     sink: PageSink,
+    digest_at_start: Option<Option<u128>>,
     vcpus: VcpuSet,
     started_at: Option<Instant>,
     restored: bool,
@@ -335,6 +337,7 @@ impl KvmDestination {
     pub fn new(vm: Arc<VmFd>, memory: KvmMemory, vcpus: VcpuSet) -> Self {
         KvmDestination {
             sink: PageSink::new(memory),
+            digest_at_start: None,
             vcpus,
             started_at: None,
             restored: false,
@@ -355,6 +358,17 @@ impl KvmDestination {
     /// The vCPUs.
     pub fn vcpus(&self) -> &VcpuSet {
         &self.vcpus
+    }
+
+    /// Has `start` take the digest of the memory before the vCPUs run (a full read, in the
+    /// downtime: for tests that compare it with the source's paused memory).
+    pub fn take_digest_at_start(&mut self) {
+        self.digest_at_start = Some(None);
+    }
+
+    /// The digest taken at start, if asked for.
+    pub fn digest_at_start(&self) -> Option<u128> {
+        self.digest_at_start.flatten()
     }
 
     /// When `start` was called.
@@ -386,6 +400,9 @@ impl DestinationGuest for KvmDestination {
                 "the destination cannot start a guest whose vCPU state never arrived",
             ));
         }
+        if let Some(slot) = &mut self.digest_at_start {
+            *slot = Some(self.sink.memory().digest()?);
+        }
         self.started_at = Some(Instant::now());
         Ok(self.vcpus.start()?)
     }
@@ -409,7 +426,7 @@ impl SourceMachine {
     pub fn create(config: &GuestConfig, mode: DirtyLogMode) -> Result<(Self, VcpuSet), KvmError> {
         config.validate().map_err(KvmError::new)?;
         let regions = config.regions().map_err(KvmError::new)?;
-        let vm = Vm::new(&regions, mode.ring_entries())?;
+        let vm = Vm::new(&regions, mode.ring_entries(), true)?;
         let vcpu = vm.create_vcpu(0)?;
         let tsc_khz = vcpu.get_tsc_khz().unwrap_or(1_000_000);
         vm.load(&guest::image(config, tsc_khz).map_err(KvmError::new)?)?;
@@ -479,7 +496,7 @@ impl DestinationMachine {
             }
             regions.push((r.guest_base, r.pages * page));
         }
-        let vm = Vm::new(&regions, None)?;
+        let vm = Vm::new(&regions, None, false)?;
         let vcpu = vm.create_vcpu(0)?;
         let msrs = state::supported_msrs(vm.kvm())?;
         let thread = VcpuThread::new(vcpu, guest::DONE_MMIO);

@@ -6,7 +6,7 @@
 //! # Format (version 1, little-endian)
 //! `b"MFKVMST1"`, then sections `tag: u8, len: u32, bytes`: 1 registers (18 × u64: rax, rbx,
 //! rcx, rdx, rsi, rdi, rsp, rbp, r8–r15, rip, rflags); 2 special registers (8 segments cs, ds,
-//! es, fs, gs, ss, tr, ldt of 22 bytes each: base u64, limit u32, selector u16, then type,
+//! es, fs, gs, ss, tr, ldt of 23 bytes each: base u64, limit u32, selector u16, then type,
 //! present, dpl, db, s, l, g, avl, unusable u8 each; gdt and idt as base u64 + limit u16;
 //! cr0, cr2, cr3, cr4, cr8, efer, apic_base u64; interrupt bitmap 4 × u64); 3 XSAVE (4096
 //! bytes); 4 FPU (fpr 8 × 16 bytes, fcw u16, fsw u16, ftwx u8, last_opcode u16, last_ip u64,
@@ -447,31 +447,41 @@ mod tests {
     fn bad_state_bytes_are_refused_without_panicking() {
         assert!(decode(b"").is_err());
         assert!(decode(b"MFKVMST1")
-            .unwrap_err()
+            .err()
+            .unwrap()
             .to_string()
             .contains("lacks"));
         let mut cut = MAGIC.to_vec();
         cut.extend_from_slice(&[REGS, 144, 0, 0, 0, 1, 2, 3]);
-        assert!(decode(&cut).unwrap_err().to_string().contains("cut short"));
+        assert!(decode(&cut)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("cut short"));
         let mut unknown = MAGIC.to_vec();
         unknown.extend_from_slice(&[99, 0, 0, 0, 0]);
         assert!(decode(&unknown)
-            .unwrap_err()
+            .err()
+            .unwrap()
             .to_string()
             .contains("unknown"));
         let mut long = MAGIC.to_vec();
         long.push(REGS);
         long.extend_from_slice(&152u32.to_le_bytes());
         long.extend_from_slice(&[0; 152]);
-        assert!(decode(&long).unwrap_err().to_string().contains("too many"));
+        assert!(decode(&long)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("too many"));
         // Every prefix of a well-formed state fails cleanly.
         let mut good = MAGIC.to_vec();
         good.push(REGS);
         good.extend_from_slice(&144u32.to_le_bytes());
         good.extend_from_slice(&[7; 144]);
         good.push(SREGS);
-        good.extend_from_slice(&(8 * 22 + 2 * 10 + 7 * 8 + 32u32).to_le_bytes());
-        good.extend_from_slice(&[0; 8 * 22 + 2 * 10 + 7 * 8 + 32]);
+        good.extend_from_slice(&(8 * 23 + 2 * 10 + 7 * 8 + 32u32).to_le_bytes());
+        good.extend_from_slice(&[0; 8 * 23 + 2 * 10 + 7 * 8 + 32]);
         let d = decode(&good).unwrap();
         assert_eq!(d.regs.unwrap().rip, 0x0707_0707_0707_0707);
         for n in 0..good.len() {

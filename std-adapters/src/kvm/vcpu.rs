@@ -34,8 +34,8 @@ pub enum VcpuEnd {
 }
 
 /// Whether the guest says it has finished (read from its memory), asked when it stops with a
-/// shutdown (a triple fault): on `kvm_pvm` the guest's last write to its done address faults,
-/// so a finished guest ends that way.
+/// shutdown (a triple fault): a guest may end that way once it has said so (one whose done
+/// address is not mapped, say), and then it finished rather than crashed.
 pub type FinishedCheck = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Called on the vCPU thread when KVM reports the dirty ring full (the callee harvests and

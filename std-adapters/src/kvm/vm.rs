@@ -48,7 +48,14 @@ impl Vm {
     /// numbered from 0. `dirty_ring_entries` enables KVM's dirty ring of that many entries per
     /// vCPU (a power of two), which must happen before any vCPU exists; the dirty log of
     /// [`dirty::DirtyLogMode::Ring`] then works, the bitmap modes do not.
-    pub fn new(regions: &[RegionRange], dirty_ring_entries: Option<u32>) -> Result<Vm, KvmError> {
+    /// `huge_pages` advises transparent huge pages for the memory (a source whose guest
+    /// touches all its memory; a destination's memory is better taken page by page as pages
+    /// arrive, all-zero pages never).
+    pub fn new(
+        regions: &[RegionRange],
+        dirty_ring_entries: Option<u32>,
+        huge_pages: bool,
+    ) -> Result<Vm, KvmError> {
         let kvm = Kvm::new().map_err(|e| KvmError::sys("cannot open /dev/kvm", e))?;
         let fd = kvm
             .create_vm()
@@ -75,6 +82,12 @@ impl Vm {
                 .map_err(|e| {
                     KvmError::new(format!("guest memory region has no host address: {e}"))
                 })?;
+            if huge_pages {
+                // Advice only: transparent huge pages cut first-touch faults (each costs tens
+                // of microseconds under shadow paging) 512-fold.
+                // SAFETY: the range is this region's mapping.
+                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+            }
             let mapping = kvm_userspace_memory_region {
                 slot: *slot,
                 flags: 0,

@@ -1,0 +1,185 @@
+//! Migrating a KVM guest over connections: the source side ([`migrate_source`]) and the
+//! destination side ([`receive`]), on the std driver ([`crate::drive`]). Tests, the CLI
+//! (`memferry send/listen --kvm`, `memferry demo`) and the example use them.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use memferry::error::MigrationError;
+use memferry::page::MemoryLayout;
+use memferry::receive::{Destination, DestinationConfig};
+use memferry::report::{MigrationReport, RoundReport};
+use memferry::session::{SessionConfig, Source};
+use memferry::strategy::{PreCopy, PreCopyConfig};
+use memferry::wire::Verdict;
+
+use super::{DestinationMachine, KvmDestination, KvmError, KvmSource};
+use crate::drive::{self, Clock, DriveError, FrameBuffer};
+use crate::transport::{BoxRead, BoxWrite};
+
+/// Why a KVM migration failed.
+#[derive(Debug)]
+pub enum KvmRunError {
+    /// Setting up the VM or its parts failed.
+    Kvm(KvmError),
+    /// The migration failed.
+    Drive(DriveError),
+}
+
+impl std::fmt::Display for KvmRunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvmRunError::Kvm(e) => write!(f, "{e}"),
+            KvmRunError::Drive(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for KvmRunError {}
+
+impl From<KvmError> for KvmRunError {
+    fn from(e: KvmError) -> Self {
+        KvmRunError::Kvm(e)
+    }
+}
+
+impl From<DriveError> for KvmRunError {
+    fn from(e: DriveError) -> Self {
+        KvmRunError::Drive(e)
+    }
+}
+
+/// A random id for a migration.
+fn session_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+/// Migrates `source` with pre-copy over `channels` (channel 0 first). Whatever happens, dirty
+/// logging is off when this returns ([`KvmSource::finish`]); a failure before the switchover
+/// leaves the guest running (the engine resumed it).
+pub fn migrate_source(
+    source: &mut KvmSource,
+    config: PreCopyConfig,
+    channels: Vec<(BoxRead, BoxWrite)>,
+    on_round: impl FnMut(&RoundReport),
+) -> Result<MigrationReport, KvmRunError> {
+    let session = SessionConfig {
+        channels: channels.len() as u16,
+        verify: config.verify,
+        verify_before_start: config.verify_before_start,
+        session_id: session_id(),
+        ..SessionConfig::default()
+    };
+    let mut engine = Source::new(source.layout().clone(), session, PreCopy::new(config));
+    let clock = Clock::new();
+    let result = if channels.len() > 1 {
+        let memory: drive::SharedMemory = source.shared_memory();
+        drive::run_source_with_workers(&mut engine, source, memory, channels, &clock, on_round)
+    } else {
+        drive::run_source(&mut engine, source, channels, &clock, on_round)
+    };
+    let stopped = source.finish();
+    result?;
+    stopped?;
+    Ok(engine.report().clone())
+}
+
+/// What a destination received.
+pub struct Received {
+    /// The VM (its guest is running).
+    pub machine: DestinationMachine,
+    /// The host the engine wrote into.
+    pub host: KvmDestination,
+    /// The receiver's verdict on the digests.
+    pub verdict: Option<Verdict>,
+    /// When the hello arrived.
+    pub hello_at: Instant,
+}
+
+/// Receives one migration: reads the hello from (`reader`, `writer`), refuses a guest larger
+/// than `max_memory`, accepts the further connections the hello announces (`accept_more`),
+/// creates a VM with the source's layout, and runs the receiver until the guest runs here.
+pub fn receive(
+    reader: BoxRead,
+    writer: BoxWrite,
+    max_memory: u64,
+    accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
+) -> Result<Received, KvmRunError> {
+    receive_with(reader, writer, max_memory, accept_more, |_| {})
+}
+
+/// [`receive`], with `prepare` called on the destination host before the receiver runs.
+pub fn receive_with(
+    mut reader: BoxRead,
+    writer: BoxWrite,
+    max_memory: u64,
+    mut accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
+    prepare: impl FnOnce(&mut KvmDestination),
+) -> Result<Received, KvmRunError> {
+    let mut buffer = FrameBuffer::new();
+    let hello = drive::read_hello(&mut reader, &mut buffer)?;
+    let hello_at = Instant::now();
+    let layout: MemoryLayout = hello.layout.clone();
+    let bytes = layout.geometry().memory_bytes();
+    if bytes > max_memory {
+        return Err(DriveError::from(MigrationError::Incompatible(format!(
+            "the source offers a guest of {bytes} bytes, more than this destination's limit of {max_memory}"
+        )))
+        .into());
+    }
+    let mut channels = vec![(reader, buffer, writer)];
+    let mut extra: Vec<Option<(BoxRead, FrameBuffer, BoxWrite)>> =
+        (1..hello.channels).map(|_| None).collect();
+    for _ in 1..hello.channels {
+        let (mut r, w) = accept_more().map_err(DriveError::Transport)?;
+        let mut b = FrameBuffer::new();
+        let (channel, session) = drive::read_join(&mut r as &mut dyn Read, &mut b)?;
+        let slot = (channel as usize)
+            .checked_sub(1)
+            .and_then(|i| extra.get_mut(i))
+            .filter(|s| s.is_none() && session == hello.session_id)
+            .ok_or_else(|| {
+                DriveError::from(MigrationError::Incompatible(format!(
+                    "a connection joined as channel {channel} of session {session:#x}, which this migration does not expect"
+                )))
+            })?;
+        *slot = Some((r, b, w));
+    }
+    channels.extend(extra.into_iter().flatten());
+    let (machine, vcpus) = DestinationMachine::create(&layout)?;
+    let mut host = KvmDestination::new(machine.vm.fd().clone(), machine.memory()?, vcpus);
+    prepare(&mut host);
+    let mut destination = Destination::new(layout, DestinationConfig::default());
+    let clock = Clock::new();
+    drive::run_destination(&mut destination, &mut host, channels, &clock)?;
+    Ok(Received {
+        machine,
+        verdict: destination.verdict(),
+        host,
+        hello_at,
+    })
+}
+
+/// Waits up to `timeout` for the guest of `vcpus`'s first vCPU to end; `Ok` if it finished.
+pub fn wait_finished(host: &super::VcpuSet, timeout: Duration) -> Result<(), KvmError> {
+    let first = host
+        .threads()
+        .first()
+        .ok_or_else(|| KvmError::new("no vCPU"))?;
+    match first.wait_end(timeout) {
+        Some(super::vcpu::VcpuEnd::Done) => Ok(()),
+        Some(other) => Err(KvmError::new(format!(
+            "the guest did not finish: {other:?}"
+        ))),
+        None => Err(KvmError::new(format!(
+            "the guest did not finish within {timeout:?}"
+        ))),
+    }
+}
