@@ -18,8 +18,10 @@
 //!
 //! # Choice ([`Adaptive`])
 //! 1. dedup: content sent before goes as a reference (24 bytes);
-//! 2. a recently sent page tries XBZRLE; a delta of at most a quarter page is taken as is, a
-//!    longer one is compared with LZ4 when the page is compressible;
+//! 2. a recently sent page tries XBZRLE (compressed again with LZ4 when that shrinks it,
+//!    [`Encoding::XBZRLE_LZ4`]: structured changes such as a counter per record shrink by a
+//!    quarter to a half); a delta of at most a quarter page is taken as is, a longer one is
+//!    compared with LZ4 on the page when the page is compressible;
 //! 3. few distinct words or low entropy: LZ4; high entropy: raw.
 //!
 //! Each step runs only if [`encoder_pays`] allows that encoder under the measured [`Rates`].
@@ -34,7 +36,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::dedup::DedupEncoder;
-use super::lz4::Lz4Compressor;
+use super::lz4::{DeltaLz4Encoder, Lz4Compressor};
 use super::xbzrle::DeltaEncoder;
 use super::zero::is_zero_page;
 use super::PageEncoder;
@@ -304,11 +306,17 @@ impl PageEncoder for Adaptive {
         if let Some(delta) = self.delta.as_mut() {
             if self.enabled.delta && delta.has_base(index) {
                 if let Some(n) = delta.encode_delta(index, page, out) {
+                    let (e, n) = match self.lz4.as_mut() {
+                        Some(lz4) if self.enabled.lz4 => {
+                            DeltaLz4Encoder::squeeze(lz4, &mut self.scratch, out, n)
+                        }
+                        _ => (Encoding::XBZRLE, n),
+                    };
                     if n <= page.len() / 4 {
                         self.stats.delta += 1;
-                        return Some((Encoding::XBZRLE, n));
+                        return Some((e, n));
                     }
-                    best = Some((Encoding::XBZRLE, n));
+                    best = Some((e, n));
                 }
             } else {
                 delta.record(index, page);

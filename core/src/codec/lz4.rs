@@ -81,18 +81,10 @@ pub fn decompress_page(payload: &[u8], page: &mut [u8]) -> Result<(), Lz4Error> 
 
 /// A reusable compressor: lz4_flex's hash table and an output buffer of the worst-case size
 /// (lz4_flex refuses to compress into less, so the result is copied out when it is short).
+#[derive(Default)]
 pub struct Lz4Compressor {
     table: Box<CompressTable>,
     buf: Vec<u8>,
-}
-
-impl Default for Lz4Compressor {
-    fn default() -> Self {
-        Lz4Compressor {
-            table: Box::default(),
-            buf: Vec::new(),
-        }
-    }
 }
 
 impl Lz4Compressor {

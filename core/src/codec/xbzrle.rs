@@ -57,38 +57,50 @@ fn word(s: &[u8], at: usize) -> u64 {
 
 /// The first position at or after `i` where `old` and `new` differ, or their length.
 #[inline(always)]
-fn skip_equal(old: &[u8], new: &[u8], mut i: usize) -> usize {
-    let n = new.len();
-    while i + 32 <= n {
-        let x0 = word(old, i) ^ word(new, i);
-        let x1 = word(old, i + 8) ^ word(new, i + 8);
-        let x2 = word(old, i + 16) ^ word(new, i + 16);
-        let x3 = word(old, i + 24) ^ word(new, i + 24);
+fn skip_equal(old: &[u8], new: &[u8], i: usize) -> usize {
+    let (Some(o), Some(n)) = (old.get(i..), new.get(i..)) else {
+        return i;
+    };
+    let mut at = i;
+    let mut oc = o.chunks_exact(32);
+    let mut nc = n.chunks_exact(32);
+    for (a, b) in (&mut oc).zip(&mut nc) {
+        let x0 = word(a, 0) ^ word(b, 0);
+        let x1 = word(a, 8) ^ word(b, 8);
+        let x2 = word(a, 16) ^ word(b, 16);
+        let x3 = word(a, 24) ^ word(b, 24);
         if (x0 | x1 | x2 | x3) != 0 {
             // Little-endian loads: the lowest set bit is in the first differing byte.
-            return if x0 != 0 {
-                i + (x0.trailing_zeros() / 8) as usize
-            } else if x1 != 0 {
-                i + 8 + (x1.trailing_zeros() / 8) as usize
-            } else if x2 != 0 {
-                i + 16 + (x2.trailing_zeros() / 8) as usize
-            } else {
-                i + 24 + (x3.trailing_zeros() / 8) as usize
-            };
+            return at
+                + if x0 != 0 {
+                    (x0.trailing_zeros() / 8) as usize
+                } else if x1 != 0 {
+                    8 + (x1.trailing_zeros() / 8) as usize
+                } else if x2 != 0 {
+                    16 + (x2.trailing_zeros() / 8) as usize
+                } else {
+                    24 + (x3.trailing_zeros() / 8) as usize
+                };
         }
-        i += 32;
+        at += 32;
     }
-    while i + 8 <= n {
-        let x = word(old, i) ^ word(new, i);
+    let (o, n) = (oc.remainder(), nc.remainder());
+    let mut oc = o.chunks_exact(8);
+    let mut nc = n.chunks_exact(8);
+    for (a, b) in (&mut oc).zip(&mut nc) {
+        let x = word(a, 0) ^ word(b, 0);
         if x != 0 {
-            return i + (x.trailing_zeros() / 8) as usize;
+            return at + (x.trailing_zeros() / 8) as usize;
         }
-        i += 8;
+        at += 8;
     }
-    while i < n && old[i] == new[i] {
-        i += 1;
+    for (a, b) in oc.remainder().iter().zip(nc.remainder()) {
+        if a != b {
+            return at;
+        }
+        at += 1;
     }
-    i
+    at
 }
 
 /// The first position at or after `i` where `old` and `new` are equal, or their length; stops
