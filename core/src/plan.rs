@@ -38,6 +38,10 @@ pub struct PagePlan {
     pub(crate) page_size: usize,
     pub(crate) pages: Vec<u64>,
     pub(crate) planned_bytes: usize,
+    /// Pages go raw (or zero) whatever encoder the driver offers: after a post-copy
+    /// switchover the destination's guest runs and may have changed what a delta or a
+    /// reference would build on.
+    pub(crate) raw_only: bool,
 }
 
 /// What encoding a plan produced, for the engine's report ([`crate::session::Source::on_encoded`]).
@@ -110,6 +114,13 @@ impl PagePlan {
     ) -> Result<PlanOutcome, HostError> {
         let room = buf.len().min(self.planned_bytes);
         let buf = &mut buf[..room];
+        if self.raw_only {
+            encoder = None;
+        }
+        if let Some(encoder) = encoder.as_deref_mut() {
+            // Each encoder learns the round it encodes for (the same round again is a no-op).
+            encoder.begin_generation(self.generation);
+        }
         scratch.resize(self.page_size, 0);
         let mut written = 0;
         let mut zero_pages = 0;
@@ -123,7 +134,19 @@ impl PagePlan {
             while let Some(&page) = self.pages.get(next) {
                 let index = PageIndex(page);
                 let encoded = if memory.is_known_zero_shared(index) {
-                    codec::encode_page(&mut writer, page, None, self.page_size, &mut codec::Raw)
+                    // A stateful encoder hears of the zero page too.
+                    match encoder.as_deref_mut() {
+                        Some(encoder) => {
+                            codec::encode_page(&mut writer, page, None, self.page_size, encoder)
+                        }
+                        None => codec::encode_page(
+                            &mut writer,
+                            page,
+                            None,
+                            self.page_size,
+                            &mut codec::Raw,
+                        ),
+                    }
                 } else if let Some(encoder) = encoder.as_deref_mut() {
                     if !writer.fits(self.page_size) {
                         None

@@ -33,7 +33,7 @@ use crate::time::Nanos;
 use crate::wire::{
     AbortCode, ChecksumPolicy, Encoding, Frame, FrameKind, PageEntries, Verdict, WireError,
     APPLIED_STEP, FEATURES_KNOWN, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM,
-    PROTOCOL_VERSION,
+    FEATURE_CONTENT, PROTOCOL_VERSION,
 };
 
 /// Settings of the destination.
@@ -58,6 +58,11 @@ pub struct DestinationConfig {
     /// written at a wrong offset (a memslot mistake) is caught. Costs a read of the whole guest
     /// inside the downtime. Default off.
     pub read_back: bool,
+    /// Decode the core's content encodings (LZ4, XBZRLE delta, delta + LZ4, dedup references;
+    /// [`crate::codec`]) and say so (`FEATURE_CONTENT`). Deltas and references are resolved
+    /// from this side's own memory ([`DestinationGuest::read_back`]); the source may then send
+    /// them. Default on.
+    pub content_codecs: bool,
 }
 
 impl Default for DestinationConfig {
@@ -70,6 +75,7 @@ impl Default for DestinationConfig {
             peer_timeout: Nanos::from_secs(60),
             report_applied: true,
             read_back: false,
+            content_codecs: true,
         }
     }
 }
@@ -203,6 +209,9 @@ pub struct Destination<P: PagePolicy = NewestWins> {
     zero_page: Vec<u8>,
     scratch: Vec<u8>,
     decoders: Vec<Box<dyn PageDecoder>>,
+    /// `FEATURE_CONTENT` was agreed: references are resolved from this side's memory, hashed
+    /// with the session id as seed (a guest cannot know it, so cannot craft collisions).
+    content: Option<crate::codec::dedup::ContentHasher>,
     device_state: Vec<u8>,
     device_state_seen: bool,
     switchover: Option<(u32, bool)>,
@@ -264,6 +273,7 @@ impl<P: PagePolicy> Destination<P> {
             zero_page: vec![0; page_size],
             scratch: vec![0; page_size],
             decoders: Vec::new(),
+            content: None,
             device_state: Vec::new(),
             device_state_seen: false,
             switchover: None,
@@ -990,7 +1000,20 @@ impl<P: PagePolicy> Destination<P> {
         if self.config.checksum {
             ours_features |= FEATURE_CHECKSUM;
         }
+        if self.config.content_codecs {
+            ours_features |= FEATURE_CONTENT;
+        }
         let features = hello.features & FEATURES_KNOWN & ours_features;
+        if features & FEATURE_CONTENT != 0 {
+            // Deltas apply onto this side's copy; references are resolved below.
+            self.decoders.push(Box::new(crate::codec::lz4::Lz4Decoder));
+            self.decoders
+                .push(Box::new(crate::codec::xbzrle::DeltaDecoder));
+            self.decoders
+                .push(Box::new(crate::codec::lz4::DeltaLz4Decoder::default()));
+        }
+        self.content = (features & FEATURE_CONTENT != 0)
+            .then(|| crate::codec::dedup::ContentHasher::new(hello.session_id));
         self.checksum = features & FEATURE_CHECKSUM != 0;
         self.report_applied = features & FEATURE_APPLIED != 0;
         self.session_id = hello.session_id;
@@ -1100,7 +1123,7 @@ impl<P: PagePolicy> Destination<P> {
             .map_or(0, |i| i as u64 * 64 + (!words[i]).trailing_zeros() as u64)
     }
 
-    fn apply_pages<H: PageWrite>(
+    fn apply_pages<H: PageWrite + DestinationGuest>(
         &mut self,
         ch: usize,
         generation: u32,
@@ -1124,7 +1147,7 @@ impl<P: PagePolicy> Destination<P> {
         Ok(())
     }
 
-    fn apply_page<H: PageWrite>(
+    fn apply_page<H: PageWrite + DestinationGuest>(
         &mut self,
         generation: u32,
         index: u64,
@@ -1161,6 +1184,27 @@ impl<P: PagePolicy> Destination<P> {
                 }
                 &self.zero_page
             }
+            Encoding::REFERENCE if self.content.is_some() => {
+                // A page whose content this side already holds at another index: copied from
+                // guest memory and checked against the reference's hash (a collision, or a page
+                // changed since, is an error, never a silent wrong copy).
+                let pages = self.layout.page_count();
+                let mut read = |i: u64, buf: &mut [u8]| {
+                    if i >= pages {
+                        return Err("the reference names a page outside the guest");
+                    }
+                    host.read_back(PageIndex(i), buf).map_err(|_| {
+                        "this destination cannot read its memory back to resolve a reference"
+                    })
+                };
+                let hasher = self.content.as_ref().expect("content codecs agreed");
+                crate::codec::dedup::resolve(payload, hasher, &mut read, &mut self.scratch)
+                    .map_err(|e| MigrationError::BadPagePayload {
+                        page: index,
+                        reason: e.as_str(),
+                    })?;
+                &self.scratch
+            }
             other => {
                 let Some(decoder) = self.decoders.iter_mut().find(|d| d.encoding() == other) else {
                     return Err(MigrationError::BadPagePayload {
@@ -1168,6 +1212,14 @@ impl<P: PagePolicy> Destination<P> {
                         reason: "an encoding this destination has no decoder for",
                     });
                 };
+                if decoder.needs_current_page() {
+                    // A delta applies onto the copy this side holds.
+                    host.read_back(PageIndex(index), &mut self.scratch)
+                        .map_err(|_| MigrationError::BadPagePayload {
+                            page: index,
+                            reason: "a delta needs this destination to read its memory back (DestinationGuest::read_back)",
+                        })?;
+                }
                 decoder
                     .decode(index, payload, &mut self.scratch)
                     .map_err(|reason| MigrationError::BadPagePayload {

@@ -60,7 +60,8 @@ use crate::strategy::{Decision, PreCopy, PreCopyConfig, Strategy, StrategyContex
 use crate::time::{ByteRate, Nanos};
 use crate::wire::{
     self, AbortCode, ChannelRole, ChecksumPolicy, Frame, FrameKind, Hello, PagesWriter, Verdict,
-    WireError, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM, PROTOCOL_VERSION,
+    WireError, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM, FEATURE_CONTENT,
+    PROTOCOL_VERSION,
 };
 
 /// A connection of a migration: 0 carries the control frames (and pages), 1.. carry pages.
@@ -1052,6 +1053,9 @@ impl<S: Strategy> Source<S> {
         if self.channels.len() > 1 {
             f |= FEATURE_CHANNELS;
         }
+        if self.encoder.is_some() {
+            f |= FEATURE_CONTENT;
+        }
         f
     }
 
@@ -1071,6 +1075,9 @@ impl<S: Strategy> Source<S> {
         self.rate_wake = None;
         for ch in &mut self.channels {
             ch.pages_in_round = 0;
+        }
+        if let Some(encoder) = self.encoder.as_mut() {
+            encoder.begin_generation(self.round);
         }
         self.round_report = RoundReport {
             round: self.round,
@@ -1305,7 +1312,7 @@ impl<S: Strategy> Source<S> {
                     p,
                     page_size,
                     host,
-                    &mut self.encoder,
+                    self.encoder.as_mut().filter(|_| !self.post_copy),
                     &mut self.scratch,
                 )?;
                 let Some(encoded) = encoded else { break };
@@ -1371,11 +1378,16 @@ impl<S: Strategy> Source<S> {
         p: u64,
         page_size: usize,
         host: &mut H,
-        encoder: &mut Option<Box<dyn PageEncoder>>,
+        encoder: Option<&mut Box<dyn PageEncoder>>,
         scratch: &mut [u8],
     ) -> Result<Option<codec::Encoded>, MigrationError> {
+        let mut encoder = encoder;
         Ok(if host.is_known_zero(PageIndex(p)) {
-            codec::encode_page(writer, p, None, page_size, &mut codec::Raw)
+            // A stateful encoder hears of the zero page too (its picture of the destination).
+            match encoder.as_mut() {
+                Some(encoder) => codec::encode_page(writer, p, None, page_size, encoder.as_mut()),
+                None => codec::encode_page(writer, p, None, page_size, &mut codec::Raw),
+            }
         } else if let Some(encoder) = encoder.as_mut() {
             if !writer.fits(page_size) {
                 None
@@ -1426,7 +1438,7 @@ impl<S: Strategy> Source<S> {
                 p,
                 page_size,
                 host,
-                &mut self.encoder,
+                self.encoder.as_mut().filter(|_| !self.post_copy),
                 &mut self.scratch,
             )?;
             let Some(encoded) = encoded else {
@@ -1512,6 +1524,7 @@ impl<S: Strategy> Source<S> {
             page_size,
             pages,
             planned_bytes,
+            raw_only: self.post_copy,
         }))
     }
 

@@ -103,9 +103,13 @@ pub const FEATURE_CHANNELS: u64 = 2;
 /// measures the link by them: a byte in a socket buffer, or in the destination's read queue, is
 /// not a byte sent.
 pub const FEATURE_APPLIED: u64 = 4;
+/// Feature bit: the destination decodes the core's content encodings (LZ4, XBZRLE delta, delta
+/// + LZ4, dedup references resolved from its own memory; [`crate::codec`]).
+pub const FEATURE_CONTENT: u64 = 8;
 /// Every feature this version knows. Features are negotiated by intersection: the destination
 /// accepts `offered & FEATURES_KNOWN & its own`, never refuses for unknown bits.
-pub const FEATURES_KNOWN: u64 = FEATURE_CHECKSUM | FEATURE_CHANNELS | FEATURE_APPLIED;
+pub const FEATURES_KNOWN: u64 =
+    FEATURE_CHECKSUM | FEATURE_CHANNELS | FEATURE_APPLIED | FEATURE_CONTENT;
 /// The destination reports what it has taken in (`Applied`) at least this often, in bytes.
 pub const APPLIED_STEP: u64 = 64 << 10;
 
