@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
     let result = xbzrle::decode(payload, &mut page);
     let mut wrapped = old.clone();
     let via_trait = DeltaDecoder.decode(0, payload, &mut wrapped);
-    assert_eq!(result.map_err(|e| e.as_str()), via_trait, "trait and function disagree");
+    assert_eq!(
+        result.map_err(|e| e.as_str()),
+        via_trait,
+        "trait and function disagree"
+    );
     assert_eq!(page, wrapped);
     match result {
         Err(e) => {
@@ -45,7 +49,10 @@ fuzz_target!(|data: &[u8]| {
                 xbzrle::decode(&out[..n], &mut again).expect("the encoder's payload decodes");
                 assert_eq!(again, page, "re-encoded delta decodes to another page");
             } else {
-                assert!(len > 0x3fff, "only pages over 0x3fff bytes can have runs that long");
+                assert!(
+                    len > 0x3fff,
+                    "only pages over 0x3fff bytes can have runs that long"
+                );
             }
         }
     }
