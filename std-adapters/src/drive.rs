@@ -25,6 +25,7 @@ use std::sync::mpsc::{self, Receiver as EventQueue, RecvTimeoutError, SyncSender
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use memferry::codec::PageEncoder;
 use memferry::drive::{self, DriveFailure, Link, LinkEvent};
 use memferry::error::{HostError, MigrationError};
 use memferry::memory::{DestinationGuest, PageWrite, SourceHost};
@@ -228,6 +229,7 @@ fn spawn_writer(
     mut writer: BoxWrite,
     events: impl EventSink,
     memory: Option<SharedMemory>,
+    mut encoder: Option<Box<dyn PageEncoder>>,
 ) -> SyncSender<Job> {
     let (tx, rx) = mpsc::sync_channel::<Job>(BUFFERS_PER_CHANNEL);
     std::thread::Builder::new()
@@ -242,7 +244,8 @@ fn spawn_writer(
                             continue;
                         };
                         // Pages are read and encoded here, on this channel's thread.
-                        match plan.encode(&**memory, None, &mut scratch, &mut buf) {
+                        let encoder = encoder.as_deref_mut().map(|e| e as &mut dyn PageEncoder);
+                        match plan.encode(&**memory, encoder, &mut scratch, &mut buf) {
                             Ok(outcome) => {
                                 let _ = events.send(Event::Encoded(outcome));
                                 (buf, outcome.bytes)
@@ -328,8 +331,10 @@ impl ThreadLink {
         early: VecDeque<(u16, Vec<u8>)>,
         queue_bound: Option<usize>,
         memory: Option<SharedMemory>,
+        encoders: Vec<Box<dyn PageEncoder>>,
     ) -> Self {
         let encodes = memory.is_some();
+        let mut encoders = encoders.into_iter();
         let (events_tx, events_sync, events) = match queue_bound {
             None => {
                 let (tx, rx) = mpsc::channel();
@@ -354,11 +359,23 @@ impl ThreadLink {
             match (&events_tx, &events_sync) {
                 (Some(tx), _) => {
                     recyclers.push(spawn_reader(ch, reader, tx.clone()));
-                    writers.push(spawn_writer(ch, writer, tx.clone(), memory.clone()));
+                    writers.push(spawn_writer(
+                        ch,
+                        writer,
+                        tx.clone(),
+                        memory.clone(),
+                        encoders.next(),
+                    ));
                 }
                 (_, Some(tx)) => {
                     recyclers.push(spawn_reader(ch, reader, tx.clone()));
-                    writers.push(spawn_writer(ch, writer, tx.clone(), memory.clone()));
+                    writers.push(spawn_writer(
+                        ch,
+                        writer,
+                        tx.clone(),
+                        memory.clone(),
+                        encoders.next(),
+                    ));
                 }
                 _ => unreachable!("one of the two queues exists"),
             }
@@ -557,7 +574,7 @@ where
     S: Strategy,
     H: SourceHost,
 {
-    let mut link = ThreadLink::new(*clock, channels, VecDeque::new(), None, None);
+    let mut link = ThreadLink::new(*clock, channels, VecDeque::new(), None, None, Vec::new());
     drive::drive_source(engine, host, &mut link, &mut on_round).map_err(drive_error)
 }
 
@@ -570,13 +587,39 @@ pub fn run_source_with_workers<S, H>(
     memory: SharedMemory,
     channels: Vec<(BoxRead, BoxWrite)>,
     clock: &Clock,
+    on_round: impl FnMut(&RoundReport),
+) -> Result<(), DriveError>
+where
+    S: Strategy,
+    H: SourceHost,
+{
+    run_source_with_encoders(engine, host, memory, channels, Vec::new(), clock, on_round)
+}
+
+/// [`run_source_with_workers`] with an encoder per channel (`encoders[ch]`; channels beyond
+/// the list send pages raw): each channel's writer thread encodes its pages with its own. Only
+/// stateless encoders (LZ4, zstd) may run on several channels: a page may go on any of them.
+pub fn run_source_with_encoders<S, H>(
+    engine: &mut Source<S>,
+    host: &mut H,
+    memory: SharedMemory,
+    channels: Vec<(BoxRead, BoxWrite)>,
+    encoders: Vec<Box<dyn PageEncoder>>,
+    clock: &Clock,
     mut on_round: impl FnMut(&RoundReport),
 ) -> Result<(), DriveError>
 where
     S: Strategy,
     H: SourceHost,
 {
-    let mut link = ThreadLink::new(*clock, channels, VecDeque::new(), None, Some(memory));
+    let mut link = ThreadLink::new(
+        *clock,
+        channels,
+        VecDeque::new(),
+        None,
+        Some(memory),
+        encoders,
+    );
     drive::drive_source(engine, host, &mut link, &mut on_round).map_err(drive_error)
 }
 
@@ -747,6 +790,6 @@ where
         }
         ends.push((reader, writer));
     }
-    let mut link = ThreadLink::new(*clock, ends, early, Some(bound), None);
+    let mut link = ThreadLink::new(*clock, ends, early, Some(bound), None, Vec::new());
     drive::drive_destination(destination, host, &mut link).map_err(drive_error)
 }

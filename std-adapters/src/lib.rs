@@ -26,6 +26,8 @@
 #![cfg_attr(not(feature = "cli"), allow(rustdoc::broken_intra_doc_links))]
 
 // The adapters: always built.
+#[cfg(feature = "zstd")]
+pub mod codec;
 pub mod drive;
 #[cfg(all(feature = "kvm", target_os = "linux"))]
 pub mod kvm;
