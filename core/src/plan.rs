@@ -57,6 +57,8 @@ pub struct PlanOutcome {
     pub bytes: usize,
     /// Pages sent as zero pages.
     pub zero_pages: u64,
+    /// Pages and payload bytes per encoding.
+    pub encodings: crate::report::EncodingUse,
 }
 
 /// How many raw pages of `page_size` fit in `room` bytes of `Pages` frames, and the bytes they
@@ -124,6 +126,7 @@ impl PagePlan {
         scratch.resize(self.page_size, 0);
         let mut written = 0;
         let mut zero_pages = 0;
+        let mut encodings = crate::report::EncodingUse::default();
         let mut next = 0;
         while next < self.pages.len() {
             let Some(mut writer) =
@@ -169,6 +172,10 @@ impl PagePlan {
                 if encoded.encoding == Encoding::ZERO {
                     zero_pages += 1;
                 }
+                encodings.add(
+                    encoded.encoding,
+                    (encoded.wire_bytes - crate::wire::PAGE_ENTRY_LEN) as u64,
+                );
                 next += 1;
             }
             let len = writer.finish();
@@ -188,6 +195,7 @@ impl PagePlan {
             planned_bytes: self.planned_bytes,
             bytes: written,
             zero_pages,
+            encodings,
         })
     }
 }

@@ -47,6 +47,95 @@ impl StopReason {
     }
 }
 
+/// Pages and their payload bytes (entry headers excluded) under one encoding.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PagesAndBytes {
+    /// Pages sent this way.
+    pub pages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+}
+
+/// What each content mechanism sent: pages and payload bytes per page encoding. A raw page's
+/// payload is the page; every other encoding saved `pages × page size − bytes`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct EncodingUse {
+    /// The page as is.
+    pub raw: PagesAndBytes,
+    /// All-zero pages (a header only; also the pages the host knew were free or never written).
+    pub zero: PagesAndBytes,
+    /// LZ4.
+    pub lz4: PagesAndBytes,
+    /// XBZRLE deltas against an earlier round's copy.
+    pub delta: PagesAndBytes,
+    /// XBZRLE deltas compressed with LZ4.
+    pub delta_lz4: PagesAndBytes,
+    /// References to content the destination holds (dedup).
+    pub reference: PagesAndBytes,
+    /// Encodings defined outside the core (zstd: 16).
+    pub other: PagesAndBytes,
+}
+
+impl EncodingUse {
+    /// Counts one page sent as `encoding` with `payload` bytes.
+    pub fn add(&mut self, encoding: crate::wire::Encoding, payload: u64) {
+        let slot = match encoding.0 {
+            0 => &mut self.raw,
+            1 => &mut self.zero,
+            2 => &mut self.lz4,
+            3 => &mut self.delta,
+            4 => &mut self.delta_lz4,
+            5 => &mut self.reference,
+            _ => &mut self.other,
+        };
+        slot.pages += 1;
+        slot.bytes += payload;
+    }
+
+    /// Adds another tally.
+    pub fn merge(&mut self, other: &EncodingUse) {
+        for (a, (_, b)) in self.slots_mut().into_iter().zip(other.slots()) {
+            a.pages += b.pages;
+            a.bytes += b.bytes;
+        }
+    }
+
+    /// Every encoding with its name, in a fixed order.
+    pub fn slots(&self) -> [(&'static str, PagesAndBytes); 7] {
+        [
+            ("raw", self.raw),
+            ("zero", self.zero),
+            ("lz4", self.lz4),
+            ("delta", self.delta),
+            ("delta_lz4", self.delta_lz4),
+            ("reference", self.reference),
+            ("other", self.other),
+        ]
+    }
+
+    fn slots_mut(&mut self) -> [&mut PagesAndBytes; 7] {
+        [
+            &mut self.raw,
+            &mut self.zero,
+            &mut self.lz4,
+            &mut self.delta,
+            &mut self.delta_lz4,
+            &mut self.reference,
+            &mut self.other,
+        ]
+    }
+
+    /// Payload bytes saved against sending every page raw, for pages of `page_size` bytes.
+    pub fn saved_bytes(&self, page_size: u64) -> u64 {
+        self.slots()
+            .iter()
+            .map(|(_, s)| (s.pages * page_size).saturating_sub(s.bytes))
+            .sum()
+    }
+}
+
 /// One round: a pre-copy push round, or the final stop-and-copy.
 #[derive(Clone, Debug, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -107,6 +196,8 @@ pub struct MigrationReport {
     pub zero_pages_sent: u64,
     /// Post-copy: pages sent ahead of the push because the destination's guest asked for them.
     pub urgent_pages: u64,
+    /// Pages and payload bytes per page encoding (what each content mechanism sent and saved).
+    pub encodings: EncodingUse,
     /// Hybrid (pre-copy rounds, then post-copy): pages the destination held from earlier
     /// rounds that went stale and followed the switchover (the `Discard` list).
     pub discarded_pages: u64,

@@ -644,6 +644,7 @@ impl<S: Strategy> Source<S> {
     /// What encoding a [`PagePlan`] produced: the report and the link measure count the bytes
     /// it really took and its zero pages.
     pub fn on_encoded(&mut self, outcome: PlanOutcome) {
+        self.report.encodings.merge(&outcome.encodings);
         let saved = outcome.planned_bytes.saturating_sub(outcome.bytes) as u64;
         self.report.bytes_sent = self.report.bytes_sent.saturating_sub(saved);
         self.estimator.unhand(saved);
@@ -1320,6 +1321,10 @@ impl<S: Strategy> Source<S> {
                 if encoded.encoding == wire::Encoding::ZERO {
                     zeros += 1;
                 }
+                self.report.encodings.add(
+                    encoded.encoding,
+                    (encoded.wire_bytes - wire::PAGE_ENTRY_LEN) as u64,
+                );
                 next = pages.next();
             }
             let len = writer.finish();
@@ -1451,6 +1456,10 @@ impl<S: Strategy> Source<S> {
             if encoded.encoding == wire::Encoding::ZERO {
                 zeros += 1;
             }
+            self.report.encodings.add(
+                encoded.encoding,
+                (encoded.wire_bytes - wire::PAGE_ENTRY_LEN) as u64,
+            );
             next = self.next_urgent();
         }
         let len = writer.finish();

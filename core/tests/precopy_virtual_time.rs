@@ -3377,5 +3377,14 @@ proptest! {
         )
         .with_encoder(content_encoder(which));
         check_sim(&sc, &mut sim, false)?;
+        // The per-encoding tally accounts for every page sent, raw pages at a page each.
+        let r = sim.source.report();
+        let e = r.encodings;
+        let pages: u64 = e.slots().iter().map(|(_, s)| s.pages).sum();
+        prop_assert_eq!(pages, r.pages_sent);
+        prop_assert_eq!(e.zero.pages, r.zero_pages_sent);
+        prop_assert_eq!(e.raw.bytes, e.raw.pages * PAGE as u64);
+        prop_assert_eq!(e.zero.bytes, 0);
+        prop_assert!(e.saved_bytes(PAGE as u64) >= e.zero.pages * PAGE as u64);
     }
 }
