@@ -11,7 +11,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use memferry::report::MigrationReport;
 use memferry::schedule::{RatePlan, StopRules};
 use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
@@ -20,9 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::output::human_bytes;
 use crate::sim::workload::{fit_guest, TraceCoverage, TraceSummary};
-use crate::sim::{
-    simulate, LinkModel, LowerBounds, ModelFigures, Scenario, SimOutcome, WorkloadModel,
-};
+use crate::sim::{simulate, LinkModel, ModelPrediction, Scenario, SimOutcome, WorkloadModel};
 
 /// One strategy: a name and the engine settings that make it.
 #[derive(Clone, Debug)]
@@ -93,30 +90,10 @@ fn with_predictors(specs: &[&str], stop: StopRules) -> Vec<Strategy> {
 }
 
 fn standard_workloads(rate: f64) -> Vec<WorkloadModel> {
-    vec![
-        WorkloadModel::Idle,
-        WorkloadModel::Uniform { rate },
-        WorkloadModel::HotCold {
-            rate,
-            hot_fraction: 0.05,
-            hot_share: 0.9,
-        },
-        WorkloadModel::Zipf {
-            rate,
-            exponent: 1.0,
-        },
-        WorkloadModel::Sweep {
-            rate,
-            start_fraction: 0.25,
-            length_fraction: 0.25,
-        },
-        WorkloadModel::Phases {
-            rate,
-            hot_fraction: 0.05,
-            hot_share: 0.9,
-            period: Nanos::from_millis(500),
-        },
-    ]
+    ["idle", "uniform", "hotcold", "zipf", "sweep", "phases"]
+        .iter()
+        .map(|name| WorkloadModel::named(name, rate).expect("a built-in workload"))
+        .collect()
 }
 
 /// The presets `memferry compare --preset` knows.
@@ -214,7 +191,8 @@ pub fn presets() -> Vec<Preset> {
 }
 
 /// One run of the matrix.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Run {
     /// Strategy name.
     pub strategy: String,
@@ -225,7 +203,7 @@ pub struct Run {
     /// The outcome.
     pub outcome: SimOutcome,
     /// For a trace workload: what the run replayed of it, and whether it looped.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<TraceCoverage>,
 }
 
@@ -282,14 +260,51 @@ pub struct Row {
     pub rounds: Spread,
     /// The least bytes any strategy could send.
     pub least_bytes: Spread,
-    /// The oracle's downtime, ms.
+    /// The least downtime any strategy could have, ms.
     pub least_downtime_ms: Spread,
-    /// Clark's geometric series: total time, ms.
-    pub model_total_time_ms: Spread,
-    /// Clark's geometric series: downtime, ms.
-    pub model_downtime_ms: Spread,
+    /// Clark's geometric series.
+    pub clark: ModelRow,
+    /// The dirty-set model (Akoush et al.).
+    pub dirty_set_curve: ModelRow,
     /// Paper 000's Tmig, ms.
     pub paper000_total_time_ms: Spread,
+}
+
+/// One model's figures in a row, over seeds, with its signed error against the simulated runs
+/// in percent (`None`: not predicted, or nothing to compare with).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ModelRow {
+    /// Predicted total time, ms.
+    pub total_time_ms: Spread,
+    /// Predicted downtime, ms.
+    pub downtime_ms: Option<Spread>,
+    /// Error on total time, percent.
+    pub total_time_error_pct: Option<Spread>,
+    /// Error on downtime, percent.
+    pub downtime_error_pct: Option<Spread>,
+}
+
+impl ModelRow {
+    fn of(predictions: &[&ModelPrediction]) -> ModelRow {
+        let every = |f: &dyn Fn(&ModelPrediction) -> Option<f64>| {
+            predictions
+                .iter()
+                .map(|p| f(p))
+                .collect::<Option<Vec<f64>>>()
+                .map(Spread::of)
+        };
+        ModelRow {
+            total_time_ms: Spread::of(
+                predictions
+                    .iter()
+                    .map(|p| p.total_time.as_millis_f64())
+                    .collect(),
+            ),
+            downtime_ms: every(&|p| p.downtime.map(|d| d.as_millis_f64())),
+            total_time_error_pct: every(&|p| p.total_time_error_pct),
+            downtime_error_pct: every(&|p| p.downtime_error_pct),
+        }
+    }
 }
 
 /// The result of a comparison.
@@ -844,8 +859,9 @@ impl std::fmt::Display for Shard {
     }
 }
 
-/// A run and its position in the matrix's run list.
-#[derive(Clone, Debug)]
+/// A run and its position in the matrix's run list (a line of a shard file).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct IndexedRun {
     /// Position in the run list, from 0.
     pub index: usize,
@@ -945,9 +961,19 @@ pub fn summarise(info: &MatrixInfo, runs: Vec<Run>) -> Comparison {
                 rounds: metric(&|o| o.report.rounds.len() as f64),
                 least_bytes: metric(&|o| o.bounds.least_bytes as f64),
                 least_downtime_ms: metric(&|o| o.bounds.least_downtime.as_millis_f64()),
-                model_total_time_ms: metric(&|o| o.models.precopy_total_time.as_millis_f64()),
-                model_downtime_ms: metric(&|o| o.models.precopy_downtime.as_millis_f64()),
-                paper000_total_time_ms: metric(&|o| o.models.paper000_total_time.as_millis_f64()),
+                clark: ModelRow::of(
+                    &group
+                        .iter()
+                        .map(|r| &r.outcome.models.clark)
+                        .collect::<Vec<_>>(),
+                ),
+                dirty_set_curve: ModelRow::of(
+                    &group
+                        .iter()
+                        .map(|r| &r.outcome.models.dirty_set_curve)
+                        .collect::<Vec<_>>(),
+                ),
+                paper000_total_time_ms: metric(&|o| o.models.paper000.total_time.as_millis_f64()),
             });
         }
     }
@@ -995,7 +1021,7 @@ pub struct MatrixInfo {
 /// The format name in a shard file's first line.
 pub const RUNS_FORMAT: &str = "memferry-compare-runs";
 /// Its version.
-pub const RUNS_FORMAT_VERSION: u32 = 1;
+pub const RUNS_FORMAT_VERSION: u32 = 2;
 
 /// A shard file's first line.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -1018,99 +1044,16 @@ pub struct ShardHeader {
 #[serde(rename_all = "snake_case")]
 enum LineOut<'a> {
     Header(&'a ShardHeader),
-    Run(RunOut<'a>),
+    Run(&'a IndexedRun),
     End { runs: usize },
-}
-
-#[derive(Serialize)]
-struct RunOut<'a> {
-    index: usize,
-    strategy: &'a str,
-    workload: &'a str,
-    seed: u64,
-    outcome: &'a SimOutcome,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    trace: Option<&'a TraceCoverage>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum LineIn {
-    Header(ShardHeader),
-    Run(RunIn),
+    Header(Box<ShardHeader>),
+    Run(Box<IndexedRun>),
     End { runs: usize },
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RunIn {
-    index: usize,
-    strategy: String,
-    workload: String,
-    seed: u64,
-    outcome: OutcomeIn,
-    #[serde(default)]
-    trace: Option<TraceCoverage>,
-}
-
-// Mirrors of the simulator's outcome, which is not `Deserialize`. Building the real types with
-// struct literals below makes a field added there a compile error here, not a silent loss.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OutcomeIn {
-    report: MigrationReport,
-    bounds: BoundsIn,
-    models: ModelsIn,
-    writes: u64,
-    pages_written: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BoundsIn {
-    least_bytes: u64,
-    least_downtime: Nanos,
-    oracle_downtime: Nanos,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ModelsIn {
-    dirty_rate: ByteRate,
-    precopy_total_time: Nanos,
-    precopy_downtime: Nanos,
-    precopy_rounds: u32,
-    precopy_bytes: u64,
-    paper000_total_time: Nanos,
-    curve_total_time: Nanos,
-    curve_downtime: Nanos,
-    curve_rounds: u32,
-}
-
-impl From<OutcomeIn> for SimOutcome {
-    fn from(o: OutcomeIn) -> SimOutcome {
-        SimOutcome {
-            report: o.report,
-            bounds: LowerBounds {
-                least_bytes: o.bounds.least_bytes,
-                least_downtime: o.bounds.least_downtime,
-                oracle_downtime: o.bounds.oracle_downtime,
-            },
-            models: ModelFigures {
-                dirty_rate: o.models.dirty_rate,
-                precopy_total_time: o.models.precopy_total_time,
-                precopy_downtime: o.models.precopy_downtime,
-                precopy_rounds: o.models.precopy_rounds,
-                precopy_bytes: o.models.precopy_bytes,
-                paper000_total_time: o.models.paper000_total_time,
-                curve_total_time: o.models.curve_total_time,
-                curve_downtime: o.models.curve_downtime,
-                curve_rounds: o.models.curve_rounds,
-            },
-            writes: o.writes,
-            pages_written: o.pages_written,
-        }
-    }
 }
 
 /// Writes `runs` (shard `shard` of `matrix`) as JSON lines: a header line with the matrix, one
@@ -1136,17 +1079,7 @@ pub fn write_runs(
     };
     line(&mut out, &LineOut::Header(&header))?;
     for r in runs {
-        line(
-            &mut out,
-            &LineOut::Run(RunOut {
-                index: r.index,
-                strategy: &r.run.strategy,
-                workload: &r.run.workload,
-                seed: r.run.seed,
-                outcome: &r.run.outcome,
-                trace: r.run.trace.as_ref(),
-            }),
-        )?;
+        line(&mut out, &LineOut::Run(r))?;
     }
     line(&mut out, &LineOut::End { runs: runs.len() })?;
     out.flush()
@@ -1190,7 +1123,7 @@ pub fn read_runs(input: impl BufRead, name: &str) -> Result<ShardFile, String> {
                         h.format, h.version
                     )));
                 }
-                header = Some(h);
+                header = Some(*h);
             }
             (_, None) => return Err(at("not a memferry compare runs file (no header)".into())),
             (LineIn::Header(_), Some(_)) => return Err(at("a second header".into())),
@@ -1201,16 +1134,7 @@ pub fn read_runs(input: impl BufRead, name: &str) -> Result<ShardFile, String> {
                         r.index, h.shard, h.matrix.runs
                     )));
                 }
-                runs.push(IndexedRun {
-                    index: r.index,
-                    run: Run {
-                        strategy: r.strategy,
-                        workload: r.workload,
-                        seed: r.seed,
-                        outcome: r.outcome.into(),
-                        trace: r.trace,
-                    },
-                });
+                runs.push(*r);
             }
             (LineIn::End { runs: count }, Some(_)) => ended = Some(count),
         }
@@ -1330,6 +1254,19 @@ fn spread_text(s: &Spread, scale: f64, digits: usize) -> String {
     }
 }
 
+/// A signed percentage over seeds: `+3.1 (-0.2–+5.0)`.
+fn pct_text(s: &Spread) -> String {
+    if s.min == s.max {
+        format!("{:+.1}", s.median)
+    } else {
+        format!("{:+.1} ({:+.1}–{:+.1})", s.median, s.min, s.max)
+    }
+}
+
+fn optional_text(s: Option<&Spread>, text: impl Fn(&Spread) -> String) -> String {
+    s.map_or("-".into(), text)
+}
+
 /// The setup lines of the table: the guests and links (one line when every workload shares
 /// them), verification, the seeds.
 fn setup_text(c: &Comparison) -> String {
@@ -1418,7 +1355,13 @@ pub fn table(c: &Comparison) -> String {
         "least MB",
         "least downtime ms",
         "Clark total ms",
+        "err %",
         "Clark downtime ms",
+        "err %",
+        "curve total ms",
+        "err %",
+        "curve downtime ms",
+        "err %",
         "paper000 Tmig ms",
     ];
     let mut rows: Vec<Vec<String>> = vec![headers.iter().map(|h| h.to_string()).collect()];
@@ -1435,10 +1378,17 @@ pub fn table(c: &Comparison) -> String {
             spread_text(&r.rounds, 1.0, 0),
             spread_text(&r.least_bytes, 1e6, 1),
             spread_text(&r.least_downtime_ms, 1.0, 1),
-            spread_text(&r.model_total_time_ms, 1.0, 1),
-            spread_text(&r.model_downtime_ms, 1.0, 1),
-            spread_text(&r.paper000_total_time_ms, 1.0, 1),
         ]);
+        let row = rows.last_mut().expect("just pushed");
+        for m in [&r.clark, &r.dirty_set_curve] {
+            row.extend([
+                spread_text(&m.total_time_ms, 1.0, 1),
+                optional_text(m.total_time_error_pct.as_ref(), pct_text),
+                optional_text(m.downtime_ms.as_ref(), |s| spread_text(s, 1.0, 1)),
+                optional_text(m.downtime_error_pct.as_ref(), pct_text),
+            ]);
+        }
+        row.push(spread_text(&r.paper000_total_time_ms, 1.0, 1));
     }
     let widths: Vec<usize> = (0..headers.len())
         .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
@@ -1501,7 +1451,7 @@ pub fn table(c: &Comparison) -> String {
     if !notes.is_empty() {
         out.push_str(&notes);
     }
-    out.push_str("(median over seeds, range in brackets; least = lower bounds for any strategy; Clark and paper000 = analytic models fed this run's measured round-1 dirty rate; with verification on, total and resume time include the source hashing its memory after the destination starts)\n");
+    out.push_str("(median over seeds, range in brackets; least = lower bounds for any strategy; Clark and paper000 = analytic models fed this run's measured round-1 dirty rate; curve = the dirty-set model fed the workload's own dirty pages (Akoush et al.); err = a model's signed error against the simulated run; the models predict plain pre-copy, and with verification on their totals include hashing memory once; with verification on, total and resume time include the source hashing its memory after the destination starts)\n");
     out
 }
 
@@ -1514,13 +1464,26 @@ fn csv_field(text: &str) -> String {
     }
 }
 
+/// A model's total time, its error, its downtime and its error, as CSV fields each followed by
+/// a comma (empty where the model predicts nothing).
+fn model_csv(p: &ModelPrediction) -> String {
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
+    format!(
+        "{:.3},{},{},{},",
+        p.total_time.as_millis_f64(),
+        opt(p.total_time_error_pct),
+        opt(p.downtime.map(|d| d.as_millis_f64())),
+        opt(p.downtime_error_pct)
+    )
+}
+
 /// Every run as CSV, one line per strategy × workload × seed.
 pub fn csv(c: &Comparison) -> String {
-    let mut out = String::from("preset,strategy,workload,seed,total_time_ms,downtime_ms,preparation_time_ms,resume_time_ms,bytes_sent,pages_sent,pages_resent,rounds,stop_reason,least_bytes,least_downtime_ms,writes,model_total_time_ms,model_downtime_ms,paper000_total_time_ms\n");
+    let mut out = String::from("preset,strategy,workload,seed,total_time_ms,downtime_ms,preparation_time_ms,resume_time_ms,bytes_sent,pages_sent,pages_resent,rounds,stop_reason,least_bytes,least_downtime_ms,writes,clark_total_time_ms,clark_total_error_pct,clark_downtime_ms,clark_downtime_error_pct,curve_total_time_ms,curve_total_error_pct,curve_downtime_ms,curve_downtime_error_pct,paper000_total_time_ms\n");
     for r in &c.runs {
-        let rep = &r.outcome.report;
+        let (rep, m) = (&r.outcome.report, &r.outcome.models);
         out.push_str(&format!(
-            "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{:.3},{},{:.3},{:.3},{:.3}\n",
+            "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{:.3},{},{}{:.3}\n",
             csv_field(&c.preset),
             csv_field(&r.strategy),
             csv_field(&r.workload),
@@ -1537,9 +1500,11 @@ pub fn csv(c: &Comparison) -> String {
             r.outcome.bounds.least_bytes,
             r.outcome.bounds.least_downtime.as_millis_f64(),
             r.outcome.writes,
-            r.outcome.models.precopy_total_time.as_millis_f64(),
-            r.outcome.models.precopy_downtime.as_millis_f64(),
-            r.outcome.models.paper000_total_time.as_millis_f64(),
+            [&m.clark, &m.dirty_set_curve]
+                .iter()
+                .map(|p| model_csv(p))
+                .collect::<String>(),
+            m.paper000.total_time.as_millis_f64(),
         ));
     }
     out

@@ -118,7 +118,9 @@ pub struct PreCopyModel {
 
 /// A workload's dirty-set curve (Akoush et al., "Predicting the performance of virtual machine
 /// migration", MASCOTS 2010): how many distinct pages it writes in a window of a given length.
-/// Built from the time of each page's first write after an origin.
+/// Built from the time of each page's first write after an origin. It reads every window as if
+/// it started at the origin: right for a workload whose writes do not change over time, wrong
+/// for a program that changes phase or ends (see [`DirtySets`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DirtyCurve {
     /// Offsets of first writes from the origin, sorted.
@@ -146,6 +148,24 @@ impl DirtyCurve {
     /// How far the curve was measured.
     pub fn horizon(&self) -> Nanos {
         self.horizon
+    }
+}
+
+/// Where [`PreCopyModel::predict_from_dirty_sets`] reads what the guest dirties: the distinct
+/// pages it writes in the window of `length` that opens `start` after the migration started.
+///
+/// The dirty-set curve of Akoush et al. is the special case that depends on `length` alone
+/// ([`DirtyCurve`]); a workload history read at the window's own position (what a trace
+/// records) also sees a program change phase, go quiet or end. The model asks for consecutive
+/// windows, each starting where the one before ended.
+pub trait DirtySets {
+    /// Distinct pages written in `(start, start + length]`.
+    fn pages_written(&mut self, start: Nanos, length: Nanos) -> u64;
+}
+
+impl DirtySets for DirtyCurve {
+    fn pages_written(&mut self, _start: Nanos, length: Nanos) -> u64 {
+        self.pages_in(length)
     }
 }
 
@@ -250,35 +270,63 @@ impl PreCopyModel {
     /// `non_convergence_rule_breaks_monotonicity`).
     pub fn predict(&self) -> PreCopyPrediction {
         let (rate, memory) = (self.dirty_rate, self.memory_bytes);
-        self.predict_with(|duration| rate.bytes_in(duration).min(memory))
+        self.predict_with(self.wire.wire_bytes(memory), |_, duration| {
+            rate.bytes_in(duration).min(memory)
+        })
     }
 
-    /// [`PreCopyModel::predict`] with the guest's writes given by its dirty-set curve instead
-    /// of a constant dirty rate: a round of length `t` leaves `curve.pages_in(t)` pages to send
-    /// (Akoush et al.'s model). `dirty_rate` is ignored.
-    pub fn predict_from_curve(&self, curve: &DirtyCurve, page_size: u64) -> PreCopyPrediction {
+    /// [`PreCopyModel::predict`] with the guest's writes given by its dirty sets instead of a
+    /// constant dirty rate (Akoush et al.'s model): a round that starts at `s` and lasts `t`
+    /// leaves `sets.pages_written(s, t)` pages of `page_size` bytes to send. `zero_pages` of
+    /// memory are all-zero when round 1 reaches them and cost only their per-page overhead
+    /// there (pages the guest writes are never zero again). `dirty_rate` is ignored.
+    pub fn predict_from_dirty_sets(
+        &self,
+        sets: &mut impl DirtySets,
+        page_size: u64,
+        zero_pages: u64,
+    ) -> PreCopyPrediction {
         let memory = self.memory_bytes;
-        self.predict_with(|duration| {
-            curve
-                .pages_in(duration)
+        let zero = zero_pages.saturating_mul(page_size).min(memory);
+        let zero_pages = zero.checked_div(page_size).unwrap_or(0);
+        let zero_overhead = if self.wire.page_size == 0 {
+            0
+        } else {
+            zero_pages.saturating_mul(self.wire.per_page_overhead)
+        };
+        let first = self
+            .wire
+            .wire_bytes(memory - zero)
+            .saturating_add(zero_overhead);
+        self.predict_with(first, |start, duration| {
+            sets.pages_written(start, duration)
                 .saturating_mul(page_size)
                 .min(memory)
         })
     }
 
-    fn predict_with(&self, dirtied: impl Fn(Nanos) -> u64) -> PreCopyPrediction {
+    /// The series played out: round 1 sends `first_round` wire bytes; a round that starts at
+    /// `s` (after the migration started) and lasts `t` leaves `dirtied(s, t)` memory bytes for
+    /// the next.
+    fn predict_with(
+        &self,
+        first_round: u64,
+        mut dirtied: impl FnMut(Nanos, Nanos) -> u64,
+    ) -> PreCopyPrediction {
         let max_rounds = self.max_rounds.clamp(1, MAX_MODELLED_ROUNDS);
         let mut rounds = Vec::new();
         let mut elapsed = Nanos::ZERO;
-        let mut to_send = self.memory_bytes;
+        // Wire bytes the next round sends.
+        let mut to_send = first_round;
         let mut smallest_dirty = u64::MAX;
         let mut stalled_rounds = 0u32;
         let mut outpaced_rounds = 0u32;
         let mut round = 0u32;
         let stop_reason = loop {
             round += 1;
-            let bytes = self.wire.wire_bytes(to_send);
+            let bytes = to_send;
             let duration = self.bandwidth.time_for(bytes);
+            let start = elapsed;
             elapsed += duration;
             rounds.push(PredictedRound {
                 bytes,
@@ -286,7 +334,7 @@ impl PreCopyModel {
                 stop_and_copy: false,
             });
 
-            let dirty = dirtied(duration);
+            let dirty = dirtied(start, duration);
             let dirty_wire = self.wire.wire_bytes(dirty);
             let estimate = self.bandwidth.time_for(dirty_wire);
             // The scheduler's dirty rate is the wire bytes dirtied over the round's duration.
@@ -312,7 +360,7 @@ impl PreCopyModel {
                 outpaced_rounds = 0;
             }
             smallest_dirty = smallest_dirty.min(dirty);
-            to_send = dirty;
+            to_send = dirty_wire;
 
             if estimate <= self.downtime_target {
                 break StopReason::DowntimeTarget;
@@ -330,7 +378,7 @@ impl PreCopyModel {
                 break StopReason::NotConverging;
             }
         };
-        let bytes = self.wire.wire_bytes(to_send);
+        let bytes = to_send;
         let downtime = self.bandwidth.time_for(bytes);
         rounds.push(PredictedRound {
             bytes,

@@ -7,7 +7,7 @@ use memferry::time::{ByteRate, Nanos};
 use serde::Serialize;
 
 use crate::sim::workload::{TraceCoverage, TraceSummary};
-use crate::sim::{Scenario, SimOutcome, WorkloadModel};
+use crate::sim::{ModelPrediction, Scenario, SimOutcome, WorkloadModel};
 use crate::workload::WorkloadConfig;
 
 fn ms(t: Nanos) -> f64 {
@@ -271,19 +271,38 @@ pub struct ModelJson {
     pub rounds: Option<u32>,
     /// Predicted bytes on the wire.
     pub bytes: Option<u64>,
+    /// The prediction's signed error against the simulated total time, percent.
+    pub total_time_error_pct: Option<f64>,
+    /// The same for downtime (`None`: the model does not predict it).
+    pub downtime_error_pct: Option<f64>,
+}
+
+impl From<&ModelPrediction> for ModelJson {
+    fn from(p: &ModelPrediction) -> Self {
+        ModelJson {
+            total_time_ms: ms(p.total_time),
+            downtime_ms: p.downtime.map(ms),
+            rounds: p.rounds,
+            bytes: p.bytes,
+            total_time_error_pct: p.total_time_error_pct,
+            downtime_error_pct: p.downtime_error_pct,
+        }
+    }
 }
 
 /// The analytic models in the JSON output.
 #[derive(Serialize)]
 pub struct ModelsJson {
-    /// The dirty rate fed to the models (round 1's), MB/s of memory.
+    /// The dirty rate fed to Clark's series (round 1's), MB/s of memory.
     pub dirty_rate_mb_s: Option<f64>,
+    /// The verification every model's total includes (hashing memory once), ms.
+    pub verification_ms: f64,
     /// Clark's geometric series (paper 002).
     pub clark: ModelJson,
     /// Paper 000's Tmig.
     pub paper000: ModelJson,
-    /// Akoush et al.'s model fed the workload's dirty-set curve (pages dirtied as a function of
-    /// window length).
+    /// Akoush et al.'s model fed the workload's dirty sets (distinct pages written in each
+    /// predicted round's window).
     pub dirty_set_curve: ModelJson,
 }
 
@@ -318,24 +337,10 @@ impl SimReportJson {
             },
             models: ModelsJson {
                 dirty_rate_mb_s: mb_per_s(m.dirty_rate),
-                clark: ModelJson {
-                    total_time_ms: ms(m.precopy_total_time),
-                    downtime_ms: Some(ms(m.precopy_downtime)),
-                    rounds: Some(m.precopy_rounds),
-                    bytes: Some(m.precopy_bytes),
-                },
-                paper000: ModelJson {
-                    total_time_ms: ms(m.paper000_total_time),
-                    downtime_ms: None,
-                    rounds: None,
-                    bytes: None,
-                },
-                dirty_set_curve: ModelJson {
-                    total_time_ms: ms(m.curve_total_time),
-                    downtime_ms: Some(ms(m.curve_downtime)),
-                    rounds: Some(m.curve_rounds),
-                    bytes: None,
-                },
+                verification_ms: ms(m.verification),
+                clark: (&m.clark).into(),
+                paper000: (&m.paper000).into(),
+                dirty_set_curve: (&m.dirty_set_curve).into(),
             },
             link: LinkJson {
                 bandwidth_mb_s: mb_per_s(scenario.link.bandwidth),
@@ -349,23 +354,54 @@ impl SimReportJson {
 /// The lower bounds and the models as lines under `simulate`'s table.
 pub fn bounds_and_models(outcome: &SimOutcome) -> String {
     let m = &outcome.models;
-    format!(
+    let figures = |p: &ModelPrediction| {
+        let error = |e: Option<f64>| e.map_or(String::new(), |e| format!(" ({e:+.1}%)"));
+        let mut text = format!(
+            "total {:.1} ms{}",
+            p.total_time.as_millis_f64(),
+            error(p.total_time_error_pct)
+        );
+        if let Some(d) = p.downtime {
+            text.push_str(&format!(
+                ", downtime {:.1} ms{}",
+                d.as_millis_f64(),
+                error(p.downtime_error_pct)
+            ));
+        }
+        if let Some(r) = p.rounds {
+            text.push_str(&format!(", {r} rounds"));
+        }
+        if let Some(b) = p.bytes {
+            text.push_str(&format!(", {}", human_bytes(b)));
+        }
+        text
+    };
+    let mut text = format!(
         "lower bounds: {} on the wire, {:.1} ms downtime (this run's oracle: {:.1} ms)\n\
-         models (fed round 1's dirty rate, {}): Clark total {:.1} ms, downtime {:.1} ms, {} rounds, {}; paper000 Tmig {:.1} ms\n\
-         model fed the workload's dirty-set curve (Akoush et al.): total {:.1} ms, downtime {:.1} ms, {} rounds\n",
+         models, signed error against this run in brackets{}:\n\
+         \x20 Clark {} [fed round 1's dirty rate, {}]\n\
+         \x20 dirty-set curve {} [Akoush et al., fed the workload's own dirty pages]\n\
+         \x20 paper000 Tmig {}\n",
         human_bytes(outcome.bounds.least_bytes),
         outcome.bounds.least_downtime.as_millis_f64(),
         outcome.bounds.oracle_downtime.as_millis_f64(),
+        if m.verification > Nanos::ZERO {
+            format!(
+                " (totals include {:.1} ms of verification)",
+                m.verification.as_millis_f64()
+            )
+        } else {
+            String::new()
+        },
+        figures(&m.clark),
         rate_text(m.dirty_rate),
-        m.precopy_total_time.as_millis_f64(),
-        m.precopy_downtime.as_millis_f64(),
-        m.precopy_rounds,
-        human_bytes(m.precopy_bytes),
-        m.paper000_total_time.as_millis_f64(),
-        m.curve_total_time.as_millis_f64(),
-        m.curve_downtime.as_millis_f64(),
-        m.curve_rounds,
-    )
+        figures(&m.dirty_set_curve),
+        figures(&m.paper000).replacen("total ", "", 1),
+    );
+    if outcome.report.strategy.contains('+') || outcome.report.throttle_percent > 0 {
+        text.push_str("  (the models predict plain pre-copy without throttling)\n");
+    }
+    text
 }
 
 /// A human-readable size.

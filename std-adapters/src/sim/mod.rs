@@ -31,7 +31,7 @@ use memferry::session::Source;
 use memferry::strategy::PreCopyConfig;
 use memferry::time::{ByteRate, Nanos};
 use memferry::wire;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use content::ContentModel;
 pub use workload::{WorkloadModel, WriteGenerator};
@@ -333,7 +333,8 @@ impl DestinationGuest for SimDestination {
 
 /// Bounds no strategy can beat on this workload and link: they depend on the scenario alone,
 /// never on how a run went, so every strategy is held to the same ones.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LowerBounds {
     /// Memory sent once: every page once, with the pages that start zero and the duplicates
     /// of an earlier page's content as bare entry headers.
@@ -350,33 +351,85 @@ pub struct LowerBounds {
     pub oracle_downtime: Nanos,
 }
 
-/// The analytic models' figures for a run, from its measured inputs, to print beside the
-/// simulated ones so a researcher sees where a model is wrong.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+/// One analytic model's figures for a run, beside the simulated ones, and how far off they are.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrediction {
+    /// Predicted total migration time: the model's rounds, plus the verification the scenario
+    /// asks for ([`ModelFigures::verification`]).
+    pub total_time: Nanos,
+    /// Predicted downtime (`None`: the model does not predict it).
+    pub downtime: Option<Nanos>,
+    /// Predicted rounds, stop-and-copy included.
+    pub rounds: Option<u32>,
+    /// Predicted bytes on the wire.
+    pub bytes: Option<u64>,
+    /// The model's error on total time against the simulated run, signed, in percent of the
+    /// simulated figure, to 0.01 (`None` when the run took no time).
+    pub total_time_error_pct: Option<f64>,
+    /// The same for downtime (`None` when the model does not predict it or the run had none).
+    pub downtime_error_pct: Option<f64>,
+}
+
+/// The signed error of `predicted` against `simulated`, in percent of `simulated`, rounded to
+/// 0.01 (a value that survives a trip through JSON exactly); `None` if `simulated` is zero.
+pub fn error_pct(predicted: Nanos, simulated: Nanos) -> Option<f64> {
+    (simulated > Nanos::ZERO).then(|| {
+        let error = (predicted.0 as f64 - simulated.0 as f64) / simulated.0 as f64 * 100.0;
+        (error * 100.0).round() / 100.0
+    })
+}
+
+impl ModelPrediction {
+    /// A model's figures with their errors against `report`.
+    pub fn new(
+        total_time: Nanos,
+        downtime: Option<Nanos>,
+        rounds: Option<u32>,
+        bytes: Option<u64>,
+        report: &MigrationReport,
+    ) -> Self {
+        ModelPrediction {
+            total_time,
+            downtime,
+            rounds,
+            bytes,
+            total_time_error_pct: error_pct(total_time, report.total_time),
+            downtime_error_pct: downtime.and_then(|d| error_pct(d, report.downtime)),
+        }
+    }
+}
+
+/// The analytic models' figures for a run, to print beside the simulated ones so a researcher
+/// sees where a model is wrong (each with its error against the run). They predict plain
+/// pre-copy: a predictor's run differs from them by what the predictor changed, and neither a
+/// rate plan nor throttling is modelled.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelFigures {
-    /// The dirty rate fed to the models: round 1's, in memory bytes per second.
+    /// The dirty rate fed to Clark's series: round 1's, in memory bytes per second.
     pub dirty_rate: ByteRate,
-    /// Clark's geometric series (paper 002): total migration time.
-    pub precopy_total_time: Nanos,
-    /// Clark's series: downtime.
-    pub precopy_downtime: Nanos,
-    /// Clark's series: rounds, stop-and-copy included.
-    pub precopy_rounds: u32,
-    /// Clark's series: bytes on the wire.
-    pub precopy_bytes: u64,
-    /// Paper 000's Tmig with Vprof = 0, Vckpt = round 1's bytes, Vdp = the later rounds' bytes.
-    pub paper000_total_time: Nanos,
-    /// Akoush et al.'s model, fed the workload's dirty-set curve (distinct pages written in a
-    /// window, measured from the workload itself): total migration time.
-    pub curve_total_time: Nanos,
-    /// The dirty-set-curve model: downtime.
-    pub curve_downtime: Nanos,
-    /// The dirty-set-curve model: rounds, stop-and-copy included.
-    pub curve_rounds: u32,
+    /// The verification every model's total time includes (and its downtime too, with
+    /// `verify_before_start`): reading and hashing all of memory at the CPU model's copy and
+    /// checksum rates; zero when the run does not verify. No model predicts it; it is there so
+    /// that total times compare like with like.
+    pub verification: Nanos,
+    /// Clark's geometric series (paper 002), fed round 1's measured dirty rate: every page at
+    /// full size, a constant dirty rate.
+    pub clark: ModelPrediction,
+    /// Paper 000's Tmig with Vprof = 0, Vckpt = round 1's bytes, Vdp = the later rounds' bytes
+    /// (fed this run's measured bytes; total time only).
+    pub paper000: ModelPrediction,
+    /// Akoush et al.'s model fed the workload's dirty sets (distinct pages written in each
+    /// predicted round's window, read from the workload itself at the window's position), with
+    /// the pages that start all-zero sent as bare headers in round 1, the link or the source's
+    /// CPU (whichever is slower) as the rate, and a round trip in the downtime.
+    pub dirty_set_curve: ModelPrediction,
 }
 
 /// What a simulation produced.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SimOutcome {
     /// The engine's report, on the virtual clock.
     pub report: MigrationReport,
@@ -431,8 +484,12 @@ pub fn simulate_with_progress(
         return Err("the destination did not complete".into());
     }
     let report = engine.report().clone();
-    let bounds = lower_bounds(scenario, &guest, &report, geometry);
-    let models = model_figures(scenario, &report, geometry);
+    let classes = ContentClasses::of(scenario, geometry);
+    let bounds = LowerBounds {
+        oracle_downtime: oracle_downtime(scenario, &guest, &report),
+        ..scenario_bounds(scenario, geometry, &classes)
+    };
+    let models = model_figures(scenario, &report, geometry, classes.zero);
     Ok(SimOutcome {
         report,
         bounds,
@@ -643,23 +700,54 @@ fn model_figures(
     scenario: &Scenario,
     report: &MigrationReport,
     geometry: Geometry,
+    zero_pages: u64,
 ) -> ModelFigures {
     use crate::model::{HybridModel, PreCopyModel, WireCost};
     let page_size = geometry.page_size().bytes() as u64;
+    let memory = geometry.memory_bytes();
     let first = report.rounds.first();
     let dirty_rate = first.map_or(ByteRate(0), |r| {
         ByteRate::measured(r.dirty_pages * page_size, r.duration)
     });
     let bandwidth = scenario.link.bandwidth;
-    let predicted = PreCopyModel::new(geometry.memory_bytes(), dirty_rate, bandwidth)
+    let cpu = &scenario.cpu;
+    let verify = scenario.verify && scenario.engine.verify;
+    let verification = if verify {
+        cpu.copy.time_for(memory) + cpu.checksum.time_for(memory)
+    } else {
+        Nanos::ZERO
+    };
+    let in_downtime = if scenario.engine.verify_before_start {
+        verification
+    } else {
+        Nanos::ZERO
+    };
+    let clark = PreCopyModel::new(memory, dirty_rate, bandwidth)
         .with_stop_rules(&scenario.engine.stop)
         .with_wire(WireCost::memferry(geometry.page_size()))
         .predict();
-    let curve = dirty_curve(scenario, geometry);
-    let from_curve = PreCopyModel::new(geometry.memory_bytes(), dirty_rate, bandwidth)
+    // The source reads, scans and checksums every page it sends: a link faster than that
+    // waits for the CPU.
+    let cpu_rate = ByteRate::measured(
+        page_size,
+        cpu.copy.time_for(page_size)
+            + cpu.zero_scan.time_for(page_size)
+            + cpu.checksum.time_for(page_size),
+    );
+    let rate = if cpu_rate.0 > 0 && cpu_rate < bandwidth {
+        cpu_rate
+    } else {
+        bandwidth
+    };
+    let round_trip = scenario.link.latency + scenario.link.latency;
+    let curve = PreCopyModel::new(memory, dirty_rate, rate)
         .with_stop_rules(&scenario.engine.stop)
         .with_wire(WireCost::memferry(geometry.page_size()))
-        .predict_from_curve(&curve, page_size);
+        .predict_from_dirty_sets(
+            &mut WorkloadHistory::new(scenario, geometry),
+            page_size,
+            zero_pages,
+        );
     let first_bytes = first.map_or(0, |r| r.bytes);
     let later_bytes: u64 = report.rounds.iter().skip(1).map(|r| r.bytes).sum();
     let hybrid = HybridModel {
@@ -672,48 +760,80 @@ fn model_figures(
     .predict();
     ModelFigures {
         dirty_rate,
-        precopy_total_time: predicted.total_time,
-        precopy_downtime: predicted.downtime,
-        precopy_rounds: predicted.rounds.len() as u32,
-        precopy_bytes: predicted.bytes_sent,
-        paper000_total_time: hybrid.t_mig,
-        curve_total_time: from_curve.total_time,
-        curve_downtime: from_curve.downtime,
-        curve_rounds: from_curve.rounds.len() as u32,
+        verification,
+        clark: ModelPrediction::new(
+            clark.total_time + verification,
+            Some(clark.downtime + in_downtime),
+            Some(clark.rounds.len() as u32),
+            Some(clark.bytes_sent),
+            report,
+        ),
+        paper000: ModelPrediction::new(hybrid.t_mig + verification, None, None, None, report),
+        dirty_set_curve: ModelPrediction::new(
+            curve.total_time + round_trip + verification,
+            Some(curve.downtime + round_trip + in_downtime),
+            Some(curve.rounds.len() as u32),
+            Some(curve.bytes_sent),
+            report,
+        ),
     }
 }
 
-/// The workload's dirty-set curve, measured by running a fresh copy of it from the end of the
-/// warm-up: the time of each page's first write, to a resolution of 1/512 of the horizon. The
-/// horizon is three times what a full copy of memory takes, between 10 ms and 20 s.
-fn dirty_curve(scenario: &Scenario, geometry: Geometry) -> crate::model::DirtyCurve {
-    const STEPS: u64 = 512;
-    let full_copy = scenario.link.bandwidth.time_for(geometry.memory_bytes());
-    let horizon = Nanos(full_copy.0.saturating_mul(3))
-        .max(Nanos::from_millis(10))
-        .min(Nanos::from_secs(20));
-    let Ok(mut writer) = WriteGenerator::try_new(
-        scenario.workload.clone(),
-        geometry.page_count(),
-        scenario.seed,
-    ) else {
-        return crate::model::DirtyCurve::default();
-    };
-    // Bring the copy to where the migration starts, then watch.
-    writer.advance(Nanos::ZERO, scenario.warmup, |_| {});
-    let mut seen = std::collections::HashSet::new();
-    let mut first_writes = Vec::new();
-    for step in 1..=STEPS {
-        let from = scenario.warmup + Nanos(horizon.0 / STEPS * (step - 1));
-        let to = scenario.warmup + Nanos(horizon.0 / STEPS * step);
-        let at = to - scenario.warmup;
+/// The workload's own writes, read window by window for the dirty-set model: a fresh copy of
+/// the workload, brought to where the migration starts, then run through each window the model
+/// asks for (the model's windows follow one another). No window reaches past the scenario's
+/// time limit.
+struct WorkloadHistory {
+    writer: Option<WriteGenerator>,
+    /// Where the migration starts (the end of the warm-up).
+    origin: Nanos,
+    /// How far the copy has run.
+    at: Nanos,
+    /// The time limit, from the start.
+    end: Nanos,
+    seen: DirtyBitmap,
+}
+
+impl WorkloadHistory {
+    fn new(scenario: &Scenario, geometry: Geometry) -> Self {
+        let mut writer = WriteGenerator::try_new(
+            scenario.workload.clone(),
+            geometry.page_count(),
+            scenario.seed,
+        )
+        .ok();
+        if let Some(w) = &mut writer {
+            w.advance(Nanos::ZERO, scenario.warmup, |_| {});
+        }
+        WorkloadHistory {
+            writer,
+            origin: scenario.warmup,
+            at: scenario.warmup,
+            end: scenario.warmup + scenario.time_limit,
+            seen: DirtyBitmap::new(geometry.page_count()),
+        }
+    }
+}
+
+impl crate::model::DirtySets for WorkloadHistory {
+    fn pages_written(&mut self, start: Nanos, length: Nanos) -> u64 {
+        let Some(writer) = &mut self.writer else {
+            return 0;
+        };
+        let from = (self.origin + start).clamp(self.at, self.end);
+        let to = (self.origin + start + length).clamp(from, self.end);
+        writer.advance(self.at, from, |_| {});
+        let (seen, mut pages) = (&mut self.seen, 0);
         writer.advance(from, to, |page| {
-            if seen.insert(page) {
-                first_writes.push(at);
+            if !seen.get(page) {
+                seen.set(page);
+                pages += 1;
             }
         });
+        seen.clear();
+        self.at = to;
+        pages
     }
-    crate::model::DirtyCurve::new(first_writes, horizon)
 }
 
 fn count_frames(bytes: &[u8]) -> u64 {
@@ -726,35 +846,70 @@ fn count_frames(bytes: &[u8]) -> u64 {
     frames
 }
 
-fn lower_bounds(
-    scenario: &Scenario,
-    guest: &SimGuest,
-    report: &MigrationReport,
-    geometry: Geometry,
-) -> LowerBounds {
-    let page_size = geometry.page_size().bytes();
-    // Classes of the initial contents: what the workload writes later only costs more.
-    let mut zero = 0u64;
-    let mut templates_seen = std::collections::HashSet::new();
-    let mut duplicates = 0u64;
-    for page in 0..geometry.page_count() {
-        match scenario.content.class(scenario.seed, page) {
-            content::PageClass::Zero => zero += 1,
-            content::PageClass::Duplicate(t) if !templates_seen.insert(t) => duplicates += 1,
-            _ => {}
+/// How many pages start all-zero, and how many duplicate an earlier page's content.
+struct ContentClasses {
+    zero: u64,
+    duplicates: u64,
+}
+
+impl ContentClasses {
+    fn of(scenario: &Scenario, geometry: Geometry) -> Self {
+        let mut classes = ContentClasses {
+            zero: 0,
+            duplicates: 0,
+        };
+        let mut templates_seen = std::collections::HashSet::new();
+        for page in 0..geometry.page_count() {
+            match scenario.content.class(scenario.seed, page) {
+                content::PageClass::Zero => classes.zero += 1,
+                content::PageClass::Duplicate(t) if !templates_seen.insert(t) => {
+                    classes.duplicates += 1
+                }
+                _ => {}
+            }
         }
+        classes
     }
+}
+
+impl LowerBounds {
+    /// The bounds of `scenario`: they read its guest, contents and link, nothing a strategy
+    /// chooses and nothing a run measures (`oracle_downtime`, which needs a run, is zero here).
+    pub fn of(scenario: &Scenario) -> Result<LowerBounds, String> {
+        let geometry = scenario_geometry(scenario)?;
+        Ok(scenario_bounds(
+            scenario,
+            geometry,
+            &ContentClasses::of(scenario, geometry),
+        ))
+    }
+}
+
+fn scenario_bounds(
+    scenario: &Scenario,
+    geometry: Geometry,
+    classes: &ContentClasses,
+) -> LowerBounds {
+    // Classes of the initial contents: what the workload writes later only costs more.
     let least_bytes = crate::model::least_bytes(
         geometry.page_count(),
-        zero,
-        duplicates,
-        page_size as u64,
+        classes.zero,
+        classes.duplicates,
+        geometry.page_size().bytes() as u64,
         wire::PAGE_ENTRY_LEN as u64,
     );
-    // This run's oracle: every page written in the last w before the pause must cross the link
-    // while the guest is paused, where w is no longer than the last push round (whose writes
-    // all land in the final dirty set) nor the stop-and-copy itself.
-    let full = (page_size + wire::PAGE_ENTRY_LEN) as u64;
+    LowerBounds {
+        least_bytes,
+        least_downtime: scenario.link.latency + scenario.link.latency,
+        oracle_downtime: Nanos::ZERO,
+    }
+}
+
+/// This run's oracle: every page written in the last w before the pause must cross the link
+/// while the guest is paused, where w is no longer than the last push round (whose writes all
+/// land in the final dirty set) nor the stop-and-copy itself.
+fn oracle_downtime(scenario: &Scenario, guest: &SimGuest, report: &MigrationReport) -> Nanos {
+    let full = guest.geometry.page_size().bytes() as u64 + wire::PAGE_ENTRY_LEN as u64;
     let pause = report.preparation_time + scenario.warmup;
     let push = report
         .rounds
@@ -765,11 +920,7 @@ fn lower_bounds(
     let copy = report.rounds.last().map_or(Nanos::ZERO, |r| r.duration);
     let wws = guest.written_since(pause - push.min(copy));
     let round_trip = scenario.link.latency + scenario.link.latency;
-    LowerBounds {
-        least_bytes,
-        least_downtime: round_trip,
-        oracle_downtime: scenario.link.bandwidth.time_for(wws * full) + round_trip,
-    }
+    scenario.link.bandwidth.time_for(wws * full) + round_trip
 }
 
 #[cfg(test)]
