@@ -112,6 +112,7 @@ pub mod codec;
 pub mod digest;
 pub mod drive;
 pub mod error;
+pub mod hashfirst;
 pub mod memory;
 pub mod page;
 pub mod plan;

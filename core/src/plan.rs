@@ -42,6 +42,8 @@ pub struct PagePlan {
     /// switchover the destination's guest runs and may have changed what a delta or a
     /// reference would build on.
     pub(crate) raw_only: bool,
+    /// Hash-first (round 1): content the destination holds, sent as its hash.
+    pub(crate) known: Option<alloc::sync::Arc<crate::hashfirst::KnownContent>>,
 }
 
 /// What encoding a plan produced, for the engine's report ([`crate::session::Source::on_encoded`]).
@@ -136,7 +138,36 @@ impl PagePlan {
             };
             while let Some(&page) = self.pages.get(next) {
                 let index = PageIndex(page);
-                let encoded = if memory.is_known_zero_shared(index) {
+                let known = self.known.as_deref();
+                let encoded = if let Some(known) =
+                    known.filter(|_| !memory.is_known_zero_shared(index))
+                {
+                    // Hash-first: content the destination holds goes as its hash.
+                    if !writer.fits(self.page_size) {
+                        None
+                    } else {
+                        memory.read_page_shared(index, scratch)?;
+                        match crate::hashfirst::encode_known(&mut writer, page, scratch, known) {
+                            Some(e) => Some(e),
+                            None => match encoder.as_deref_mut() {
+                                Some(encoder) => codec::encode_page(
+                                    &mut writer,
+                                    page,
+                                    Some(scratch),
+                                    self.page_size,
+                                    encoder,
+                                ),
+                                None => codec::encode_page(
+                                    &mut writer,
+                                    page,
+                                    Some(scratch),
+                                    self.page_size,
+                                    &mut codec::Raw,
+                                ),
+                            },
+                        }
+                    }
+                } else if memory.is_known_zero_shared(index) {
                     // A stateful encoder hears of the zero page too.
                     match encoder.as_deref_mut() {
                         Some(encoder) => {

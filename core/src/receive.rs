@@ -33,7 +33,7 @@ use crate::time::Nanos;
 use crate::wire::{
     AbortCode, ChecksumPolicy, Encoding, Frame, FrameKind, PageEntries, Verdict, WireError,
     APPLIED_STEP, FEATURES_KNOWN, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM,
-    FEATURE_CONTENT, PROTOCOL_VERSION,
+    FEATURE_CONTENT, FEATURE_HASH_FIRST, PROTOCOL_VERSION,
 };
 
 /// Settings of the destination.
@@ -211,7 +211,11 @@ pub struct Destination<P: PagePolicy = NewestWins> {
     decoders: Vec<Box<dyn PageDecoder>>,
     /// `FEATURE_CONTENT` was agreed: references are resolved from this side's memory, hashed
     /// with the session id as seed (a guest cannot know it, so cannot craft collisions).
-    content: Option<crate::codec::dedup::ContentHasher>,
+    reference_hasher: Option<crate::codec::dedup::ContentHasher>,
+    /// Hash-first: content this side holds from earlier, until the hello (then indexed).
+    content_source: Option<Box<dyn crate::hashfirst::ContentSource>>,
+    /// Hash-first, agreed: that content by the session's keyed hash.
+    known: Option<crate::hashfirst::ContentIndex>,
     device_state: Vec<u8>,
     device_state_seen: bool,
     switchover: Option<(u32, bool)>,
@@ -273,7 +277,9 @@ impl<P: PagePolicy> Destination<P> {
             zero_page: vec![0; page_size],
             scratch: vec![0; page_size],
             decoders: Vec::new(),
-            content: None,
+            reference_hasher: None,
+            content_source: None,
+            known: None,
             device_state: Vec::new(),
             device_state_seen: false,
             switchover: None,
@@ -759,6 +765,36 @@ impl<P: PagePolicy> Destination<P> {
         Ok(())
     }
 
+    /// Hash-first: indexes this side's content under the session's key and announces it
+    /// (`Have` frames, then an empty one).
+    fn announce_content(&mut self, session_id: u64) -> Result<(), MigrationError> {
+        let Some(source) = self.content_source.take() else {
+            return Ok(());
+        };
+        let page_size = self.layout.page_size().bytes();
+        let index = crate::hashfirst::ContentIndex::build(source, session_id, page_size)
+            .map_err(MigrationError::Host)?;
+        let per_frame = (crate::wire::MAX_BODY_LEN - 8) / 16;
+        let hashes: Vec<u128> = index.hashes().collect();
+        let mut storage = Vec::new();
+        for chunk in hashes.chunks(per_frame) {
+            let list = crate::wire::u128_list(chunk, &mut storage);
+            Frame::Have(list).emit_with(&mut self.out, self.checksum);
+        }
+        let empty = crate::wire::u128_list(&[], &mut storage);
+        Frame::Have(empty).emit_with(&mut self.out, self.checksum);
+        self.known = Some(index);
+        Ok(())
+    }
+
+    /// Hash-first: this side already holds `content` (the image a VM left here, images of VMs
+    /// of the same application, a shared store). If the source agrees (`FEATURE_HASH_FIRST`),
+    /// round 1 sends pages with that content as 16-byte hashes ([`crate::hashfirst`]).
+    pub fn with_content(mut self, content: Box<dyn crate::hashfirst::ContentSource>) -> Self {
+        self.content_source = Some(content);
+        self
+    }
+
     /// Hybrid: one `Discard` frame, pages sent earlier that went stale. The frames cover
     /// every page in order from page 0, so a lost frame shows at the switchover.
     fn take_discard(
@@ -1003,6 +1039,9 @@ impl<P: PagePolicy> Destination<P> {
         if self.config.content_codecs {
             ours_features |= FEATURE_CONTENT;
         }
+        if self.content_source.is_some() {
+            ours_features |= FEATURE_HASH_FIRST;
+        }
         let features = hello.features & FEATURES_KNOWN & ours_features;
         if features & FEATURE_CONTENT != 0 {
             // Deltas apply onto this side's copy; references are resolved below.
@@ -1012,7 +1051,7 @@ impl<P: PagePolicy> Destination<P> {
             self.decoders
                 .push(Box::new(crate::codec::lz4::DeltaLz4Decoder::default()));
         }
-        self.content = (features & FEATURE_CONTENT != 0)
+        self.reference_hasher = (features & FEATURE_CONTENT != 0)
             .then(|| crate::codec::dedup::ContentHasher::new(hello.session_id));
         self.checksum = features & FEATURE_CHECKSUM != 0;
         self.report_applied = features & FEATURE_APPLIED != 0;
@@ -1032,6 +1071,9 @@ impl<P: PagePolicy> Destination<P> {
             max_device_state: self.config.max_device_state as u64,
         }
         .emit(&mut self.out);
+        if features & FEATURE_HASH_FIRST != 0 {
+            self.announce_content(hello.session_id)?;
+        }
         self.status = DestinationStatus::Receiving;
         Ok(())
     }
@@ -1184,7 +1226,17 @@ impl<P: PagePolicy> Destination<P> {
                 }
                 &self.zero_page
             }
-            Encoding::REFERENCE if self.content.is_some() => {
+            Encoding::KNOWN if self.known.is_some() => {
+                let known = self.known.as_mut().expect("hash-first agreed");
+                known
+                    .resolve(payload, &mut self.scratch)
+                    .map_err(|reason| MigrationError::BadPagePayload {
+                        page: index,
+                        reason,
+                    })?;
+                &self.scratch
+            }
+            Encoding::REFERENCE if self.reference_hasher.is_some() => {
                 // A page whose content this side already holds at another index: copied from
                 // guest memory and checked against the reference's hash (a collision, or a page
                 // changed since, is an error, never a silent wrong copy).
@@ -1197,7 +1249,10 @@ impl<P: PagePolicy> Destination<P> {
                         "this destination cannot read its memory back to resolve a reference"
                     })
                 };
-                let hasher = self.content.as_ref().expect("content codecs agreed");
+                let hasher = self
+                    .reference_hasher
+                    .as_ref()
+                    .expect("content codecs agreed");
                 crate::codec::dedup::resolve(payload, hasher, &mut read, &mut self.scratch)
                     .map_err(|e| MigrationError::BadPagePayload {
                         page: index,

@@ -72,8 +72,10 @@ pub struct EncodingUse {
     pub delta: PagesAndBytes,
     /// XBZRLE deltas compressed with LZ4.
     pub delta_lz4: PagesAndBytes,
-    /// References to content the destination holds (dedup).
+    /// References to content sent earlier in this migration (dedup).
     pub reference: PagesAndBytes,
+    /// Hash-first: content the destination already held (its announced `Have` set).
+    pub known: PagesAndBytes,
     /// Encodings defined outside the core (zstd: 16).
     pub other: PagesAndBytes,
 }
@@ -88,6 +90,7 @@ impl EncodingUse {
             3 => &mut self.delta,
             4 => &mut self.delta_lz4,
             5 => &mut self.reference,
+            6 => &mut self.known,
             _ => &mut self.other,
         };
         slot.pages += 1;
@@ -103,7 +106,7 @@ impl EncodingUse {
     }
 
     /// Every encoding with its name, in a fixed order.
-    pub fn slots(&self) -> [(&'static str, PagesAndBytes); 7] {
+    pub fn slots(&self) -> [(&'static str, PagesAndBytes); 8] {
         [
             ("raw", self.raw),
             ("zero", self.zero),
@@ -111,11 +114,12 @@ impl EncodingUse {
             ("delta", self.delta),
             ("delta_lz4", self.delta_lz4),
             ("reference", self.reference),
+            ("known", self.known),
             ("other", self.other),
         ]
     }
 
-    fn slots_mut(&mut self) -> [&mut PagesAndBytes; 7] {
+    fn slots_mut(&mut self) -> [&mut PagesAndBytes; 8] {
         [
             &mut self.raw,
             &mut self.zero,
@@ -123,6 +127,7 @@ impl EncodingUse {
             &mut self.delta,
             &mut self.delta_lz4,
             &mut self.reference,
+            &mut self.known,
             &mut self.other,
         ]
     }
@@ -198,6 +203,8 @@ pub struct MigrationReport {
     pub urgent_pages: u64,
     /// Pages and payload bytes per page encoding (what each content mechanism sent and saved).
     pub encodings: EncodingUse,
+    /// Hash-first: distinct pages of content the destination announced it holds.
+    pub known_pages_announced: u64,
     /// Hybrid (pre-copy rounds, then post-copy): pages the destination held from earlier
     /// rounds that went stale and followed the switchover (the `Discard` list).
     pub discarded_pages: u64,

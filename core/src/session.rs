@@ -51,6 +51,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::codec::{self, PageEncoder};
 use crate::digest::MemoryDigest;
 use crate::error::{HostError, MigrationError};
+use crate::hashfirst::KnownContent;
 use crate::memory::{sync_all, SourceHost};
 use crate::page::{MemoryLayout, PageIndex};
 use crate::plan::{self, PagePlan, PlanOutcome};
@@ -61,8 +62,9 @@ use crate::time::{ByteRate, Nanos};
 use crate::wire::{
     self, AbortCode, ChannelRole, ChecksumPolicy, Frame, FrameKind, Hello, PagesWriter, Verdict,
     WireError, FEATURE_APPLIED, FEATURE_CHANNELS, FEATURE_CHECKSUM, FEATURE_CONTENT,
-    PROTOCOL_VERSION,
+    FEATURE_HASH_FIRST, PROTOCOL_VERSION,
 };
+use alloc::sync::Arc;
 
 /// A connection of a migration: 0 carries the control frames (and pages), 1.. carry pages.
 pub type ChannelId = u16;
@@ -92,6 +94,10 @@ pub struct SessionConfig {
     /// fails with [`MigrationError::Stalled`] (before the commit point the guest resumes).
     /// Applies only when the driver reports deliveries ([`Source::on_delivered`]). Default 10 s.
     pub stall_timeout: Nanos,
+    /// Offer hash-first transfer: if the destination announces content it already holds, round
+    /// 1 sends pages with that content as 16-byte hashes ([`crate::hashfirst`]). Default on
+    /// (it costs nothing unless the destination holds content).
+    pub hash_first: bool,
 }
 
 impl Default for SessionConfig {
@@ -105,6 +111,7 @@ impl Default for SessionConfig {
             session_id: 0,
             hash_batch_bytes: 1 << 20,
             stall_timeout: Nanos::from_secs(10),
+            hash_first: true,
         }
     }
 }
@@ -243,6 +250,11 @@ pub struct Source<S: Strategy = PreCopy> {
     digest: MemoryDigest,
     hash_started: Nanos,
     encoder: Option<Box<dyn PageEncoder>>,
+    /// Hash-first: the content the destination announced (round 1 sends it as hashes).
+    known: Option<Arc<KnownContent>>,
+    /// Hash-first: the destination accepted (version, features, largest device state) and is
+    /// announcing its content; round 1 starts after its last `Have`.
+    announced: Option<(KnownContent, u16, u64, u64)>,
     scratch: Vec<u8>,
     report: MigrationReport,
     failure: Option<MigrationError>,
@@ -313,6 +325,8 @@ impl<S: Strategy> Source<S> {
             digest: MemoryDigest::new(),
             hash_started: Nanos::ZERO,
             encoder: None,
+            known: None,
+            announced: None,
             scratch: vec![0; layout.page_size().bytes()],
             report,
             failure: None,
@@ -684,10 +698,14 @@ impl<S: Strategy> Source<S> {
             // The migration is over: nothing the destination says can change it now.
             return Ok(input.len());
         }
-        let policy =
-            ChecksumPolicy::after_handshake(self.state != State::AwaitAccept, self.checksum);
         let mut used = 0;
         while used < input.len() {
+            // After the accept (hash-first: while the destination announces its content) the
+            // negotiated checksum setting applies.
+            let policy = ChecksumPolicy::after_handshake(
+                self.state != State::AwaitAccept || self.announced.is_some(),
+                self.checksum,
+            );
             let (frame, len) = match Frame::parse_with(&input[used..], policy) {
                 Ok(parsed) => parsed,
                 Err(WireError::Incomplete { .. }) => break,
@@ -940,7 +958,36 @@ impl<S: Strategy> Source<S> {
                     features,
                     max_device_state,
                 },
-            ) => self.on_accept(now, version, features, max_device_state, host),
+            ) if self.announced.is_none() => {
+                if features & FEATURE_HASH_FIRST != 0
+                    && self.offered_features() & FEATURE_HASH_FIRST != 0
+                {
+                    // The destination announces its content first; round 1 waits for it.
+                    self.checksum = features & FEATURE_CHECKSUM != 0;
+                    let limit = (self.layout.page_count() as usize)
+                        .saturating_mul(4)
+                        .max(1 << 16);
+                    let known = KnownContent::new(self.config.session_id, limit);
+                    self.announced = Some((known, version, features, max_device_state));
+                    return Ok(());
+                }
+                self.on_accept(now, version, features, max_device_state, host)
+            }
+            (State::AwaitAccept, Frame::Have(hashes)) if self.announced.is_some() => {
+                if !hashes.is_empty() {
+                    let (known, ..) = self.announced.as_mut().expect("announcing");
+                    return known.extend(hashes.iter()).map_err(|why| {
+                        MigrationError::Incompatible(alloc::format!("hash-first: {why}"))
+                    });
+                }
+                let (known, version, features, max_device_state) =
+                    self.announced.take().expect("announcing");
+                self.report.known_pages_announced = known.len() as u64;
+                if !known.is_empty() {
+                    self.known = Some(Arc::new(known));
+                }
+                self.on_accept(now, version, features, max_device_state, host)
+            }
             (State::AwaitReady, Frame::Ready) => {
                 if self.checks_before_start() && self.report.verified.is_none() {
                     return Err(MigrationError::UnexpectedFrame {
@@ -1056,6 +1103,9 @@ impl<S: Strategy> Source<S> {
         }
         if self.encoder.is_some() {
             f |= FEATURE_CONTENT;
+        }
+        if self.config.hash_first {
+            f |= FEATURE_HASH_FIRST;
         }
         f
     }
@@ -1314,6 +1364,7 @@ impl<S: Strategy> Source<S> {
                     page_size,
                     host,
                     self.encoder.as_mut().filter(|_| !self.post_copy),
+                    self.known.as_deref().filter(|_| self.round == 1),
                     &mut self.scratch,
                 )?;
                 let Some(encoded) = encoded else { break };
@@ -1384,9 +1435,26 @@ impl<S: Strategy> Source<S> {
         page_size: usize,
         host: &mut H,
         encoder: Option<&mut Box<dyn PageEncoder>>,
+        known: Option<&KnownContent>,
         scratch: &mut [u8],
     ) -> Result<Option<codec::Encoded>, MigrationError> {
         let mut encoder = encoder;
+        if let Some(known) = known.filter(|_| !host.is_known_zero(PageIndex(p))) {
+            // Hash-first: content the destination holds goes as its hash.
+            if !writer.fits(page_size) {
+                return Ok(None);
+            }
+            host.read_page(PageIndex(p), scratch)?;
+            if let Some(e) = crate::hashfirst::encode_known(writer, p, scratch, known) {
+                return Ok(Some(e));
+            }
+            return Ok(match encoder.as_mut() {
+                Some(encoder) => {
+                    codec::encode_page(writer, p, Some(scratch), page_size, encoder.as_mut())
+                }
+                None => codec::encode_page(writer, p, Some(scratch), page_size, &mut codec::Raw),
+            });
+        }
         Ok(if host.is_known_zero(PageIndex(p)) {
             // A stateful encoder hears of the zero page too (its picture of the destination).
             match encoder.as_mut() {
@@ -1444,6 +1512,7 @@ impl<S: Strategy> Source<S> {
                 page_size,
                 host,
                 self.encoder.as_mut().filter(|_| !self.post_copy),
+                self.known.as_deref().filter(|_| self.round == 1),
                 &mut self.scratch,
             )?;
             let Some(encoded) = encoded else {
@@ -1534,6 +1603,7 @@ impl<S: Strategy> Source<S> {
             pages,
             planned_bytes,
             raw_only: self.post_copy,
+            known: self.known.clone().filter(|_| self.round == 1),
         }))
     }
 

@@ -38,7 +38,7 @@
 //! | `Abort` | 11 | either | code u16, UTF-8 message (at most [`MAX_ABORT_MESSAGE`] bytes) |
 //! | `PageRequest` | 12 | destination → source | count u32, 0 u32, then count × page index u64 (post-copy: pages the guest faulted on) |
 //! | `ReceivedSet` | 13 | destination → source | first page u64, bit count u64, then ⌈bits/64⌉ × u64 words (recovery: pages the destination holds) |
-//! | `Have` | 14 | destination → source | count u32, 0 u32, then count × content hash u128 (hash-first: content the destination holds) |
+//! | `Have` | 14 | destination → source, channel 0, right after `Accept` with [`FEATURE_HASH_FIRST`] | count u32, 0 u32, then count × content hash u128 (hash-first: content the destination holds, under the session's keyed hash); an empty one ends the list |
 //! | `Need` | 15 | destination → source | count u32, 0 u32, then count × page index u64 (hash-first: pages whose bytes it needs) |
 //! | `Discard` | 17 | source → destination, channel 0, right before a post-copy `Switchover` | first page u64, bit count u64, then ⌈bits/64⌉ × u64 words: pages sent in earlier rounds that the guest wrote since (hybrid; QEMU's discard bitmap). The frames cover every page, in order from page 0, so a lost one shows |
 //! | `Applied` | 16 | destination → source, channel 0, with [`FEATURE_APPLIED`] | bytes u64: every byte of every frame the destination has taken in so far, all channels together (it sends one per [`APPLIED_STEP`] bytes and after each `RoundEnd`) |
@@ -48,9 +48,11 @@
 //! The generation of a `Pages` frame is the round that sent it: a copy that arrives late on
 //! another channel never overwrites a newer one ([`crate::receive`]).
 //!
-//! Per-page encodings: 0 raw (the page, byte for byte), 1 zero (empty payload). 2.. are reserved
-//! for the content pipeline (LZ4, delta, dedup reference) and refused unless a decoder for them
-//! is registered.
+//! Per-page encodings: 0 raw (the page, byte for byte), 1 zero (empty payload); with
+//! [`FEATURE_CONTENT`] 2 LZ4, 3 XBZRLE delta, 4 delta + LZ4, 5 dedup reference
+//! ([`crate::codec`]); with [`FEATURE_HASH_FIRST`] 6 known content ([`crate::hashfirst`]);
+//! 16 and up for encodings defined outside the core (zstd: 16), refused unless a decoder for
+//! them is registered.
 //!
 //! # Decoding
 //! [`Frame::parse`] is a checked view over `&[u8]` in smoltcp's style: it never panics, never
@@ -106,10 +108,14 @@ pub const FEATURE_APPLIED: u64 = 4;
 /// Feature bit: the destination decodes the core's content encodings (LZ4, XBZRLE delta, delta
 /// + LZ4, dedup references resolved from its own memory; [`crate::codec`]).
 pub const FEATURE_CONTENT: u64 = 8;
+/// Feature bit: hash-first. The destination announces content it already holds (`Have`
+/// frames after its `Accept`, ending with an empty one) and the source sends round 1's pages
+/// with that content as hashes ([`crate::hashfirst`]).
+pub const FEATURE_HASH_FIRST: u64 = 16;
 /// Every feature this version knows. Features are negotiated by intersection: the destination
 /// accepts `offered & FEATURES_KNOWN & its own`, never refuses for unknown bits.
 pub const FEATURES_KNOWN: u64 =
-    FEATURE_CHECKSUM | FEATURE_CHANNELS | FEATURE_APPLIED | FEATURE_CONTENT;
+    FEATURE_CHECKSUM | FEATURE_CHANNELS | FEATURE_APPLIED | FEATURE_CONTENT | FEATURE_HASH_FIRST;
 /// The destination reports what it has taken in (`Applied`) at least this often, in bytes.
 pub const APPLIED_STEP: u64 = 64 << 10;
 
@@ -1311,17 +1317,8 @@ impl<'a> PagesWriter<'a> {
 
 /// Whether `data` is all zero bytes (word-wide: the compiler vectorises it).
 pub fn is_zero(data: &[u8]) -> bool {
-    let mut chunks = data.chunks_exact(64);
-    for c in &mut chunks {
-        let mut acc = 0u64;
-        for w in c.chunks_exact(8) {
-            acc |= u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
+    // One zero check in the crate: the codec's word-wide one.
+    crate::codec::is_zero_page(data)
 }
 
 #[cfg(test)]
