@@ -66,12 +66,10 @@ impl KernelDirtyLog {
         let wanted = sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED;
         match sys::uffd_api(uffd.as_raw_fd(), wanted) {
             Ok(have) if have & wanted == wanted => {}
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "this kernel lacks userfaultfd's asynchronous write-protect (Linux 6.7 and later)",
-                ))
-            }
+            Ok(_) => return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this kernel lacks userfaultfd's asynchronous write-protect (Linux 6.7 and later)",
+            )),
             Err(e) => return Err(errno_error("UFFDIO_API (asynchronous write-protect)", e)),
         }
         let pagemap =
@@ -81,7 +79,11 @@ impl KernelDirtyLog {
         // A write reports a whole huge page; ask for small ones. Advice only.
         // SAFETY: madvise on a range of this process's memory; it changes no contents.
         unsafe {
-            libc::madvise(start as *mut libc::c_void, len as usize, libc::MADV_NOHUGEPAGE);
+            libc::madvise(
+                start as *mut libc::c_void,
+                len as usize,
+                libc::MADV_NOHUGEPAGE,
+            );
         }
         sys::uffd_register_wp(uffd.as_raw_fd(), start, len)
             .map_err(|e| errno_error("registering the guest memory for write-protect", e))?;

@@ -41,6 +41,8 @@ pub mod workload;
 pub mod cluster;
 #[cfg(feature = "research")]
 pub mod compare;
+#[cfg(all(feature = "research", target_os = "linux"))]
+pub mod kernel_dirty;
 #[cfg(feature = "research")]
 pub mod model;
 #[cfg(feature = "research")]
@@ -50,11 +52,11 @@ pub mod plots;
 #[cfg(feature = "research")]
 pub mod policy;
 #[cfg(all(feature = "research", target_os = "linux"))]
-pub mod kernel_dirty;
-#[cfg(all(feature = "research", target_os = "linux"))]
 pub mod record_program;
 #[cfg(feature = "research")]
 pub mod sim;
+#[cfg(feature = "research")]
+pub mod store;
 #[cfg(feature = "research")]
 pub mod trace;
 
