@@ -114,6 +114,11 @@ pub struct PreCopyModel {
     pub outpaced_rounds: u32,
     /// The share (thousandths) of the bandwidth a dirty rate must reach to count as outpacing.
     pub outpaced_permille: u32,
+    /// Bytes the transport holds in flight (0 in Clark's series). The source pauses only once
+    /// they have drained, and the guest writes meanwhile: a round's estimate counts the pages
+    /// it would dirty during the drain at the round's rate (as the engine's does), and the
+    /// stop-and-copy sends what the last round and the drain dirtied.
+    pub in_flight: u64,
 }
 
 /// A workload's dirty-set curve (Akoush et al., "Predicting the performance of virtual machine
@@ -157,7 +162,8 @@ impl DirtyCurve {
 /// The dirty-set curve of Akoush et al. is the special case that depends on `length` alone
 /// ([`DirtyCurve`]); a workload history read at the window's own position (what a trace
 /// records) also sees a program change phase, go quiet or end. The model asks for consecutive
-/// windows, each starting where the one before ended.
+/// windows, each starting where the one before ended, except that the last may be asked again
+/// with a longer length (the drain before the pause).
 pub trait DirtySets {
     /// Distinct pages written in `(start, start + length]`.
     fn pages_written(&mut self, start: Nanos, length: Nanos) -> u64;
@@ -185,6 +191,7 @@ impl PreCopyModel {
             deadline: None,
             outpaced_rounds: 0,
             outpaced_permille: 1000,
+            in_flight: 0,
         }
         .with_stop_rules(&StopRules::default())
     }
@@ -198,6 +205,12 @@ impl PreCopyModel {
         self.deadline = rules.deadline;
         self.outpaced_rounds = rules.outpaced_rounds;
         self.outpaced_permille = rules.outpaced_permille;
+        self
+    }
+
+    /// This model with `bytes` in flight on the transport.
+    pub fn with_in_flight(mut self, bytes: u64) -> Self {
+        self.in_flight = bytes;
         self
     }
 
@@ -322,6 +335,8 @@ impl PreCopyModel {
         let mut stalled_rounds = 0u32;
         let mut outpaced_rounds = 0u32;
         let mut round = 0u32;
+        // The last round's start, length, drain and dirt.
+        let mut last: (Nanos, Nanos, Nanos, u64);
         let stop_reason = loop {
             round += 1;
             let bytes = to_send;
@@ -336,14 +351,25 @@ impl PreCopyModel {
 
             let dirty = dirtied(start, duration);
             let dirty_wire = self.wire.wire_bytes(dirty);
-            let estimate = self.bandwidth.time_for(dirty_wire);
+            // The engine's estimate: this round's dirt, and what the guest would dirty at this
+            // round's rate while the transport drains before the pause.
+            let drain = self.bandwidth.time_for(self.in_flight.min(bytes));
+            let backlog = if duration == Nanos::ZERO {
+                0
+            } else {
+                (dirty as u128 * drain.0 as u128).div_ceil(duration.0 as u128) as u64
+            };
+            let pending = dirty
+                .saturating_add(backlog)
+                .min(self.memory_bytes.max(dirty));
+            let estimate = self.bandwidth.time_for(self.wire.wire_bytes(pending));
             // The scheduler's dirty rate is the wire bytes dirtied over the round's duration.
             let dirty_rate = if duration == Nanos::ZERO {
                 ByteRate(if dirty_wire == 0 { 0 } else { u64::MAX - 1 })
             } else {
                 ByteRate::measured(dirty_wire, duration)
             };
-            let shrank = (dirty as u128) * 1000
+            let shrank = (pending as u128) * 1000
                 < (smallest_dirty as u128) * (1000 - self.min_shrink_permille.min(1000)) as u128;
             let outpaced = dirty_rate >= self.bandwidth && dirty > 0;
             if shrank && !outpaced {
@@ -359,8 +385,9 @@ impl PreCopyModel {
             } else {
                 outpaced_rounds = 0;
             }
-            smallest_dirty = smallest_dirty.min(dirty);
+            smallest_dirty = smallest_dirty.min(pending);
             to_send = dirty_wire;
+            last = (start, duration, drain, dirty);
 
             if estimate <= self.downtime_target {
                 break StopReason::DowntimeTarget;
@@ -378,14 +405,21 @@ impl PreCopyModel {
                 break StopReason::NotConverging;
             }
         };
-        let bytes = to_send;
+        // The pause waits for the drain; what the guest wrote meanwhile joins the last set.
+        let (start, duration, drain, dirty) = last;
+        let bytes = if drain > Nanos::ZERO {
+            self.wire
+                .wire_bytes(dirtied(start, duration + drain).max(dirty))
+        } else {
+            to_send
+        };
         let downtime = self.bandwidth.time_for(bytes);
         rounds.push(PredictedRound {
             bytes,
             duration: downtime,
             stop_and_copy: true,
         });
-        let total_time = rounds.iter().fold(Nanos::ZERO, |t, r| t + r.duration);
+        let total_time = rounds.iter().fold(drain, |t, r| t + r.duration);
         let bytes_sent = rounds.iter().fold(0u64, |b, r| b.saturating_add(r.bytes));
         PreCopyPrediction {
             rounds,
@@ -428,7 +462,7 @@ pub struct PreCopyPrediction {
     /// Every round in order: the push rounds, then exactly one stop-and-copy round (the last).
     /// At most `max(max_rounds, 1) + 1` entries.
     pub rounds: Vec<PredictedRound>,
-    /// The sum of all round durations (saturating).
+    /// The sum of all round durations, and the drain before the pause (saturating).
     pub total_time: Nanos,
     /// The stop-and-copy round's duration.
     pub downtime: Nanos,

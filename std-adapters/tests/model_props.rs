@@ -47,6 +47,7 @@ prop_compose! {
         deadline in proptest::option::of((0u64..100_000_000_000).prop_map(Nanos)),
         outpaced_rounds in 0u32..4,
         outpaced_permille in 500u32..1200,
+        in_flight in prop_oneof![Just(0u64), 0u64..1 << 24],
     ) -> PreCopyModel {
         PreCopyModel {
             memory_bytes,
@@ -60,6 +61,7 @@ prop_compose! {
             deadline,
             outpaced_rounds,
             outpaced_permille,
+            in_flight,
         }
     }
 }
@@ -79,8 +81,13 @@ proptest! {
         prop_assert!(push.iter().all(|r| !r.stop_and_copy));
         prop_assert_eq!(p.downtime, last.duration);
         prop_assert_eq!(p.rounds[0].bytes, m.wire.wire_bytes(m.memory_bytes));
+        // The rounds, and the drain of what was in flight before the pause.
         let total = p.rounds.iter().fold(Nanos::ZERO, |t, r| t + r.duration);
-        prop_assert_eq!(p.total_time, total);
+        let drain = m.bandwidth.time_for(m.in_flight);
+        prop_assert!(p.total_time >= total && p.total_time <= total + drain);
+        if m.in_flight == 0 {
+            prop_assert_eq!(p.total_time, total);
+        }
         let bytes = p.rounds.iter().fold(0u64, |b, r| b.saturating_add(r.bytes));
         prop_assert_eq!(p.bytes_sent, bytes);
         prop_assert!(p.preparation_time() <= p.total_time);

@@ -540,12 +540,24 @@ impl SimLink {
     /// The largest buffer the engine fills at once.
     pub const CHUNK: usize = 256 << 10;
 
-    fn new(scenario: &Scenario, receiver: Destination) -> Self {
+    /// The buffer size and how many buffers may be in flight: two batches' worth.
+    fn buffers(scenario: &Scenario) -> (usize, usize) {
         let page_frame = wire::page_frame_len(scenario.page_size as usize);
         let batch = scenario.engine.batch_bytes.max(page_frame);
         let chunk = batch.min(Self::CHUNK).max(page_frame);
+        (chunk, (2 * batch).div_ceil(chunk).max(2))
+    }
+
+    /// The most bytes in flight on the link.
+    fn in_flight(scenario: &Scenario) -> usize {
+        let (chunk, buffers) = Self::buffers(scenario);
+        chunk * buffers
+    }
+
+    fn new(scenario: &Scenario, receiver: Destination) -> Self {
+        let (chunk, buffers) = Self::buffers(scenario);
         SimLink {
-            buffers: (2 * batch).div_ceil(chunk).max(2),
+            buffers,
             now: scenario.warmup,
             link: scenario.link,
             cpu: scenario.cpu,
@@ -743,6 +755,7 @@ fn model_figures(
     let curve = PreCopyModel::new(memory, dirty_rate, rate)
         .with_stop_rules(&scenario.engine.stop)
         .with_wire(WireCost::memferry(geometry.page_size()))
+        .with_in_flight(SimLink::in_flight(scenario) as u64)
         .predict_from_dirty_sets(
             &mut WorkloadHistory::new(scenario, geometry),
             page_size,
@@ -781,8 +794,8 @@ fn model_figures(
 
 /// The workload's own writes, read window by window for the dirty-set model: a fresh copy of
 /// the workload, brought to where the migration starts, then run through each window the model
-/// asks for (the model's windows follow one another). No window reaches past the scenario's
-/// time limit.
+/// asks for (the model's windows follow one another; a window that starts where the last one
+/// started extends it). No window reaches past the scenario's time limit.
 struct WorkloadHistory {
     writer: Option<WriteGenerator>,
     /// Where the migration starts (the end of the warm-up).
@@ -791,6 +804,8 @@ struct WorkloadHistory {
     at: Nanos,
     /// The time limit, from the start.
     end: Nanos,
+    /// The last window's start, and the distinct pages written in it so far.
+    window: (Nanos, u64),
     seen: DirtyBitmap,
 }
 
@@ -810,6 +825,7 @@ impl WorkloadHistory {
             origin: scenario.warmup,
             at: scenario.warmup,
             end: scenario.warmup + scenario.time_limit,
+            window: (Nanos::MAX, 0),
             seen: DirtyBitmap::new(geometry.page_count()),
         }
     }
@@ -820,18 +836,25 @@ impl crate::model::DirtySets for WorkloadHistory {
         let Some(writer) = &mut self.writer else {
             return 0;
         };
-        let from = (self.origin + start).clamp(self.at, self.end);
-        let to = (self.origin + start + length).clamp(from, self.end);
-        writer.advance(self.at, from, |_| {});
-        let (seen, mut pages) = (&mut self.seen, 0);
-        writer.advance(from, to, |page| {
+        let from = (self.origin + start).min(self.end);
+        if from != self.window.0 {
+            // A new window: forget the last one's pages, skip to its start.
+            self.seen.clear();
+            let from = from.max(self.at);
+            writer.advance(self.at, from, |_| {});
+            self.at = from;
+            self.window = (from, 0);
+        }
+        let to = (self.origin + start + length).clamp(self.at, self.end);
+        let (seen, mut pages) = (&mut self.seen, self.window.1);
+        writer.advance(self.at, to, |page| {
             if !seen.get(page) {
                 seen.set(page);
                 pages += 1;
             }
         });
-        seen.clear();
         self.at = to;
+        self.window.1 = pages;
         pages
     }
 }
