@@ -799,3 +799,220 @@ pub fn run_demo_channels(
         destination,
     })
 }
+
+/// The KVM guest's jobs: `memferry demo` with a KVM guest, `send --kvm`, `listen --kvm`.
+#[cfg(target_os = "linux")]
+pub mod kvm {
+    use std::net::TcpListener;
+    use std::time::{Duration, Instant};
+
+    use memferry::report::{MigrationReport, RoundReport};
+    use memferry::strategy::PreCopyConfig;
+    use memferry::time::ByteRate;
+
+    use super::JobError;
+    use crate::kvm::dirty::{DirtyLogMode, DirtySample};
+    use crate::kvm::guest::{self, GuestConfig};
+    use crate::kvm::run::{self, KvmRunError, Received};
+    use crate::kvm::{KvmSource, SourceMachine};
+    use crate::transport::{tcp, BoxRead, BoxWrite, RateLimited};
+
+    impl From<KvmRunError> for JobError {
+        fn from(e: KvmRunError) -> Self {
+            match e {
+                KvmRunError::Drive(d) => JobError::Drive(d),
+                KvmRunError::Kvm(k) => JobError::Setup(k.to_string()),
+            }
+        }
+    }
+
+    fn setup(e: impl std::fmt::Display) -> JobError {
+        JobError::Setup(e.to_string())
+    }
+
+    /// A running KVM guest, ready to migrate.
+    pub struct KvmGuest {
+        /// Its VM.
+        pub machine: SourceMachine,
+        /// The source host (dirty logging on).
+        pub source: KvmSource,
+    }
+
+    /// Creates the VM of `config`, starts the guest, waits until it has done `warmup_writes`
+    /// writes (at most a second), and starts dirty logging in `mode`.
+    pub fn start_guest(
+        config: &GuestConfig,
+        mode: DirtyLogMode,
+        warmup_writes: u64,
+    ) -> Result<KvmGuest, JobError> {
+        let (machine, mut vcpus) = SourceMachine::create(config, mode).map_err(setup)?;
+        vcpus.start().map_err(setup)?;
+        let t0 = Instant::now();
+        while machine.status().map_or(0, |s| s.progress) < warmup_writes {
+            if let Some(end) = vcpus.threads()[0].end() {
+                return Err(setup(format!(
+                    "the guest ended during its warm-up: {end:?}"
+                )));
+            }
+            if t0.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let memory = machine.memory().map_err(setup)?;
+        let source = KvmSource::new(machine.vm.fd().clone(), memory, vcpus, mode).map_err(setup)?;
+        Ok(KvmGuest { machine, source })
+    }
+
+    /// Migrates `guest` over `channels` at most `link` bytes per second (shared).
+    pub fn send(
+        guest: &mut KvmGuest,
+        config: PreCopyConfig,
+        channels: Vec<(BoxRead, BoxWrite)>,
+        link: ByteRate,
+        on_round: impl FnMut(&RoundReport),
+    ) -> Result<MigrationReport, JobError> {
+        let n = channels.len().max(1) as u64;
+        let share = if link.is_unlimited() {
+            link
+        } else {
+            ByteRate((link.0 / n).max(1))
+        };
+        let channels = channels
+            .into_iter()
+            .map(|(r, w)| (r, Box::new(RateLimited::new(w, share)) as BoxWrite))
+            .collect();
+        Ok(run::migrate_source(
+            &mut guest.source,
+            config,
+            channels,
+            on_round,
+        )?)
+    }
+
+    /// Accepts one KVM migration on `listener`: a VM with the source's layout (at most
+    /// `max_memory` bytes), running the guest once the migration is over.
+    pub fn receive(
+        listener: &TcpListener,
+        max_memory: u64,
+        on_connection: impl FnOnce(std::net::SocketAddr),
+    ) -> Result<Received, JobError> {
+        let (r, w, peer) =
+            tcp::accept(listener).map_err(|e| setup(format!("accept failed: {e}")))?;
+        on_connection(peer);
+        Ok(run::receive(r, w, max_memory, || {
+            tcp::accept(listener).map(|(r, w, _)| (r, w))
+        })?)
+    }
+
+    /// What a KVM demo showed.
+    pub struct KvmDemoOutcome {
+        /// The source's report.
+        pub report: MigrationReport,
+        /// The dirty log used.
+        pub mode: DirtyLogMode,
+        /// How long the pause took to park the source's vCPU.
+        pub vcpu_pause: Duration,
+        /// From the source's pause to the destination's vCPU running.
+        pub pause_to_running: Option<Duration>,
+        /// The dirty log's cost, per sync.
+        pub dirty_syncs: Vec<DirtySample>,
+        /// Zero pages the destination did not write (fresh memory).
+        pub zero_pages_skipped: u64,
+        /// The guest's final hash on the destination and the reference, when it was run to
+        /// its end.
+        pub final_hash: Option<(u64, u64)>,
+    }
+
+    /// Runs `config`'s guest in a VM and migrates it to a second VM in this process over TCP
+    /// on 127.0.0.1. A finite guest (`iterations > 0`) then runs to its end on the destination
+    /// and its final hash is compared with the reference.
+    pub fn run_demo(
+        config: &GuestConfig,
+        mode: DirtyLogMode,
+        engine: PreCopyConfig,
+        link: ByteRate,
+        channels: u16,
+        transport: super::TransportKind,
+        on_round: impl FnMut(&RoundReport),
+    ) -> Result<KvmDemoOutcome, JobError> {
+        let mut guest = start_guest(config, mode, 1 << 16)?;
+        let finite = config.iterations > 0;
+        let channels = channels.max(1);
+        let mut ends = Vec::new();
+        // The destination's connections: a listener, or the far ends of loopback pairs.
+        let (listener, mut far) = match transport {
+            super::TransportKind::Tcp => {
+                let l = TcpListener::bind("127.0.0.1:0")
+                    .map_err(|e| setup(format!("cannot listen on 127.0.0.1: {e}")))?;
+                (Some(l), Vec::new())
+            }
+            super::TransportKind::Loopback => {
+                let mut far = Vec::new();
+                for _ in 0..channels {
+                    let (near, f) = crate::transport::loopback::pair();
+                    ends.push(near);
+                    far.push(f);
+                }
+                far.reverse();
+                (None, far)
+            }
+        };
+        let addr = listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()
+            .map_err(setup)?;
+        let destination = std::thread::spawn(move || -> Result<_, JobError> {
+            let received = match &listener {
+                Some(l) => receive(l, u64::MAX, |_| {})?,
+                None => {
+                    let no_more =
+                        || std::io::Error::new(std::io::ErrorKind::NotFound, "no more connections");
+                    let (r, w) = far.pop().ok_or_else(|| setup("no connection"))?;
+                    run::receive(r, w, u64::MAX, || far.pop().ok_or_else(no_more))?
+                }
+            };
+            let running = received.host.vcpus().threads()[0].running_since();
+            let skipped = received.host.zero_pages_skipped();
+            let hash = if finite {
+                run::wait_finished(received.host.vcpus(), Duration::from_secs(3600))
+                    .map_err(setup)?;
+                received.machine.status().map(|s| s.hash)
+            } else {
+                None
+            };
+            Ok((running, skipped, hash))
+        });
+        if let Some(addr) = addr {
+            for _ in 0..channels {
+                ends.push(
+                    tcp::connect(addr)
+                        .map_err(|e| setup(format!("cannot connect to {addr}: {e}")))?,
+                );
+            }
+        }
+        let sent = send(&mut guest, engine, ends, link, on_round);
+        let received = destination
+            .join()
+            .map_err(|_| setup("the destination thread panicked"))?;
+        let report = sent?;
+        let (running, zero_pages_skipped, hash) = received?;
+        let expected = match hash {
+            Some(h) => Some((h, guest::expected_hash(config).map_err(setup)?)),
+            None => None,
+        };
+        Ok(KvmDemoOutcome {
+            report,
+            mode,
+            vcpu_pause: guest.source.pause_times().iter().sum(),
+            pause_to_running: match (guest.source.paused_at(), running) {
+                (Some(p), Some(r)) => Some(r.saturating_duration_since(p)),
+                _ => None,
+            },
+            dirty_syncs: guest.source.dirty_samples().to_vec(),
+            zero_pages_skipped,
+            final_hash: expected,
+        })
+    }
+}

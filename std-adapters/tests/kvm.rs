@@ -369,3 +369,71 @@ fn a_failed_migration_stops_dirty_logging_and_the_source_guest_runs_on() {
         );
     }
 }
+
+#[cfg(feature = "cli")]
+#[test]
+fn listen_kvm_and_send_kvm_migrate_a_guest_between_two_processes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    if !kvm_or_skip("listen_kvm_and_send_kvm_migrate_a_guest_between_two_processes") {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_memferry");
+    let mut listener = Command::new(bin)
+        .args(["listen", "127.0.0.1:0", "--kvm", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(listener.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let args = [
+        "--memory",
+        "64MiB",
+        "--seed",
+        "5",
+        "--iterations",
+        "30000000",
+        "--write-rate",
+        "0",
+    ];
+    let sent = Command::new(bin)
+        .args(["send", &addr, "--kvm", "--json", "--quiet"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
+    assert_eq!(report["guest"], "kvm");
+    assert_eq!(report["verified"], true);
+    let out = listener.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let received: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(received["finished"], true);
+    let config = GuestConfig {
+        memory: 64 << 20,
+        seed: 5,
+        iterations: 30_000_000,
+        writes_per_sec: 0,
+        ..GuestConfig::default()
+    };
+    assert_eq!(
+        received["final_hash"],
+        format!("{:#018x}", guest::expected_hash(&config).unwrap())
+    );
+    // demo names its guest.
+    let demo = Command::new(bin)
+        .args(["demo", "--memory", "32MiB", "--json", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(demo.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&demo.stdout).unwrap();
+    assert_eq!(v["guest"], "kvm");
+}

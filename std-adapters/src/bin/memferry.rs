@@ -38,12 +38,18 @@ enum Command {
     /// thread over TCP on 127.0.0.1, and print the report. Exits non-zero unless verified.
     Demo {
         #[command(flatten)]
-        guest: GuestArgs,
+        guest_args: GuestArgs,
         #[command(flatten)]
         migration: MigrationArgs,
         /// How the two sides connect.
         #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
         transport: TransportKind,
+        /// Which guest: a KVM guest when /dev/kvm is usable (auto, the default), always a KVM
+        /// guest (kvm), or the in-process workload (process).
+        #[arg(long, value_enum, default_value_t = GuestKind::Auto)]
+        guest: GuestKind,
+        #[command(flatten)]
+        kvm: KvmArgs,
     },
     /// Wait for one migration on ADDR (e.g. 127.0.0.1:7070) and receive it. The source is not
     /// authenticated: what it may make this process do is bounded by --max-memory and
@@ -64,6 +70,10 @@ enum Command {
         /// Print a JSON summary instead of text.
         #[arg(long)]
         json: bool,
+        /// Receive a KVM guest (`send --kvm`): create a VM with the source's memory layout and
+        /// run the guest once it has arrived, until it finishes.
+        #[arg(long)]
+        kvm: bool,
     },
     /// Record the in-process workload's dirty pages into a trace file, for replay in the
     /// simulator (`memferry simulate --workload trace:FILE`).
@@ -143,7 +153,140 @@ enum Command {
         guest: GuestArgs,
         #[command(flatten)]
         migration: MigrationArgs,
+        /// Run a KVM guest (a generated long-mode guest dirtying memory at --write-rate, 0 for
+        /// as fast as its vCPU runs) and migrate it live; `listen --kvm` receives it.
+        #[arg(long)]
+        kvm: bool,
+        #[command(flatten)]
+        kvm_args: KvmArgs,
     },
+}
+
+/// Which guest `demo` migrates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum GuestKind {
+    /// A KVM guest when /dev/kvm is usable, else the in-process workload.
+    Auto,
+    /// A KVM guest.
+    Kvm,
+    /// The in-process workload.
+    Process,
+}
+
+/// The KVM guest's own settings (`demo` with a KVM guest, `send --kvm`).
+#[derive(Args)]
+struct KvmArgs {
+    /// The KVM dirty log: bitmap (KVM_GET_DIRTY_LOG), manual[:CHUNK_PAGES] (manual protect,
+    /// chunks re-armed just before they are sent) or ring[:ENTRIES] (the dirty ring).
+    #[arg(long, default_value = "manual")]
+    dirty_log: String,
+    /// Writes the KVM guest does before it ends (0: until stopped). With a count, the
+    /// destination runs it to its end and checks its final hash against the reference.
+    #[arg(long, default_value_t = 0)]
+    iterations: u64,
+    /// Share of the KVM guest's writes that sweep memory page after page.
+    #[arg(long, default_value_t = 0.0)]
+    sweep_share: f64,
+}
+
+#[cfg(target_os = "linux")]
+impl KvmArgs {
+    fn config(
+        &self,
+        guest: &GuestArgs,
+    ) -> Result<
+        (
+            memferry_std::kvm::guest::GuestConfig,
+            memferry_std::kvm::dirty::DirtyLogMode,
+        ),
+        String,
+    > {
+        let mode = memferry_std::kvm::dirty::DirtyLogMode::parse(&self.dirty_log)?;
+        let config = memferry_std::kvm::guest::GuestConfig {
+            memory: guest.memory,
+            low_memory: None,
+            seed: guest.seed,
+            iterations: self.iterations,
+            hot_fraction: guest.hot_fraction,
+            hot_share: guest.hot_share,
+            sweep_share: self.sweep_share,
+            writes_per_sec: guest.write_rate,
+        };
+        if guest.page_size != 4096 {
+            return Err("a KVM guest has 4 KiB pages (--page-size 4KiB)".into());
+        }
+        config.validate()?;
+        Ok((config, mode))
+    }
+}
+
+/// Prints a KVM migration's report: the engine's, with the guest, the vCPU pause and the dirty
+/// log's cost per sync.
+#[cfg(target_os = "linux")]
+fn print_kvm_report(
+    report: &MigrationReport,
+    mode: memferry_std::kvm::dirty::DirtyLogMode,
+    pause: std::time::Duration,
+    pause_to_running: Option<std::time::Duration>,
+    syncs: &[memferry_std::kvm::dirty::DirtySample],
+    final_hash: Option<(u64, u64)>,
+    json: bool,
+) {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    if json {
+        let mut view = serde_json::to_value(ReportJson::<WorkloadJson>::new(report, None))
+            .expect("the report serialises");
+        if let Some(o) = view.as_object_mut() {
+            o.insert("guest".into(), "kvm".into());
+            o.insert(
+                "kvm".into(),
+                serde_json::json!({
+                    "dirty_log": mode.name(),
+                    "vcpu_pause_ms": ms(pause),
+                    "pause_to_destination_running_ms": pause_to_running.map(ms),
+                    "dirty_syncs": syncs.iter().map(|s| serde_json::json!({
+                        "pages": s.pages, "sync_ms": ms(s.sync), "clear_ms": ms(s.clear), "clears": s.clears,
+                    })).collect::<Vec<_>>(),
+                    "final_hash_matches": final_hash.map(|(got, want)| got == want),
+                }),
+            );
+        }
+        println!("{view}");
+    } else {
+        print!("{}", output::table(report));
+        println!("guest                    kvm ({} dirty log)", mode.name());
+        println!(
+            "vCPU pause               {:.2} ms (inside the downtime)",
+            ms(pause)
+        );
+        if let Some(d) = pause_to_running {
+            println!("pause to dest. running   {:.1} ms", ms(d));
+        }
+        let total_sync: f64 = syncs.iter().map(|s| ms(s.sync)).sum();
+        let total_clear: f64 = syncs.iter().map(|s| ms(s.clear)).sum();
+        println!(
+            "dirty-log cost           {} syncs: {:.2} ms syncing, {:.2} ms clearing/harvesting",
+            syncs.len(),
+            total_sync,
+            total_clear
+        );
+        for (i, s) in syncs.iter().enumerate() {
+            println!(
+                "  sync {:>3}: {:>8} pages, sync {:.3} ms, clear {:.3} ms ({} calls)",
+                i + 1,
+                s.pages,
+                ms(s.sync),
+                ms(s.clear),
+                s.clears
+            );
+        }
+        if let Some((got, want)) = final_hash {
+            println!(
+                "final hash               {got:#018x} on the destination, {} the unmigrated reference",
+                if got == want { "equal to" } else { "DIFFERENT from" }
+            );
+        }
+    }
 }
 
 /// `memferry simulate`.
@@ -904,10 +1047,40 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Demo {
-            guest,
+            guest_args: guest,
             migration,
             transport,
+            guest: kind,
+            kvm,
         } => {
+            #[cfg(target_os = "linux")]
+            {
+                // Options no guest takes fail the same way whichever runs.
+                if let Err(e) = guest.options() {
+                    return fail(e);
+                }
+                let usable = memferry_std::kvm::vm::kvm_usable()
+                    .and_then(|()| kvm.config(&guest).map(|_| ()));
+                match (kind, usable) {
+                    (GuestKind::Process, _) => {}
+                    (GuestKind::Kvm | GuestKind::Auto, Ok(())) => {
+                        return kvm_demo(&guest, &kvm, &migration, transport);
+                    }
+                    (GuestKind::Kvm, Err(why)) => return fail(why),
+                    (GuestKind::Auto, Err(why)) => {
+                        if !migration.quiet {
+                            eprintln!("memferry demo: no KVM guest ({why}): migrating the in-process workload");
+                        }
+                    }
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            {
+                let _ = &kvm;
+                if kind == GuestKind::Kvm {
+                    return fail("a KVM guest needs Linux");
+                }
+            }
             let options = match guest.options() {
                 Ok(o) => o,
                 Err(e) => return fail(e),
@@ -947,7 +1120,18 @@ fn main() -> ExitCode {
                         config: options.workload.unwrap_or_default(),
                         writes: w.writes(),
                     });
-                    print_report(&outcome.report, workload, migration.json);
+                    if migration.json {
+                        let mut view =
+                            serde_json::to_value(ReportJson::new(&outcome.report, workload))
+                                .expect("the report serialises");
+                        if let Some(o) = view.as_object_mut() {
+                            o.insert("guest".into(), "process".into());
+                        }
+                        println!("{view}");
+                    } else {
+                        print_report(&outcome.report, workload, false);
+                        println!("guest                    process (in-process workload)");
+                    }
                     exit_for(&outcome.report)
                 }
                 Err(e) => fail(e),
@@ -1070,6 +1254,7 @@ fn main() -> ExitCode {
             max_memory,
             idle_timeout,
             json,
+            kvm,
         } => {
             let listener = match TcpListener::bind(&addr) {
                 Ok(l) => l,
@@ -1079,6 +1264,9 @@ fn main() -> ExitCode {
                 "memferry: listening on {}",
                 listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
             );
+            if kvm {
+                return kvm_listen(&listener, max_memory, json);
+            }
             let options = demo::ListenOptions {
                 max_memory,
                 idle_timeout,
@@ -1114,7 +1302,12 @@ fn main() -> ExitCode {
             addr,
             guest,
             migration,
+            kvm,
+            kvm_args,
         } => {
+            if kvm {
+                return kvm_send(&addr, &guest, &kvm_args, &migration);
+            }
             let options = match guest.options() {
                 Ok(o) => o,
                 Err(e) => return fail(e),
@@ -1164,6 +1357,198 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `memferry demo` with a KVM guest.
+#[cfg(target_os = "linux")]
+fn kvm_demo(
+    guest: &GuestArgs,
+    kvm: &KvmArgs,
+    migration: &MigrationArgs,
+    transport: TransportKind,
+) -> ExitCode {
+    let (config, mode) = match kvm.config(guest) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let quiet = migration.quiet;
+    if !quiet {
+        eprintln!(
+            "memferry demo: KVM guest of {} (regions {:?}), {} ({}% of writes to {}% of memory, {}% sweeping), {} dirty log, link {}, over {}",
+            output::human_bytes(config.memory),
+            config.regions().unwrap_or_default(),
+            match config.writes_per_sec {
+                0 => "writing as fast as its vCPU runs".to_string(),
+                r => format!("{r} writes/s"),
+            },
+            config.hot_share * 100.0,
+            config.hot_fraction * 100.0,
+            config.sweep_share * 100.0,
+            mode.name(),
+            migration.bandwidth,
+            match transport {
+                TransportKind::Tcp => "TCP on 127.0.0.1",
+                TransportKind::Loopback => "in-process loopback",
+            }
+        );
+    }
+    let progress = |r: &memferry::report::RoundReport| {
+        if !quiet {
+            eprintln!("{}", output::progress_line(r, 4096));
+        }
+    };
+    match demo::kvm::run_demo(
+        &config,
+        mode,
+        migration.config(),
+        migration.bandwidth,
+        migration.channels,
+        transport,
+        progress,
+    ) {
+        Ok(o) => {
+            print_kvm_report(
+                &o.report,
+                o.mode,
+                o.vcpu_pause,
+                o.pause_to_running,
+                &o.dirty_syncs,
+                o.final_hash,
+                migration.json,
+            );
+            if o.final_hash.is_some_and(|(got, want)| got != want) {
+                eprintln!("memferry: the migrated guest's final hash differs from the reference");
+                return ExitCode::from(2);
+            }
+            exit_for(&o.report)
+        }
+        Err(e) => fail(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn kvm_demo(_: &GuestArgs, _: &KvmArgs, _: &MigrationArgs, _: TransportKind) -> ExitCode {
+    fail("a KVM guest needs Linux")
+}
+
+/// `memferry send ADDR --kvm`.
+#[cfg(target_os = "linux")]
+fn kvm_send(addr: &str, guest: &GuestArgs, kvm: &KvmArgs, migration: &MigrationArgs) -> ExitCode {
+    if let Err(e) = guest.options() {
+        return fail(e);
+    }
+    let (config, mode) = match kvm.config(guest) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut running = match demo::kvm::start_guest(&config, mode, 1 << 16) {
+        Ok(g) => g,
+        Err(e) => return fail(e),
+    };
+    let mut ends = Vec::new();
+    for _ in 0..migration.channels {
+        match tcp::connect(addr) {
+            Ok(c) => ends.push(c),
+            Err(e) => return fail(format!("cannot connect to {addr}: {e}")),
+        }
+    }
+    let quiet = migration.quiet;
+    let result = demo::kvm::send(
+        &mut running,
+        migration.config(),
+        ends,
+        migration.bandwidth,
+        |r| {
+            if !quiet {
+                eprintln!("{}", output::progress_line(r, 4096));
+            }
+        },
+    );
+    match result {
+        Ok(report) => {
+            print_kvm_report(
+                &report,
+                mode,
+                running.source.pause_times().iter().sum(),
+                None,
+                running.source.dirty_samples(),
+                None,
+                migration.json,
+            );
+            exit_for(&report)
+        }
+        Err(e) => fail(format!(
+            "migration failed: {e}{}",
+            if running.source.is_paused() {
+                " (the destination may run the guest: the source stays paused)"
+            } else {
+                "; the source guest keeps running"
+            }
+        )),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn kvm_send(_: &str, _: &GuestArgs, _: &KvmArgs, _: &MigrationArgs) -> ExitCode {
+    fail("a KVM guest needs Linux")
+}
+
+/// `memferry listen ADDR --kvm`: receive a KVM guest and run it until it finishes.
+#[cfg(target_os = "linux")]
+fn kvm_listen(listener: &TcpListener, max_memory: u64, json: bool) -> ExitCode {
+    let received = demo::kvm::receive(listener, max_memory, |peer| {
+        eprintln!("memferry: receiving a KVM guest from {peer}")
+    });
+    let received = match received {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    let verified = received.verdict == Some(memferry::wire::Verdict::Match);
+    let layout = received.host.memory().layout().clone();
+    eprintln!(
+        "memferry: the guest runs here ({} in {} regions; digest {}); waiting for it to finish",
+        output::human_bytes(layout.geometry().memory_bytes()),
+        layout.regions().len(),
+        if verified { "verified" } else { "not verified" }
+    );
+    let finished = memferry_std::kvm::run::wait_finished(
+        received.host.vcpus(),
+        std::time::Duration::from_secs(24 * 3600),
+    );
+    let status = received.machine.status();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "verified": verified,
+                "guest": "kvm",
+                "memory_bytes": layout.geometry().memory_bytes(),
+                "regions": layout.regions().len(),
+                "zero_pages_skipped": received.host.zero_pages_skipped(),
+                "finished": finished.is_ok(),
+                "final_hash": status.map(|s| format!("{:#018x}", s.hash)),
+                "writes": status.map(|s| s.progress),
+            })
+        );
+    } else if let (Ok(()), Some(s)) = (&finished, status) {
+        println!(
+            "the guest finished here after {} writes in all; final hash {:#018x}",
+            s.progress, s.hash
+        );
+    }
+    match finished {
+        Ok(()) if verified => ExitCode::SUCCESS,
+        Ok(()) => {
+            eprintln!("memferry: the destination's memory was not verified");
+            ExitCode::from(2)
+        }
+        Err(e) => fail(e),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn kvm_listen(_: &TcpListener, _: u64, _: bool) -> ExitCode {
+    fail("a KVM guest needs Linux")
 }
 
 #[cfg(test)]
