@@ -437,3 +437,53 @@ fn listen_kvm_and_send_kvm_migrate_a_guest_between_two_processes() {
     let v: serde_json::Value = serde_json::from_slice(&demo.stdout).unwrap();
     assert_eq!(v["guest"], "kvm");
 }
+
+#[test]
+fn the_example_migrates_its_guest() {
+    if !kvm_or_skip("the_example_migrates_its_guest") {
+        return;
+    }
+    // cargo test builds the examples next to the test binaries' directory.
+    let exe = std::env::current_exe().unwrap();
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("examples").join("kvm_migrate"))
+        .unwrap();
+    if !example.exists() {
+        // `cargo test --test kvm` builds no examples: build it (as `cargo test` would).
+        let cargo = std::env::var("CARGO").expect("run under cargo, or build the example first");
+        let built = std::process::Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "memferry-std",
+                "--no-default-features",
+                "--features",
+                "kvm",
+                "--example",
+                "kvm_migrate",
+            ])
+            .status()
+            .unwrap();
+        assert!(built.success(), "building the example failed");
+    }
+    let out = std::process::Command::new(&example).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(last.contains("verified Some(true)"), "{stdout}");
+    let hashes: Vec<&str> = last
+        .split(|c: char| !c.is_ascii_hexdigit() && c != 'x')
+        .filter(|w| w.starts_with("0x"))
+        .collect();
+    assert_eq!(hashes.len(), 2, "{last}");
+    assert_eq!(
+        hashes[0], hashes[1],
+        "the final hash is the reference: {last}"
+    );
+}
