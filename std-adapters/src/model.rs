@@ -14,9 +14,14 @@
 //! - [`HybridModel`]: the timing model of paper 000's hybrid (profile + checkpoint + dirty pages)
 //!   migration: `t1 = Vprof/Rtrans1`, `t2 = Vckpt/Rtrans`, `t3 = t4 = Vdp/Rtrans`,
 //!   `Tmig = t1 + t2 + t3 + t4`, `Vmig = Vprof + Vckpt + Vdp` (its equations 1 to 6).
-//! - Lower bounds for one run, filled with measured inputs by the simulator: [`least_bytes`]
-//!   (memory once, minus zero and duplicate pages) and [`least_downtime`] (the final writable
-//!   working set over the bandwidth).
+//! - [`PreCopyModel::predict_from_dirty_sets`]: the same rounds with the guest's writes read
+//!   from its dirty sets ([`DirtySets`]: distinct pages written in each round's window; Akoush et
+//!   al., MASCOTS 2010), zero pages sent as headers in round 1, and the drain of the transport
+//!   before the pause ([`PreCopyModel::in_flight`]). The simulator feeds it the workload's own
+//!   writes at each window's position and reports its error against every run.
+//! - Lower bounds: [`least_bytes`] (memory once, minus zero and duplicate pages), which the
+//!   simulator fills from the scenario alone, and [`least_downtime`] (a final writable working
+//!   set over the bandwidth, for callers that know one).
 //!
 //! Units everywhere: bytes as `u64`, rates as [`ByteRate`] (bytes per second), times as
 //! [`Nanos`]. Nothing here panics or divides by zero: a zero rate makes a transfer of one byte or
