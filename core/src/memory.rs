@@ -64,6 +64,33 @@ pub trait DirtyLog {
         first_page: u64,
         into: &mut DirtyBitmap,
     ) -> Result<(), HostError>;
+
+    /// The migration starts (after the handshake, before round 1): turn dirty logging on
+    /// (KVM: `KVM_MEM_LOG_DIRTY_PAGES` on every memslot). Default: a log that always runs.
+    fn start_logging(&mut self, layout: &MemoryLayout) -> Result<(), HostError> {
+        let _ = layout;
+        Ok(())
+    }
+
+    /// The migration is over, whatever the outcome (done, failed, cancelled): turn dirty
+    /// logging off, so a guest that runs on here does not pay for it. Called once. Default:
+    /// nothing.
+    fn stop_logging(&mut self) {}
+
+    /// What dirty tracking cost since the last call (time syncing and clearing the log), for
+    /// the round's report: dirty tracking is a metric, not a hidden stall. Default: unknown.
+    fn take_cost(&mut self) -> Option<DirtyCost> {
+        None
+    }
+}
+
+/// Time a host spent on dirty tracking ([`DirtyLog::take_cost`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirtyCost {
+    /// Fetching the log (`KVM_GET_DIRTY_LOG`, harvesting a ring).
+    pub sync: crate::time::Nanos,
+    /// Re-arming it (`KVM_CLEAR_DIRTY_LOG`, ring resets, write-protecting again).
+    pub clear: crate::time::Nanos,
 }
 
 /// Syncs every region of `layout` into `into`.
@@ -86,6 +113,12 @@ pub trait SourceGuest {
     /// Lets a paused guest run again (after a failed migration, before the switchover: the
     /// source loses nothing).
     fn resume(&mut self) -> Result<(), HostError>;
+    /// How long the last [`SourceGuest::pause`] took to park the guest (signalling vCPUs out of
+    /// `KVM_RUN` and waiting for them), measured by the host: it is part of the downtime and
+    /// the report shows it. Default: unknown.
+    fn last_pause_time(&self) -> Option<crate::time::Nanos> {
+        None
+    }
     /// The paused guest's CPU and device state, as opaque bytes for the destination.
     fn save_state(&mut self) -> Result<Vec<u8>, HostError>;
     /// The size the device state will have, if the host knows it before pausing: a state the

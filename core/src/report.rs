@@ -32,6 +32,8 @@ pub enum StopReason {
     Deadline,
     /// Post-copy: the strategy switches over at once by design.
     PostCopy,
+    /// The caller asked for the switchover ([`crate::session::Source::switchover_now`]).
+    Requested,
 }
 
 impl StopReason {
@@ -43,6 +45,7 @@ impl StopReason {
             StopReason::NotConverging => "not_converging",
             StopReason::Deadline => "deadline",
             StopReason::PostCopy => "post_copy",
+            StopReason::Requested => "requested",
         }
     }
 }
@@ -175,6 +178,10 @@ pub struct RoundReport {
     /// Of those, pages the guest dirtied again during the round: holding them back saved a
     /// re-send. `held_back - held_back_redirtied` were held back for nothing.
     pub held_back_redirtied: u64,
+    /// Time the host spent fetching the dirty log during this round ([`crate::memory::DirtyLog::take_cost`]).
+    pub dirty_sync_time: Nanos,
+    /// Time the host spent re-arming the dirty log during this round.
+    pub dirty_clear_time: Nanos,
 }
 
 /// Everything measured about one migration.
@@ -205,6 +212,9 @@ pub struct MigrationReport {
     pub encodings: EncodingUse,
     /// Hash-first: distinct pages of content the destination announced it holds.
     pub known_pages_announced: u64,
+    /// How long the host took to park the guest when it paused (part of the downtime), if it
+    /// measures it ([`crate::memory::SourceGuest::last_pause_time`]).
+    pub guest_pause: Nanos,
     /// Hybrid (pre-copy rounds, then post-copy): pages the destination held from earlier
     /// rounds that went stale and followed the switchover (the `Discard` list).
     pub discarded_pages: u64,

@@ -179,6 +179,10 @@ pub struct StopRules {
     /// What share (in thousandths) of the bandwidth a dirty rate must reach to outpace the
     /// link. Default 900.
     pub outpaced_permille: u32,
+    /// The largest downtime accepted: when the rounds stop (for any reason) with a higher
+    /// estimate, the migration is cancelled instead and the guest runs on at the source
+    /// (Cloud Hypervisor's `TimeoutStrategy::Cancel`). Default: none (always switch over).
+    pub max_downtime: Option<Nanos>,
 }
 
 impl Default for StopRules {
@@ -191,6 +195,7 @@ impl Default for StopRules {
             deadline: None,
             outpaced_rounds: 2,
             outpaced_permille: 900,
+            max_downtime: None,
         }
     }
 }
@@ -281,6 +286,20 @@ impl Scheduler {
         self.outpaced_rounds = 0;
         self.stalled_rounds = 0;
         self.smallest_dirty = u64::MAX;
+    }
+
+    /// New stop rules, from the next round's end on.
+    pub fn set_rules(&mut self, rules: StopRules) {
+        self.rules = rules;
+    }
+
+    /// A new bandwidth plan, from the next round on (the round in progress keeps its limit
+    /// unless the new plan's first limit is lower).
+    pub fn set_plan(&mut self, plan: RatePlan) {
+        self.plan = plan;
+        if plan.first_round.0 < self.limit.0 {
+            self.limit = plan.first_round;
+        }
     }
 
     /// The current round's bandwidth limit.

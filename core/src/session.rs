@@ -250,6 +250,8 @@ pub struct Source<S: Strategy = PreCopy> {
     digest: MemoryDigest,
     hash_started: Nanos,
     encoder: Option<Box<dyn PageEncoder>>,
+    /// Dirty logging was started and not yet stopped.
+    logging: bool,
     /// Hash-first: the content the destination announced (round 1 sends it as hashes).
     known: Option<Arc<KnownContent>>,
     /// Hash-first: the destination accepted (version, features, largest device state) and is
@@ -327,6 +329,7 @@ impl<S: Strategy> Source<S> {
             encoder: None,
             known: None,
             announced: None,
+            logging: false,
             scratch: vec![0; layout.page_size().bytes()],
             report,
             failure: None,
@@ -718,10 +721,31 @@ impl<S: Strategy> Source<S> {
                 return self.fail(now, e, host);
             }
             if self.state == State::Done {
+                self.stop_logging(host);
                 return Ok(input.len());
             }
         }
         Ok(used)
+    }
+
+    /// Dirty logging ends with the migration, whatever the outcome.
+    fn stop_logging<H: SourceHost>(&mut self, host: &mut H) {
+        if core::mem::take(&mut self.logging) {
+            host.stop_logging();
+        }
+    }
+
+    /// Ends the pre-copy rounds at the end of the current one and switches over, whatever the
+    /// stop rules say (an operator's "switchover now"). The final round then sends what is
+    /// left with the guest paused.
+    pub fn switchover_now(&mut self) {
+        self.strategy.switchover_now();
+    }
+
+    /// The strategy, to change its settings mid-migration (for pre-copy:
+    /// [`crate::strategy::PreCopy::set_downtime_target`], [`crate::strategy::PreCopy::set_rate`]).
+    pub fn strategy_mut(&mut self) -> &mut S {
+        &mut self.strategy
     }
 
     /// Fails the migration with `error` (a driver's own failure, such as a worker thread's
@@ -834,6 +858,7 @@ impl<S: Strategy> Source<S> {
         if let Some(first) = &self.failure {
             return Err(first.clone());
         }
+        self.stop_logging(host);
         self.report.throttle_percent = self.strategy.throttle_percent();
         if !self.paused && self.report.throttle_percent > 0 {
             // The guest runs on here: at full speed again.
@@ -1071,6 +1096,8 @@ impl<S: Strategy> Source<S> {
         self.applied_reports = features & FEATURE_APPLIED != 0;
         self.max_device_state = max_device_state;
         self.check_state_hint(host)?;
+        host.start_logging(&self.layout)?;
+        self.logging = true;
         self.send.clear();
         let mut round = RoundReport::default();
         let mut cx =
@@ -1283,6 +1310,10 @@ impl<S: Strategy> Source<S> {
         cx.link_rate = link_rate;
         cx.backlog_bytes = backlog_bytes;
         let decision = self.strategy.end_round(now, &mut cx, host)?;
+        if let Some(cost) = host.take_cost() {
+            self.round_report.dirty_sync_time += cost.sync;
+            self.round_report.dirty_clear_time += cost.clear;
+        }
         self.report.rounds.push(self.round_report.clone());
         match decision {
             Decision::StopAndCopy(reason)
@@ -1308,6 +1339,7 @@ impl<S: Strategy> Source<S> {
     ) -> Result<(), MigrationError> {
         self.check_state_hint(host)?;
         host.pause()?;
+        self.report.guest_pause = host.last_pause_time().unwrap_or(Nanos::ZERO);
         self.paused = true;
         self.paused_at = now;
         self.stop_and_copy = true;
@@ -1320,6 +1352,11 @@ impl<S: Strategy> Source<S> {
             StrategyContext::new(&self.layout, &mut self.send, &mut round, now - self.start);
         self.strategy.final_round(now, &mut cx, host)?;
         self.begin_round(now);
+        if let Some(cost) = host.take_cost() {
+            // The final sync, inside the downtime.
+            self.round_report.dirty_sync_time += cost.sync;
+            self.round_report.dirty_clear_time += cost.clear;
+        }
         if self.strategy.pages_after_switchover() {
             // Post-copy: the destination starts now; the final round's pages follow.
             self.post_copy = true;

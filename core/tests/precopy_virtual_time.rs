@@ -38,6 +38,7 @@ use std::collections::VecDeque;
 
 use memferry::digest::memory_digest;
 use memferry::drive::{drive_source, Link, LinkEvent};
+use memferry::memory::DirtyCost;
 use memferry::plan::{PagePlan, SharedPageRead};
 use memferry::prelude::*;
 use memferry::track::PredictorKind;
@@ -203,6 +204,11 @@ struct SourceHost {
     racing_writes: u64,
     /// A broken dirty log: the final sync (guest paused) reports nothing.
     drop_dirty_while_paused: bool,
+    /// Dirty logging turned on and off by the engine.
+    log_starts: u32,
+    log_stops: u32,
+    /// Syncs since the engine last took the cost (each costs 1 µs, re-arming 2 µs).
+    uncosted_syncs: u64,
     /// Region syncs.
     syncs: u64,
     /// (region id, first dense page) of every region sync.
@@ -245,6 +251,9 @@ impl SourceHost {
             fail_reads_while_paused: false,
             racing_writes: 0,
             drop_dirty_while_paused: false,
+            log_starts: 0,
+            log_stops: 0,
+            uncosted_syncs: 0,
             syncs: 0,
             synced_regions: Vec::new(),
         }
@@ -330,6 +339,30 @@ impl PageRead for SourceHost {
 }
 
 impl DirtyLog for SourceHost {
+    fn start_logging(&mut self, layout: &MemoryLayout) -> Result<(), HostError> {
+        assert_eq!(layout.page_count(), self.pages);
+        assert_eq!(self.log_starts, self.log_stops, "logging started twice");
+        self.log_starts += 1;
+        Ok(())
+    }
+
+    fn stop_logging(&mut self) {
+        assert_eq!(
+            self.log_starts,
+            self.log_stops + 1,
+            "logging stopped while off"
+        );
+        self.log_stops += 1;
+    }
+
+    fn take_cost(&mut self) -> Option<DirtyCost> {
+        let syncs = std::mem::take(&mut self.uncosted_syncs);
+        Some(DirtyCost {
+            sync: Nanos::from_micros(syncs),
+            clear: Nanos::from_micros(2 * syncs),
+        })
+    }
+
     fn sync_region(
         &mut self,
         region: &Region,
@@ -337,6 +370,7 @@ impl DirtyLog for SourceHost {
         into: &mut DirtyBitmap,
     ) -> Result<(), HostError> {
         let end = first_page + region.pages;
+        self.uncosted_syncs += 1;
         assert!(
             end <= self.pages && into.len() == self.pages,
             "sync of region {region:?} at page {first_page} of a {}-page guest",
@@ -369,6 +403,11 @@ impl DirtyLog for SourceHost {
 }
 
 impl SourceGuest for SourceHost {
+    fn last_pause_time(&self) -> Option<Nanos> {
+        // Parking the vCPUs took 3 ms (the engine reports what the host measured).
+        Some(Nanos::from_millis(3))
+    }
+
     fn pause(&mut self) -> Result<(), HostError> {
         assert!(!self.paused, "the engine paused a paused guest");
         self.paused = true;
@@ -1083,6 +1122,19 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
     // The guest was paused once, at switchover, and stays paused: the source is released.
     let guest = &sim.guest;
     prop_assert_eq!(guest.pause_calls, 1);
+    // Dirty logging ran for the migration and ended with it.
+    prop_assert_eq!((guest.log_starts, guest.log_stops), (1, 1));
+    let r = sim.source.report();
+    prop_assert_eq!(r.guest_pause, Nanos::from_millis(3));
+    // Every sync's cost is in some round (1 µs a sync, 2 µs re-arming).
+    let synced: u64 = r.rounds.iter().map(|r| r.dirty_sync_time.0).sum();
+    let cleared: u64 = r.rounds.iter().map(|r| r.dirty_clear_time.0).sum();
+    prop_assert!(
+        synced > 0 && cleared == 2 * synced,
+        "{} {}",
+        synced,
+        cleared
+    );
     prop_assert_eq!(guest.resume_calls, 0);
     prop_assert!(guest.paused);
     prop_assert_eq!(guest.save_calls, 1);
@@ -1218,6 +1270,8 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
     let last_push = &rounds[rounds.len() - 2];
     match r.stop_reason {
         None => return Err(TestCaseError::fail("no stop reason")),
+        // The caller asked (`switchover_now`): nothing to check against the rules.
+        Some(StopReason::Requested) => {}
         Some(StopReason::DowntimeTarget) => {
             prop_assert!(last_push.estimated_downtime <= stop.downtime_target)
         }
@@ -1390,6 +1444,7 @@ fn stop_rules() -> impl Strategy<Value = StopRules> {
                 deadline: deadline_us.map(Nanos::from_micros),
                 outpaced_rounds: outpaced,
                 outpaced_permille: permille,
+                max_downtime: None,
             },
         )
 }
@@ -3499,4 +3554,97 @@ fn a_returning_guest_sends_hashes_for_what_the_destination_kept() {
         with.bytes_sent, without.bytes_sent
     );
     assert!(with.bytes_sent * 20 < without.bytes_sent);
+}
+
+/// The caller's switchover request ends the rounds at the end of the current one.
+#[test]
+fn switchover_now_ends_the_rounds_at_the_round_end() {
+    let sc = Scenario {
+        config: PreCopyConfig {
+            stop: StopRules {
+                downtime_target: Nanos::from_micros(1),
+                ..StopRules::default()
+            },
+            ..busy_scenario(256).config
+        },
+        ..busy_scenario(256)
+    };
+    let mut plain = Sim::new(&sc, Tamper::None);
+    check_sim(&sc, &mut plain, false).unwrap();
+    assert!(
+        plain.source.report().rounds.len() > 3,
+        "the busy guest needs several rounds"
+    );
+    let mut sim = Sim::new(&sc, Tamper::None);
+    sim.source.switchover_now();
+    check_sim(&sc, &mut sim, false).unwrap();
+    let r = sim.source.report();
+    assert_eq!(r.stop_reason, Some(StopReason::Requested));
+    assert_eq!(r.rounds.len(), 2, "round 1, then the stop-and-copy");
+}
+
+/// A migration whose downtime would exceed the most accepted is cancelled before the pause:
+/// the guest never stops, and dirty logging is off again.
+#[test]
+fn a_downtime_above_the_maximum_cancels_instead() {
+    let base = busy_scenario(256);
+    let sc = Scenario {
+        config: PreCopyConfig {
+            stop: StopRules {
+                downtime_target: Nanos::from_micros(1),
+                max_rounds: 3,
+                max_downtime: Some(Nanos::from_micros(2)),
+                ..StopRules::default()
+            },
+            ..base.config
+        },
+        ..base
+    };
+    let mut sim = Sim::new(&sc, Tamper::None);
+    let end = sim.run();
+    let End::SourceFailed(MigrationError::Cancelled(why)) = end else {
+        panic!("not cancelled: {end:?}")
+    };
+    assert!(why.contains("above the most accepted"), "{why}");
+    assert_eq!(sim.guest.pause_calls, 0, "the guest was paused");
+    assert_eq!((sim.guest.log_starts, sim.guest.log_stops), (1, 1));
+    // The same migration with a bound it meets switches over.
+    let sc = Scenario {
+        config: PreCopyConfig {
+            stop: StopRules {
+                max_downtime: Some(Nanos::from_secs(10)),
+                ..sc.config.stop
+            },
+            ..sc.config
+        },
+        ..sc
+    };
+    let mut sim = Sim::new(&sc, Tamper::None);
+    check_sim(&sc, &mut sim, false).unwrap();
+}
+
+/// Settings changed mid-migration apply: a downtime target raised after round 1 ends the
+/// rounds at once.
+#[test]
+fn the_downtime_target_can_change_mid_migration() {
+    let sc = Scenario {
+        config: PreCopyConfig {
+            stop: StopRules {
+                downtime_target: Nanos::from_micros(1),
+                ..StopRules::default()
+            },
+            ..busy_scenario(256).config
+        },
+        ..busy_scenario(256)
+    };
+    let mut sim = Sim::new(&sc, Tamper::None);
+    sim.source
+        .strategy_mut()
+        .set_downtime_target(Nanos::from_secs(100));
+    assert!(matches!(sim.run(), End::Done));
+    let snapshot = sim.guest.snapshot.as_ref().unwrap();
+    assert!(first_diff_page(&sim.target.mem, snapshot).is_none());
+    let r = sim.source.report();
+    assert_eq!(r.stop_reason, Some(StopReason::DowntimeTarget));
+    assert_eq!(r.rounds.len(), 2);
 }

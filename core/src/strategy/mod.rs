@@ -154,6 +154,11 @@ pub trait Strategy: Send {
         String::new()
     }
 
+    /// The caller asks for the switchover at the end of the current round
+    /// ([`crate::session::Source::switchover_now`]). Default: nothing (a strategy that switches
+    /// over at once anyway).
+    fn switchover_now(&mut self) {}
+
     /// How much the strategy throttled the guest (percent of its time taken away; 0: none).
     /// The session lifts the throttle when the migration fails.
     fn throttle_percent(&self) -> u8 {

@@ -104,6 +104,8 @@ pub struct PreCopy {
     post_copy: bool,
     /// Post-copy phase: the destination's page requests.
     requests: PageRequests,
+    /// The caller asked for the switchover at the end of this round.
+    switchover_requested: bool,
 }
 
 /// A predictor is judged once it held back at least this many pages in a round.
@@ -130,6 +132,7 @@ impl PreCopy {
             proven: false,
             post_copy: false,
             requests: PageRequests::default(),
+            switchover_requested: false,
         };
         p.predictor = match config.predictor {
             PredictorKind::None => None,
@@ -153,6 +156,24 @@ impl PreCopy {
     /// The scheduler (rate limits and stop rules), for inspection.
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
+    }
+
+    /// Changes the downtime target mid-migration (it applies from the next round's end).
+    pub fn set_downtime_target(&mut self, target: Nanos) {
+        self.config.stop.downtime_target = target;
+        self.scheduler.set_rules(self.config.stop);
+    }
+
+    /// Changes the largest downtime accepted mid-migration ([`StopRules::max_downtime`]).
+    pub fn set_max_downtime(&mut self, max: Option<Nanos>) {
+        self.config.stop.max_downtime = max;
+        self.scheduler.set_rules(self.config.stop);
+    }
+
+    /// Changes the bandwidth plan mid-migration (it applies from the next round).
+    pub fn set_rate(&mut self, rate: RatePlan) {
+        self.config.rate = rate;
+        self.scheduler.set_plan(rate);
     }
 
     fn predicting(&self) -> bool {
@@ -329,6 +350,25 @@ impl Strategy for PreCopy {
             // let the rules decide on what is left.
             self.holding = false;
         }
+        let decision = match decision {
+            schedule::Decision::Continue { .. } if self.switchover_requested => {
+                schedule::Decision::StopAndCopy(StopReason::Requested)
+            }
+            d => d,
+        };
+        // Cancel rather than pause for longer than the largest downtime accepted (Cloud
+        // Hypervisor's TimeoutStrategy::Cancel): the guest runs on here, nothing lost.
+        if let (schedule::Decision::StopAndCopy(reason), Some(max)) =
+            (decision, self.config.stop.max_downtime)
+        {
+            let estimate = self.scheduler.estimated_downtime();
+            if estimate > max && !self.config.post_copy_when_outpaced {
+                return Err(MigrationError::Cancelled(alloc::format!(
+                    "the rounds stopped ({}) with an estimated downtime of {estimate}, above the most accepted ({max}): cancelled instead, the guest runs on here",
+                    reason.as_str()
+                )));
+            }
+        }
         let hand_over = self.config.post_copy_when_outpaced
             && matches!(
                 decision,
@@ -421,6 +461,10 @@ impl Strategy for PreCopy {
 
     fn pages_after_switchover(&self) -> bool {
         self.post_copy
+    }
+
+    fn switchover_now(&mut self) {
+        self.switchover_requested = true;
     }
 
     fn on_page_request(&mut self, _now: Nanos, pages: U64List<'_>) -> Result<(), MigrationError> {
