@@ -37,6 +37,8 @@ pub struct KernelDirtyLog {
     /// Time spent in `PAGEMAP_SCAN` so far (the cost of dirty tracking, reported).
     scan_time: Duration,
     scans: u64,
+    /// Scan time already reported to the engine (`take_cost`).
+    reported: Duration,
 }
 
 fn errno_error(what: &str, errno: i32) -> std::io::Error {
@@ -98,6 +100,7 @@ impl KernelDirtyLog {
             found: vec![PageRegion::default(); SCAN_BATCH],
             scan_time: Duration::ZERO,
             scans: 0,
+            reported: Duration::ZERO,
         })
     }
 
@@ -166,6 +169,16 @@ impl DirtyLog for KernelDirtyLog {
         self.collect(first_page, region.pages, first_page, into)
             .map(|_| ())
             .map_err(|e| HostError::new(format!("the kernel dirty log: {e}")))
+    }
+
+    /// The scans since the last call (each scan also write-protects again: one figure).
+    fn take_cost(&mut self) -> Option<memferry::memory::DirtyCost> {
+        let new = self.scan_time - self.reported;
+        self.reported = self.scan_time;
+        Some(memferry::memory::DirtyCost {
+            sync: memferry::time::Nanos(new.as_nanos().min(u64::MAX as u128) as u64),
+            clear: memferry::time::Nanos::ZERO,
+        })
     }
 }
 

@@ -258,6 +258,17 @@ impl DirtyLog for SourceHost {
         self.dirty.fetch_and_clear_into(into);
         Ok(())
     }
+
+    fn stop_logging(&mut self) {
+        // Closing the kernel log's userfaultfd ends the write-protect tracking.
+        if let Some(mut log) = self.dirty_log.take() {
+            log.stop_logging();
+        }
+    }
+
+    fn take_cost(&mut self) -> Option<memferry::memory::DirtyCost> {
+        self.dirty_log.as_mut().and_then(|log| log.take_cost())
+    }
 }
 
 impl SourceGuest for SourceHost {

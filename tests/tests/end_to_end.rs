@@ -496,6 +496,9 @@ fn kernel_dirty_log_migration_is_byte_exact() {
         .map(|r| r.dirty_pages)
         .sum();
     assert!(dirtied > 0, "the kernel reported no write");
+    // The kernel log's scans are the rounds' dirty-tracking cost.
+    let scanning: u64 = report.rounds.iter().map(|r| r.dirty_sync_time.0).sum();
+    assert!(scanning > 0, "no dirty-tracking cost reported");
     assert!(
         source.region().snapshot() == destination.region().snapshot(),
         "destination memory differs from the source at pause"

@@ -40,6 +40,7 @@ use memferry::bitmap::DirtyBitmap;
 use memferry::error::HostError;
 use memferry::memory::{DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest};
 use memferry::page::{MemoryLayout, PageIndex, Region};
+use memferry::time::Nanos;
 
 use dirty::{DirtyLogMode, DirtySample, DirtyTracker};
 use guest::{GuestConfig, GuestStatus};
@@ -187,6 +188,8 @@ pub struct KvmSource {
     dirty: DirtyTracker,
     vcpus: VcpuSet,
     pause_times: Vec<Duration>,
+    /// Dirty-log samples already reported to the engine (`take_cost`).
+    costed: usize,
     paused_at: Option<Instant>,
     paused: bool,
     /// How many times the engine resumed the guest after pausing it.
@@ -218,6 +221,7 @@ impl KvmSource {
             dirty,
             vcpus,
             pause_times: Vec::new(),
+            costed: 0,
             paused_at: None,
             paused: false,
             resumes: 0,
@@ -297,9 +301,33 @@ impl DirtyLog for KvmSource {
     ) -> Result<(), HostError> {
         self.dirty.sync_region(region, first_page, into)
     }
+
+    /// The engine ends the migration (done, failed or cancelled): logging stops.
+    fn stop_logging(&mut self) {
+        // An error here leaves logging on; `finish` (or dropping the source) tries again.
+        let _ = self.dirty.stop();
+    }
+
+    /// The syncs since the last call: their time in the round's report.
+    fn take_cost(&mut self) -> Option<memferry::memory::DirtyCost> {
+        let samples = self.dirty.samples();
+        let new = &samples[self.costed.min(samples.len())..];
+        self.costed = samples.len();
+        let nanos = |d: Duration| Nanos(d.as_nanos().min(u64::MAX as u128) as u64);
+        Some(memferry::memory::DirtyCost {
+            sync: nanos(new.iter().map(|s| s.sync).sum()),
+            clear: nanos(new.iter().map(|s| s.clear).sum()),
+        })
+    }
 }
 
 impl SourceGuest for KvmSource {
+    fn last_pause_time(&self) -> Option<Nanos> {
+        self.pause_times
+            .last()
+            .map(|d| Nanos(d.as_nanos().min(u64::MAX as u128) as u64))
+    }
+
     fn pause(&mut self) -> Result<(), HostError> {
         self.paused_at = Some(Instant::now());
         let took = self.vcpus.pause()?;
