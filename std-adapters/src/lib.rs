@@ -29,6 +29,7 @@
 #[cfg(feature = "zstd")]
 pub mod codec;
 pub mod drive;
+pub mod image;
 #[cfg(all(feature = "kvm", target_os = "linux"))]
 pub mod kvm;
 pub mod memory;
