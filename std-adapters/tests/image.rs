@@ -843,6 +843,15 @@ fn figures_for_a_1_gib_guest() {
     let mut out = Memory::new(&layout);
     let r = image.restore_into(&mut out).unwrap();
     println!("restore again: {:?}", r.elapsed);
+    let t = std::time::Instant::now();
+    let mut cursor = image.pages();
+    let mut sum = 0u64;
+    while let Some(next) = cursor.next_page() {
+        if let (_, Some(d)) = next.unwrap() {
+            sum += d[0] as u64;
+        }
+    }
+    println!("reading every page (cursor only): {:?} ({sum})", t.elapsed());
     let meta = fs::metadata(&path).unwrap();
     println!(
         "file: {} bytes long, {} bytes on disk",
