@@ -851,7 +851,10 @@ fn figures_for_a_1_gib_guest() {
             sum += d[0] as u64;
         }
     }
-    println!("reading every page (cursor only): {:?} ({sum})", t.elapsed());
+    println!(
+        "reading every page (cursor only): {:?} ({sum})",
+        t.elapsed()
+    );
     let meta = fs::metadata(&path).unwrap();
     println!(
         "file: {} bytes long, {} bytes on disk",
