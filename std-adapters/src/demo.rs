@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 
 use memferry::bitmap::AtomicDirtyBitmap;
 use memferry::error::MigrationError;
-use memferry::page::{Geometry, MemoryLayout, PageSize, Region};
-use memferry::receive::{Destination, DestinationConfig};
+use memferry::page::{Geometry, MemoryLayout, PageIndex, PageSize, Region};
+use memferry::receive::{Destination, DestinationConfig, FirstCopyWins};
+
+use crate::codec::CodecOptions;
 use memferry::report::{MigrationReport, RoundReport};
 use memferry::session::{SessionConfig, Source};
 use memferry::strategy::{PreCopy, PreCopyConfig};
@@ -137,6 +139,45 @@ pub fn migrate_channels(
     link: ByteRate,
     on_round: impl FnMut(&RoundReport),
 ) -> Result<MigrationReport, JobError> {
+    migrate_with(
+        host,
+        config,
+        channels,
+        link,
+        &SourceOptions::default(),
+        on_round,
+    )
+}
+
+/// [`migrate_channels`] with a page codec and a choice of dirty log ([`SourceOptions`]).
+pub fn migrate_with(
+    host: &mut SourceHost,
+    config: PreCopyConfig,
+    channels: Vec<(BoxRead, BoxWrite)>,
+    link: ByteRate,
+    options: &SourceOptions,
+    on_round: impl FnMut(&RoundReport),
+) -> Result<MigrationReport, JobError> {
+    options
+        .codec
+        .choice
+        .check_channels(channels.len() as u16)
+        .map_err(JobError::Setup)?;
+    #[cfg(target_os = "linux")]
+    if options.kernel_dirty_log && !host.has_dirty_log() {
+        let memory = host.region().snapshot();
+        let log = crate::kernel_dirty::KernelDirtyLog::new(
+            memory.as_ptr(),
+            memory.len(),
+            host.region().geometry().page_size().bytes(),
+        )
+        .map_err(|e| JobError::Setup(format!("the kernel dirty log cannot run: {e}")))?;
+        host.set_dirty_log(Box::new(log));
+    }
+    #[cfg(not(target_os = "linux"))]
+    if options.kernel_dirty_log {
+        return Err(JobError::Setup("the kernel dirty log needs Linux".into()));
+    }
     let n = channels.len().max(1) as u64;
     let share = if link.is_unlimited() {
         link
@@ -155,19 +196,74 @@ pub fn migrate_channels(
         ..SessionConfig::default()
     };
     let layout = MemoryLayout::single(host.region().geometry());
+    let page_size = layout.page_size().bytes();
+    // The adaptive codec weighs each encoder against the link, measured on this guest's pages.
+    let rates = (options.codec.choice == crate::codec::CodecChoice::Adaptive).then(|| {
+        let sample = sample_pages(host, 256);
+        crate::codec::calibrate(
+            &sample,
+            if link.is_unlimited() { 0 } else { link.0 },
+            channels.len() as u32,
+        )
+    });
+    let mut encoders = Vec::new();
+    for _ in 0..channels.len().max(1) {
+        match options
+            .codec
+            .encoder(session.session_id, page_size, rates.as_ref())
+            .map_err(JobError::Setup)?
+        {
+            Some(e) => encoders.push(e),
+            None => break,
+        }
+    }
     let mut engine = Source::new(layout, session, PreCopy::new(config));
+    if channels.len() == 1 {
+        if let Some(encoder) = encoders.pop() {
+            engine = engine.with_encoder(encoder);
+        }
+    }
     let clock = Clock::new();
     // With several connections, pages are read and encoded on their writer threads (one per
     // channel); with one, the engine thread reads them while the writer writes the previous
     // buffer, which pipelines better (measured on 2 cores: ~1.2 vs ~1.1 GB/s).
     let result = if channels.len() > 1 {
         let memory: drive::SharedMemory = host.region().clone();
-        drive::run_source_with_workers(&mut engine, host, memory, channels, &clock, on_round)
+        if encoders.is_empty() {
+            drive::run_source_with_workers(&mut engine, host, memory, channels, &clock, on_round)
+        } else {
+            // The engine offers the codec's features; each writer thread encodes.
+            engine = engine.with_encoder(Box::new(memferry::codec::Raw));
+            drive::run_source_with_encoders(
+                &mut engine,
+                host,
+                memory,
+                channels,
+                encoders,
+                &clock,
+                on_round,
+            )
+        }
     } else {
         drive::run_source(&mut engine, host, channels, &clock, on_round)
     };
     result?;
     Ok(engine.report().clone())
+}
+
+/// Up to `count` pages spread over the guest, for calibrating encoders on real content.
+fn sample_pages(host: &mut SourceHost, count: u64) -> Vec<Vec<u8>> {
+    let geometry = host.region().geometry();
+    let pages = geometry.page_count();
+    let step = (pages / count.max(1)).max(1);
+    let mut sample = Vec::new();
+    let mut buf = vec![0u8; geometry.page_size().bytes()];
+    for page in (0..pages).step_by(step as usize).take(count as usize) {
+        if host.region().read_page(PageIndex(page), &mut buf).is_ok() {
+            sample.push(buf.clone());
+        }
+    }
+    sample
 }
 
 /// A random id for a migration (so a stray connection of another one is refused).
@@ -192,7 +288,7 @@ pub const DEFAULT_MAX_GUEST: u64 = 4 << 30;
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a listener accepts from a source it knows nothing about.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenOptions {
     /// The largest guest accepted, in bytes. A guest larger than the memory this host has
     /// available is refused too.
@@ -203,6 +299,10 @@ pub struct ListenOptions {
     /// peer that sends nothing, half a frame, or a byte now and then cannot hold the listener.
     /// Once the handshake is over the engine's own peer timeout applies instead.
     pub idle_timeout: Duration,
+    /// A shared page store ([`crate::store::PageStore`]) this host can read: its content is
+    /// announced to the source (hash-first), which then sends pages found there as hashes and
+    /// this side copies them from the store. Default: none.
+    pub content: Option<std::path::PathBuf>,
 }
 
 impl Default for ListenOptions {
@@ -210,8 +310,19 @@ impl Default for ListenOptions {
         ListenOptions {
             max_memory: DEFAULT_MAX_GUEST,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            content: None,
         }
     }
+}
+
+/// How the source of a demo or `send` encodes its pages, and where its dirty log comes from.
+#[derive(Clone, Debug, Default)]
+pub struct SourceOptions {
+    /// The page codec (`--codec`).
+    pub codec: CodecOptions,
+    /// Take dirty pages from the kernel (userfaultfd write-protect + `PAGEMAP_SCAN`) instead
+    /// of the workload's own marks (`--dirty-log kernel`).
+    pub kernel_dirty_log: bool,
 }
 
 /// Receives one migration from (`reader`, `writer`): reads the hello, maps a guest of the size
@@ -256,7 +367,9 @@ pub fn serve_channels(
     max_memory: u64,
     accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
 ) -> Result<DestinationHost, JobError> {
-    serve_with(reader, writer, max_memory, None, accept_more, || Ok(()))
+    serve_with(reader, writer, max_memory, None, None, accept_more, || {
+        Ok(())
+    })
 }
 
 /// Accepts one migration on `listener`: waits for a source to connect (as long as it takes),
@@ -319,6 +432,7 @@ pub fn serve_listener(
         writer,
         options.max_memory,
         Some(options.idle_timeout),
+        options.content.as_deref(),
         accept_more,
         handshake_done,
     )
@@ -379,6 +493,7 @@ fn serve_with(
     mut writer: BoxWrite,
     max_memory: u64,
     idle: Option<Duration>,
+    content: Option<&std::path::Path>,
     mut accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
     handshake_done: impl FnOnce() -> std::io::Result<()>,
 ) -> Result<DestinationHost, JobError> {
@@ -452,7 +567,19 @@ fn serve_with(
     let mut channels = vec![(reader, buffer, writer)];
     channels.extend(extra.into_iter().flatten());
     let clock = Clock::new();
-    let mut destination = Destination::new(offer.layout, config);
+    // First copy wins: pre-copy is served the same, and a source that hands over to post-copy
+    // (hybrid) finds a destination that never overwrites a page its running guest wrote.
+    let page_size = offer.layout.page_size().bytes();
+    let mut destination = Destination::with_policy(offer.layout, config, FirstCopyWins::default());
+    for decoder in crate::codec::destination_decoders() {
+        destination = destination.with_decoder(decoder);
+    }
+    if let Some(dir) = content {
+        let store = crate::store::PageStore::open(dir, page_size).map_err(|e| {
+            JobError::Setup(format!("cannot open the page store {}: {e}", dir.display()))
+        })?;
+        destination = destination.with_content(Box::new(store));
+    }
     drive::run_destination(&mut destination, &mut host, channels, &clock)?;
     host.verdict = destination.verdict();
     Ok(host)
@@ -741,7 +868,39 @@ pub fn run_demo_channels(
     channels: u16,
     on_round: impl FnMut(&RoundReport),
 ) -> Result<DemoOutcome, JobError> {
+    run_demo_with(
+        guest,
+        seed,
+        config,
+        link,
+        transport,
+        channels,
+        &SourceOptions::default(),
+        None,
+        on_round,
+    )
+}
+
+/// [`run_demo_channels`] with a page codec and dirty-log choice for the source, and a shared
+/// page store (`content`) the destination announces (hash-first).
+#[allow(clippy::too_many_arguments)]
+pub fn run_demo_with(
+    guest: &GuestOptions,
+    seed: u64,
+    config: PreCopyConfig,
+    link: ByteRate,
+    transport: TransportKind,
+    channels: u16,
+    options: &SourceOptions,
+    content: Option<std::path::PathBuf>,
+    on_round: impl FnMut(&RoundReport),
+) -> Result<DemoOutcome, JobError> {
     let channels = channels.max(1);
+    options
+        .codec
+        .choice
+        .check_channels(channels)
+        .map_err(JobError::Setup)?;
     let mut source = prepare_source(guest, seed)?;
     let (ends, dest_thread) = match transport {
         TransportKind::Tcp => {
@@ -750,12 +909,19 @@ pub fn run_demo_channels(
             let addr = listener
                 .local_addr()
                 .map_err(|e| JobError::Setup(e.to_string()))?;
+            let content = content.clone();
             let dest = std::thread::spawn(move || {
                 let (r, w, _) = tcp::accept(&listener)
                     .map_err(|e| JobError::Setup(format!("accept failed: {e}")))?;
-                serve_channels(r, w, u64::MAX, || {
-                    tcp::accept(&listener).map(|(r, w, _)| (r, w))
-                })
+                serve_with(
+                    r,
+                    w,
+                    u64::MAX,
+                    None,
+                    content.as_deref(),
+                    || tcp::accept(&listener).map(|(r, w, _)| (r, w)),
+                    || Ok(()),
+                )
             });
             let mut ends = Vec::new();
             for _ in 0..channels {
@@ -777,16 +943,24 @@ pub fn run_demo_channels(
             let dest = std::thread::spawn(move || {
                 let mut far = far.into_iter();
                 let (r, w) = far.next().expect("one channel at least");
-                serve_channels(r, w, u64::MAX, move || {
-                    far.next().ok_or_else(|| {
-                        std::io::Error::new(std::io::ErrorKind::NotFound, "no more connections")
-                    })
-                })
+                serve_with(
+                    r,
+                    w,
+                    u64::MAX,
+                    None,
+                    content.as_deref(),
+                    move || {
+                        far.next().ok_or_else(|| {
+                            std::io::Error::new(std::io::ErrorKind::NotFound, "no more connections")
+                        })
+                    },
+                    || Ok(()),
+                )
             });
             (ends, dest)
         }
     };
-    let sent = migrate_channels(&mut source, config, ends, link, on_round);
+    let sent = migrate_with(&mut source, config, ends, link, options, on_round);
     let received = dest_thread
         .join()
         .map_err(|_| JobError::Setup("the destination thread panicked".into()))?;

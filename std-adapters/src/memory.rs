@@ -206,6 +206,11 @@ impl SourceHost {
         self
     }
 
+    /// [`SourceHost::with_dirty_log`] on a host already built.
+    pub fn set_dirty_log(&mut self, log: Box<dyn DirtyLog + Send>) {
+        self.dirty_log = Some(log);
+    }
+
     /// Whether dirty pages come from a log of their own rather than the writers' marks.
     pub fn has_dirty_log(&self) -> bool {
         self.dirty_log.is_some()

@@ -49,6 +49,10 @@ pub struct RoundJson {
     pub held_back: u64,
     /// Of those, pages dirtied again during the round (a correct prediction).
     pub held_back_redirtied: u64,
+    /// Time the host spent fetching the dirty log in this round, ms.
+    pub dirty_sync_ms: f64,
+    /// Time the host spent re-arming the dirty log in this round, ms.
+    pub dirty_clear_ms: f64,
 }
 
 impl From<&RoundReport> for RoundJson {
@@ -68,6 +72,8 @@ impl From<&RoundReport> for RoundJson {
             estimated_downtime_ms: ms(r.estimated_downtime),
             held_back: r.held_back,
             held_back_redirtied: r.held_back_redirtied,
+            dirty_sync_ms: ms(r.dirty_sync_time),
+            dirty_clear_ms: ms(r.dirty_clear_time),
         }
     }
 }
@@ -125,6 +131,19 @@ pub struct ReportJson<W = WorkloadJson> {
     pub committed: bool,
     /// Every round.
     pub per_round: Vec<RoundJson>,
+    /// Pages and payload bytes per page encoding (raw, zero, lz4, delta, delta_lz4,
+    /// reference, known, other) and the bytes the content pipeline saved against raw pages.
+    pub encodings: memferry::report::EncodingUse,
+    /// Payload bytes saved against sending every page raw.
+    pub bytes_saved: u64,
+    /// Hash-first: distinct pages of content the destination announced it holds.
+    pub known_pages_announced: u64,
+    /// Hybrid: pages the destination held that went stale and followed the switchover.
+    pub discarded_pages: u64,
+    /// Post-copy: pages sent ahead of the push because the destination asked.
+    pub urgent_pages: u64,
+    /// How long the host took to park the guest at the pause (part of the downtime), ms.
+    pub guest_pause_ms: f64,
     /// The workload that ran, if any.
     pub workload: Option<W>,
 }
@@ -167,6 +186,12 @@ impl<W> ReportJson<W> {
             verification_time_ms: ms(report.verification_time),
             committed: report.committed,
             per_round: report.rounds.iter().map(RoundJson::from).collect(),
+            encodings: report.encodings,
+            bytes_saved: report.encodings.saved_bytes(report.page_size),
+            known_pages_announced: report.known_pages_announced,
+            discarded_pages: report.discarded_pages,
+            urgent_pages: report.urgent_pages,
+            guest_pause_ms: ms(report.guest_pause),
             workload,
         }
     }
@@ -537,6 +562,35 @@ pub fn table(report: &MigrationReport) -> String {
     ];
     for (k, v) in rows {
         s.push_str(&format!("{k:<24} {v}\n"));
+    }
+    // What each content mechanism carried, when anything but raw and zero pages went.
+    let used: Vec<String> = report
+        .encodings
+        .slots()
+        .iter()
+        .filter(|(name, use_)| use_.pages > 0 && !matches!(*name, "raw" | "zero"))
+        .map(|(name, use_)| format!("{name} {} pages ({})", use_.pages, human_bytes(use_.bytes)))
+        .collect();
+    if !used.is_empty() {
+        s.push_str(&format!(
+            "{:<24} {}; {} saved against raw pages\n",
+            "encodings",
+            used.join(", "),
+            human_bytes(report.encodings.saved_bytes(report.page_size))
+        ));
+    }
+    if report.guest_pause > Nanos::ZERO {
+        s.push_str(&format!(
+            "{:<24} {:.2} ms (part of the downtime)\n",
+            "guest pause",
+            report.guest_pause.as_millis_f64()
+        ));
+    }
+    if report.discarded_pages > 0 || report.urgent_pages > 0 {
+        s.push_str(&format!(
+            "{:<24} {} pages followed the switchover as stale, {} sent on request\n",
+            "post-copy", report.discarded_pages, report.urgent_pages
+        ));
     }
     s.push_str("\nround  pages      bytes        time       bandwidth   dirtied   est. downtime\n");
     for r in &report.rounds {

@@ -74,6 +74,11 @@ enum Command {
         /// run the guest once it has arrived, until it finishes.
         #[arg(long)]
         kvm: bool,
+        /// A shared page store (a directory both hosts reach, `memferry store add`): its pages
+        /// are announced to the source, which sends pages found there as 16-byte hashes; this
+        /// side copies them from the store (hash-first).
+        #[arg(long, value_name = "DIR")]
+        content: Option<std::path::PathBuf>,
     },
     /// Record the in-process workload's dirty pages into a trace file, for replay in the
     /// simulator (`memferry simulate --workload trace:FILE`).
@@ -467,12 +472,34 @@ struct EngineArgs {
     outpaced_rounds: u32,
     /// When the guest outpaces the link, throttle it (20%, then 10% more each time) and go on,
     /// instead of stopping the rounds (QEMU's auto-converge; the simulator models the slowed
-    /// guest, the demo's workload cannot be throttled and stops).
-    #[arg(long)]
+    /// guest, the demo's workload cannot be throttled and stops). Short for
+    /// `--when-outpaced throttle`.
+    #[arg(long, conflicts_with = "when_outpaced")]
     throttle: bool,
+    /// What to do when the guest outpaces the link: stop the rounds and copy what is left
+    /// (stop), throttle the guest and go on (throttle), or hand over to post-copy: the guest
+    /// runs at the destination at once and the pages still to send follow, those it asks for
+    /// first (post-copy; `demo` and `send` only).
+    #[arg(long, value_enum, default_value_t = WhenOutpaced::Stop)]
+    when_outpaced: WhenOutpaced,
+    /// The largest downtime accepted, in ms: a migration that would pause longer is cancelled
+    /// instead and the guest runs on at the source (default: no limit).
+    #[arg(long)]
+    max_downtime_ms: Option<u64>,
     /// Overall deadline for the pre-copy rounds, in ms.
     #[arg(long)]
     deadline_ms: Option<u64>,
+}
+
+/// What pre-copy does when the guest outpaces the link (`--when-outpaced`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum WhenOutpaced {
+    /// Stop the rounds and copy what is left with the guest paused.
+    Stop,
+    /// Throttle the guest (QEMU's auto-converge) and go on.
+    Throttle,
+    /// Hand over to post-copy (hybrid).
+    PostCopy,
 }
 
 #[derive(Args)]
@@ -498,6 +525,36 @@ struct MigrationArgs {
     /// No per-round progress on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Page codec: none, lz4, zstd (any channel count), delta (XBZRLE against the copy sent
+    /// in an earlier round, LZ4 on the delta when shorter) or adaptive (per page: a reference
+    /// to content sent before, a delta, LZ4 or raw, and only encoders that keep up with the
+    /// link); delta and adaptive need --channels 1.
+    #[arg(long, default_value = "none")]
+    codec: memferry_std::codec::CodecChoice,
+    /// Bytes of earlier page versions the source keeps for deltas.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    delta_cache: u64,
+    /// zstd's compression level (1 fastest … 19).
+    #[arg(long, default_value_t = 1)]
+    zstd_level: i32,
+    /// In-process guest: take dirty pages from the kernel (userfaultfd asynchronous
+    /// write-protect + PAGEMAP_SCAN, Linux 6.7+) instead of the workload's own marks.
+    #[arg(long)]
+    kernel_dirty_log: bool,
+}
+
+impl MigrationArgs {
+    fn source_options(&self) -> demo::SourceOptions {
+        demo::SourceOptions {
+            codec: memferry_std::codec::CodecOptions {
+                choice: self.codec,
+                delta_cache_bytes: self.delta_cache.min(usize::MAX as u64) as usize,
+                zstd_level: self.zstd_level,
+                ..memferry_std::codec::CodecOptions::default()
+            },
+            kernel_dirty_log: self.kernel_dirty_log,
+        }
+    }
 }
 
 /// How a trace workload is replayed (`simulate` and `compare`; refused for other workloads).
@@ -606,11 +663,13 @@ impl EngineArgs {
                 non_convergence_rounds: self.non_convergence_rounds,
                 deadline: self.deadline_ms.map(Nanos::from_millis),
                 outpaced_rounds: self.outpaced_rounds,
+                max_downtime: self.max_downtime_ms.map(Nanos::from_millis),
                 ..StopRules::default()
             },
             predictor: self.predictor,
             learning_samples: self.learning_samples,
-            throttle_when_outpaced: self.throttle,
+            throttle_when_outpaced: self.throttle || self.when_outpaced == WhenOutpaced::Throttle,
+            post_copy_when_outpaced: self.when_outpaced == WhenOutpaced::PostCopy,
             ..PreCopyConfig::default()
         }
     }
@@ -1106,13 +1165,15 @@ fn main() -> ExitCode {
                     eprintln!("{}", output::progress_line(r, page_size));
                 }
             };
-            match demo::run_demo_channels(
+            match demo::run_demo_with(
                 &options,
                 guest.seed,
                 migration.config(),
                 migration.bandwidth,
                 transport,
                 migration.channels,
+                &migration.source_options(),
+                None,
                 progress,
             ) {
                 Ok(outcome) => {
@@ -1126,11 +1187,29 @@ fn main() -> ExitCode {
                                 .expect("the report serialises");
                         if let Some(o) = view.as_object_mut() {
                             o.insert("guest".into(), "process".into());
+                            o.insert("codec".into(), migration.codec.name().into());
+                            o.insert(
+                                "dirty_log".into(),
+                                if migration.kernel_dirty_log {
+                                    "kernel"
+                                } else {
+                                    "workload"
+                                }
+                                .into(),
+                            );
                         }
                         println!("{view}");
                     } else {
                         print_report(&outcome.report, workload, false);
                         println!("guest                    process (in-process workload)");
+                        println!(
+                            "dirty log                {}",
+                            if migration.kernel_dirty_log {
+                                "the kernel's (userfaultfd write-protect + PAGEMAP_SCAN)"
+                            } else {
+                                "the workload marks its own writes"
+                            }
+                        );
                     }
                     exit_for(&outcome.report)
                 }
@@ -1255,6 +1334,7 @@ fn main() -> ExitCode {
             idle_timeout,
             json,
             kvm,
+            content,
         } => {
             let listener = match TcpListener::bind(&addr) {
                 Ok(l) => l,
@@ -1270,6 +1350,7 @@ fn main() -> ExitCode {
             let options = demo::ListenOptions {
                 max_memory,
                 idle_timeout,
+                content,
             };
             let received = demo::serve_listener(&listener, &options, |peer| {
                 eprintln!("memferry: receiving from {peer}")
@@ -1325,11 +1406,12 @@ fn main() -> ExitCode {
             }
             let quiet = migration.quiet;
             let page_size = options.page_size.bytes() as u64;
-            let result = demo::migrate_channels(
+            let result = demo::migrate_with(
                 &mut host,
                 migration.config(),
                 ends,
                 migration.bandwidth,
+                &migration.source_options(),
                 |r| {
                     if !quiet {
                         eprintln!("{}", output::progress_line(r, page_size));
