@@ -574,11 +574,25 @@ fn serve_with(
     for decoder in crate::codec::destination_decoders() {
         destination = destination.with_decoder(decoder);
     }
-    if let Some(dir) = content {
-        let store = crate::store::PageStore::open(dir, page_size).map_err(|e| {
-            JobError::Setup(format!("cannot open the page store {}: {e}", dir.display()))
-        })?;
-        destination = destination.with_content(Box::new(store));
+    if let Some(path) = content {
+        // A directory is a shared page store; a file, an image this host kept (a VM that
+        // left it, returning).
+        let content: Box<dyn memferry::hashfirst::ContentSource> = if path.is_dir() {
+            Box::new(crate::store::PageStore::open(path, page_size).map_err(|e| {
+                JobError::Setup(format!(
+                    "cannot open the page store {}: {e}",
+                    path.display()
+                ))
+            })?)
+        } else {
+            Box::new(
+                crate::image::Image::open_read_only(path, crate::image::Limits::default())
+                    .map_err(|e| {
+                        JobError::Setup(format!("cannot open the image {}: {e}", path.display()))
+                    })?,
+            )
+        };
+        destination = destination.with_content(content);
     }
     drive::run_destination(&mut destination, &mut host, channels, &clock)?;
     host.verdict = destination.verdict();

@@ -1813,3 +1813,17 @@ impl PageCursor<'_> {
         Some(Ok((PageIndex(p), Some(&self.buf[at..at + page_size]))))
     }
 }
+
+/// An image is content a destination may already hold: the image a VM left on this host
+/// (memory reuse on return, paper 003) is announced to the source (hash-first), which then
+/// sends only the pages that differ.
+impl memferry::hashfirst::ContentSource for Image {
+    fn page_count(&self) -> u64 {
+        self.header.page_count
+    }
+
+    fn read_content(&mut self, index: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        self.read_page(PageIndex(index), buf)
+            .map_err(|e| HostError::new(format!("image {}: {e}", self.path.display())))
+    }
+}

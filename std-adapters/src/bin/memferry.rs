@@ -50,6 +50,12 @@ enum Command {
         guest: GuestKind,
         #[command(flatten)]
         kvm: KvmArgs,
+        /// Content the destination already holds: an image file (`memferry save`; a VM
+        /// returning to a host that kept its image) or a shared page store directory. The
+        /// source then sends pages found there as 16-byte hashes (hash-first). In-process
+        /// guest only.
+        #[arg(long, value_name = "PATH")]
+        content: Option<std::path::PathBuf>,
     },
     /// Wait for one migration on ADDR (e.g. 127.0.0.1:7070) and receive it. The source is not
     /// authenticated: what it may make this process do is bounded by --max-memory and
@@ -79,6 +85,34 @@ enum Command {
         /// side copies them from the store (hash-first).
         #[arg(long, value_name = "DIR")]
         content: Option<std::path::PathBuf>,
+    },
+    /// Save the in-process guest to an image file (a fixed offset per page, sparse), live: a
+    /// full save while the workload runs, then --incremental saves of the pages it dirtied,
+    /// then a last one with the guest paused. Prints the saved memory's digest.
+    Save {
+        /// The image file (replaced by the first, full save; a crash leaves the previous one).
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Incremental saves while the guest runs, one per --interval.
+        #[arg(long, default_value_t = 1)]
+        incremental: u32,
+        /// Time between saves.
+        #[arg(long, default_value = "200ms", value_parser = parse_positive_duration)]
+        interval: std::time::Duration,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore an image file into fresh guest memory and print its digest (equal to the one
+    /// `save` printed).
+    Restore {
+        /// The image file.
+        image: std::path::PathBuf,
+        /// Print a JSON summary instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Record the in-process workload's dirty pages into a trace file, for replay in the
     /// simulator (`memferry simulate --workload trace:FILE`).
@@ -685,6 +719,139 @@ impl MigrationArgs {
     }
 }
 
+/// `memferry save`: a live save of the in-process guest, then incremental ones.
+fn save_guest(
+    path: &std::path::Path,
+    guest: &GuestArgs,
+    incremental: u32,
+    interval: std::time::Duration,
+    json: bool,
+) -> ExitCode {
+    use memferry::memory::{sync_all, SourceGuest};
+    use memferry_std::image::Image;
+    let options = match guest.options() {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let mut host = match demo::prepare_source(&options, guest.seed) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
+    let layout = memferry::page::MemoryLayout::single(host.region().geometry());
+    let mut image = match Image::create(path, &layout) {
+        Ok(i) => i,
+        Err(e) => return fail(format!("cannot create {}: {e}", path.display())),
+    };
+    let mut dirty = memferry::bitmap::DirtyBitmap::new(layout.page_count());
+    // Writes from here on are in the next save.
+    if let Err(e) = sync_all(&layout, &mut host, &mut dirty) {
+        return fail(e);
+    }
+    dirty.clear();
+    let mut saves = Vec::new();
+    match image.save_full(&mut host) {
+        Ok(stats) => saves.push(("full", stats)),
+        Err(e) => return fail(format!("saving {}: {e}", path.display())),
+    }
+    for n in 0..=incremental {
+        let last = n == incremental;
+        if last {
+            // The final save sees a paused guest: the image is one moment of its memory.
+            if let Err(e) = host.pause() {
+                return fail(e);
+            }
+        } else {
+            std::thread::sleep(interval);
+        }
+        if let Err(e) = sync_all(&layout, &mut host, &mut dirty) {
+            return fail(e);
+        }
+        match image.save_incremental(&dirty, &mut host) {
+            Ok(stats) => saves.push(("incremental", stats)),
+            Err(e) => return fail(format!("saving {}: {e}", path.display())),
+        }
+        dirty.clear();
+    }
+    let digest =
+        memferry::digest::memory_digest(host.region().snapshot(), options.page_size.bytes());
+    if json {
+        let list: Vec<serde_json::Value> = saves
+            .iter()
+            .map(|(kind, s)| {
+                serde_json::json!({"kind": kind, "generation": s.generation, "pages": s.pages,
+                    "data_pages": s.data_pages, "zero_pages": s.zero_pages, "image_bytes": s.image_bytes,
+                    "journal_bytes": s.journal_bytes, "elapsed_ms": s.elapsed.as_secs_f64() * 1e3})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"image": path.display().to_string(), "digest": format!("{digest:032x}"), "saves": list})
+        );
+    } else {
+        for (kind, s) in &saves {
+            println!(
+                "{kind:<11} save, generation {}: {} pages ({} with data, {} zero), {} to the image, {} to the journal, in {:.1} ms",
+                s.generation,
+                s.pages,
+                s.data_pages,
+                s.zero_pages,
+                output::human_bytes(s.image_bytes),
+                output::human_bytes(s.journal_bytes),
+                s.elapsed.as_secs_f64() * 1e3
+            );
+        }
+        println!("saved {} (digest {digest:032x})", path.display());
+    }
+    ExitCode::SUCCESS
+}
+
+/// `memferry restore IMAGE`: the image into fresh memory, and its digest.
+fn restore_image(path: &std::path::Path, json: bool) -> ExitCode {
+    use memferry_std::image::{Image, Limits};
+    let image = match Image::open_read_only(path, Limits::default()) {
+        Ok(i) => i,
+        Err(e) => return fail(format!("cannot open {}: {e}", path.display())),
+    };
+    let layout = image.layout().clone();
+    if layout.regions().len() != 1 {
+        return fail(format!(
+            "{} has {} memory regions; restore maps one",
+            path.display(),
+            layout.regions().len()
+        ));
+    }
+    let mut host = match memferry_std::memory::DestinationHost::new_lazy(layout.geometry()) {
+        Ok(h) => h,
+        Err(e) => return fail(format!("cannot map the guest: {e}")),
+    };
+    let began = std::time::Instant::now();
+    let stats = match image.restore_into(&mut host) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("restoring {}: {e}", path.display())),
+    };
+    let elapsed = began.elapsed();
+    let digest =
+        memferry::digest::memory_digest(host.region().snapshot(), layout.page_size().bytes());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"image": path.display().to_string(), "generation": image.generation(),
+                "memory_bytes": layout.geometry().memory_bytes(), "data_pages": stats.data_pages,
+                "digest": format!("{digest:032x}"), "elapsed_ms": elapsed.as_secs_f64() * 1e3})
+        );
+    } else {
+        println!(
+            "restored {} (generation {}): {} of memory, {} pages with data, in {:.1} ms; digest {digest:032x}",
+            path.display(),
+            image.generation(),
+            output::human_bytes(layout.geometry().memory_bytes()),
+            stats.data_pages,
+            elapsed.as_secs_f64() * 1e3
+        );
+    }
+    ExitCode::SUCCESS
+}
+
 /// `memferry record -o F -- CMD ARGS…`: records a program's writes into a trace.
 #[cfg(target_os = "linux")]
 fn record_a_program(
@@ -1037,6 +1204,11 @@ fn run_simulate(args: SimulateArgs) -> ExitCode {
         Ok(g) => g,
         Err(e) => return fail(e),
     };
+    if args.engine.when_outpaced == WhenOutpaced::PostCopy {
+        return fail(
+            "--when-outpaced post-copy: the simulator does not model a guest running at the destination yet (demo and send do)",
+        );
+    }
     if let Some(t) = &trace {
         if t.window_cut_short(&model) {
             eprintln!(
@@ -1111,6 +1283,7 @@ fn main() -> ExitCode {
             transport,
             guest: kind,
             kvm,
+            content,
         } => {
             #[cfg(target_os = "linux")]
             {
@@ -1122,6 +1295,11 @@ fn main() -> ExitCode {
                     .and_then(|()| kvm.config(&guest).map(|_| ()));
                 match (kind, usable) {
                     (GuestKind::Process, _) => {}
+                    (GuestKind::Auto, Ok(())) if content.is_some() => {
+                        if !migration.quiet {
+                            eprintln!("memferry demo: --content: migrating the in-process workload (the KVM guest does not take it yet)");
+                        }
+                    }
                     (GuestKind::Kvm | GuestKind::Auto, Ok(())) => {
                         return kvm_demo(&guest, &kvm, &migration, transport);
                     }
@@ -1173,7 +1351,7 @@ fn main() -> ExitCode {
                 transport,
                 migration.channels,
                 &migration.source_options(),
-                None,
+                content,
                 progress,
             ) {
                 Ok(outcome) => {
@@ -1263,6 +1441,14 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::Save {
+            output,
+            guest,
+            incremental,
+            interval,
+            json,
+        } => save_guest(&output, &guest, incremental, interval, json),
+        Command::Restore { image, json } => restore_image(&image, json),
         Command::Record {
             output,
             guest,
