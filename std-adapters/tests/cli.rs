@@ -623,3 +623,143 @@ fn sharded_and_merged_compare_print_what_an_unsharded_one_prints() {
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_file(&path).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The content pipeline, hash-first, images, hybrid and the kernel dirty log, as a user runs them.
+
+fn demo_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec![
+        "demo", "--guest", "process", "--memory", "48MiB", "--json", "--quiet",
+    ];
+    if !args.contains(&"--bandwidth") {
+        all.extend_from_slice(&["--bandwidth", "400Mbit"]);
+    }
+    all.extend_from_slice(args);
+    let (stdout, _) = run_ok(&all);
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+/// Every codec migrates the running guest exactly; the report says what each encoding carried
+/// and the encodings used are the codec's.
+#[test]
+fn every_codec_migrates_exactly_and_reports_its_encodings() {
+    let base = demo_json(&["--codec", "none"]);
+    assert_eq!(base["verified"], true);
+    let raw_bytes = base["bytes_sent"].as_u64().unwrap();
+    for (codec, encoding) in [
+        ("lz4", "lz4"),
+        ("zstd", "other"),
+        ("delta", "delta"),
+        ("adaptive", "reference"),
+    ] {
+        let v = demo_json(&["--codec", codec]);
+        assert_eq!(v["verified"], true, "{codec}");
+        assert_eq!(v["codec"], codec);
+        let used = v["encodings"][encoding]["pages"].as_u64().unwrap();
+        assert!(used > 0, "{codec}: no {encoding} pages: {}", v["encodings"]);
+        assert!(v["bytes_saved"].as_u64().unwrap() > 0, "{codec}");
+        eprintln!(
+            "{codec}: {} bytes on the wire ({} without a codec), {used} {encoding} pages",
+            v["bytes_sent"], raw_bytes
+        );
+    }
+    let err = run_err(&[
+        "demo",
+        "--guest",
+        "process",
+        "--codec",
+        "delta",
+        "--channels",
+        "2",
+    ]);
+    assert!(err.contains("needs one channel"), "{err}");
+    let err = run_err(&["demo", "--codec", "brotli"]);
+    assert!(err.contains("unknown codec"), "{err}");
+}
+
+/// save → restore gives back the saved memory (same digest), and a guest returning to a host
+/// that kept its image sends what did not change as hashes.
+#[test]
+fn save_restore_and_a_returning_guest() {
+    let dir = std::env::temp_dir().join(format!("memferry-cli-image-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let image = dir.join("guest.img");
+    let image = image.to_str().unwrap();
+    let (out, _) = run_ok(&[
+        "save",
+        "-o",
+        image,
+        "--memory",
+        "48MiB",
+        "--incremental",
+        "2",
+        "--interval",
+        "50ms",
+        "--json",
+    ]);
+    let saved: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(saved["saves"].as_array().unwrap().len(), 4, "{saved}");
+    let (out, _) = run_ok(&["restore", image, "--json"]);
+    let restored: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(restored["digest"], saved["digest"]);
+    assert_eq!(restored["generation"], 4);
+    let back = demo_json(&["--content", image]);
+    assert_eq!(back["verified"], true);
+    let known = back["encodings"]["known"]["pages"].as_u64().unwrap();
+    assert!(known > 1000, "only {known} pages sent as hashes");
+    assert!(back["known_pages_announced"].as_u64().unwrap() >= known);
+    let err = run_err(&["restore", dir.join("missing.img").to_str().unwrap()]);
+    assert!(err.contains("cannot open"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A guest that writes faster than the link is handed over to post-copy (hybrid): a pause of
+/// a device state's length, the stale pages named and sent after the switchover.
+#[test]
+fn an_outpacing_guest_is_handed_over_to_post_copy() {
+    let v = demo_json(&[
+        "--bandwidth",
+        "100Mbit",
+        "--write-rate",
+        "2000000",
+        "--hot-fraction",
+        "0.5",
+        "--hot-share",
+        "1",
+        "--downtime-ms",
+        "5",
+        "--when-outpaced",
+        "post-copy",
+    ]);
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["stop_reason"], "not_converging");
+    assert!(v["stop_detail"].as_str().unwrap().contains("post-copy"));
+    assert!(v["discarded_pages"].as_u64().unwrap() > 0);
+    assert!(
+        v["downtime_ms"].as_f64().unwrap() < 50.0,
+        "{}",
+        v["downtime_ms"]
+    );
+    let err = run_err(&["simulate", "--when-outpaced", "post-copy"]);
+    assert!(err.contains("does not model"), "{err}");
+}
+
+/// The kernel's dirty log instead of the workload's marks: exact, and the report says so and
+/// carries its cost.
+#[test]
+fn the_kernel_dirty_log_runs_the_demo() {
+    if let Err(why) = memferry_recorder::sys::probe() {
+        eprintln!("SKIPPED the_kernel_dirty_log_runs_the_demo: {why}");
+        return;
+    }
+    let v = demo_json(&["--kernel-dirty-log", "--downtime-ms", "20"]);
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["dirty_log"], "kernel");
+    let cost: f64 = v["per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["dirty_sync_ms"].as_f64().unwrap())
+        .sum();
+    assert!(cost > 0.0);
+}
