@@ -33,6 +33,7 @@ fn options(max_memory: u64) -> ListenOptions {
     ListenOptions {
         max_memory,
         idle_timeout: IDLE,
+        ..ListenOptions::default()
     }
 }
 
