@@ -1010,6 +1010,7 @@ pub mod kvm {
             match e {
                 KvmRunError::Drive(d) => JobError::Drive(d),
                 KvmRunError::Kvm(k) => JobError::Setup(k.to_string()),
+                KvmRunError::Codec(c) => JobError::Setup(c),
             }
         }
     }
@@ -1058,8 +1059,13 @@ pub mod kvm {
         config: PreCopyConfig,
         channels: Vec<(BoxRead, BoxWrite)>,
         link: ByteRate,
+        codec: &crate::codec::CodecOptions,
         on_round: impl FnMut(&RoundReport),
     ) -> Result<MigrationReport, JobError> {
+        codec
+            .choice
+            .check_channels(channels.len() as u16)
+            .map_err(JobError::Setup)?;
         let n = channels.len().max(1) as u64;
         let share = if link.is_unlimited() {
             link
@@ -1070,10 +1076,13 @@ pub mod kvm {
             .into_iter()
             .map(|(r, w)| (r, Box::new(RateLimited::new(w, share)) as BoxWrite))
             .collect();
-        Ok(run::migrate_source(
+        let page_size = guest.source.layout().page_size().bytes();
+        let encoder_for = |session: u64| codec.encoder(session, page_size, None);
+        Ok(run::migrate_source_with(
             &mut guest.source,
             config,
             channels,
+            &encoder_for,
             on_round,
         )?)
     }
@@ -1122,6 +1131,7 @@ pub mod kvm {
         link: ByteRate,
         channels: u16,
         transport: super::TransportKind,
+        codec: &crate::codec::CodecOptions,
         on_round: impl FnMut(&RoundReport),
     ) -> Result<KvmDemoOutcome, JobError> {
         let mut guest = start_guest(config, mode, 1 << 16)?;
@@ -1180,7 +1190,7 @@ pub mod kvm {
                 );
             }
         }
-        let sent = send(&mut guest, engine, ends, link, on_round);
+        let sent = send(&mut guest, engine, ends, link, codec, on_round);
         let received = destination
             .join()
             .map_err(|_| setup("the destination thread panicked"))?;

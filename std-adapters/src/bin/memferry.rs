@@ -1672,6 +1672,7 @@ fn kvm_demo(
         migration.bandwidth,
         migration.channels,
         transport,
+        &migration.source_options().codec,
         progress,
     ) {
         Ok(o) => {
@@ -1726,6 +1727,7 @@ fn kvm_send(addr: &str, guest: &GuestArgs, kvm: &KvmArgs, migration: &MigrationA
         migration.config(),
         ends,
         migration.bandwidth,
+        &migration.source_options().codec,
         |r| {
             if !quiet {
                 eprintln!("{}", output::progress_line(r, 4096));

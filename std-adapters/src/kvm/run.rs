@@ -5,6 +5,7 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
+use memferry::codec::PageEncoder;
 use memferry::error::MigrationError;
 use memferry::page::MemoryLayout;
 use memferry::receive::{Destination, DestinationConfig};
@@ -24,6 +25,8 @@ pub enum KvmRunError {
     Kvm(KvmError),
     /// The migration failed.
     Drive(DriveError),
+    /// The page codec could not be set up.
+    Codec(String),
 }
 
 impl std::fmt::Display for KvmRunError {
@@ -31,6 +34,7 @@ impl std::fmt::Display for KvmRunError {
         match self {
             KvmRunError::Kvm(e) => write!(f, "{e}"),
             KvmRunError::Drive(e) => write!(f, "{e}"),
+            KvmRunError::Codec(e) => write!(f, "{e}"),
         }
     }
 }
@@ -70,6 +74,22 @@ pub fn migrate_source(
     channels: Vec<(BoxRead, BoxWrite)>,
     on_round: impl FnMut(&RoundReport),
 ) -> Result<MigrationReport, KvmRunError> {
+    migrate_source_with(source, config, channels, &|_| Ok(None), on_round)
+}
+
+/// Makes the page encoder of one channel for a migration with the given session id (which
+/// seeds the dedup hash), or `None` for raw pages.
+pub type EncoderFor<'a> = dyn Fn(u64) -> Result<Option<Box<dyn PageEncoder>>, String> + 'a;
+
+/// [`migrate_source`] with a page codec: `encoder_for` makes each channel's encoder (stateful
+/// codecs need one channel).
+pub fn migrate_source_with(
+    source: &mut KvmSource,
+    config: PreCopyConfig,
+    channels: Vec<(BoxRead, BoxWrite)>,
+    encoder_for: &EncoderFor<'_>,
+    on_round: impl FnMut(&RoundReport),
+) -> Result<MigrationReport, KvmRunError> {
     let session = SessionConfig {
         channels: channels.len() as u16,
         verify: config.verify,
@@ -77,12 +97,36 @@ pub fn migrate_source(
         session_id: session_id(),
         ..SessionConfig::default()
     };
+    let mut encoders = Vec::new();
+    for _ in 0..channels.len().max(1) {
+        match encoder_for(session.session_id).map_err(KvmRunError::Codec)? {
+            Some(e) => encoders.push(e),
+            None => break,
+        }
+    }
     let mut engine = Source::new(source.layout().clone(), session, PreCopy::new(config));
     let clock = Clock::new();
     let result = if channels.len() > 1 {
         let memory: drive::SharedMemory = source.shared_memory();
-        drive::run_source_with_workers(&mut engine, source, memory, channels, &clock, on_round)
+        if encoders.is_empty() {
+            drive::run_source_with_workers(&mut engine, source, memory, channels, &clock, on_round)
+        } else {
+            // The engine offers the codec's features; each writer thread encodes.
+            engine = engine.with_encoder(Box::new(memferry::codec::Raw));
+            drive::run_source_with_encoders(
+                &mut engine,
+                source,
+                memory,
+                channels,
+                encoders,
+                &clock,
+                on_round,
+            )
+        }
     } else {
+        if let Some(encoder) = encoders.pop() {
+            engine = engine.with_encoder(encoder);
+        }
         drive::run_source(&mut engine, source, channels, &clock, on_round)
     };
     let stopped = source.finish();
@@ -156,7 +200,12 @@ pub fn receive_with(
     let (machine, vcpus) = DestinationMachine::create(&layout)?;
     let mut host = KvmDestination::new(machine.vm.fd().clone(), machine.memory()?, vcpus);
     prepare(&mut host);
+    #[allow(unused_mut)]
     let mut destination = Destination::new(layout, DestinationConfig::default());
+    #[cfg(feature = "zstd")]
+    for decoder in crate::codec::destination_decoders() {
+        destination = destination.with_decoder(decoder);
+    }
     let clock = Clock::new();
     drive::run_destination(&mut destination, &mut host, channels, &clock)?;
     Ok(Received {
