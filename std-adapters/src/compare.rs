@@ -19,7 +19,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::output::human_bytes;
 use crate::sim::workload::{fit_guest, TraceCoverage, TraceSummary};
-use crate::sim::{simulate, LinkModel, ModelPrediction, Scenario, SimOutcome, WorkloadModel};
+use crate::sim::{
+    simulate, CodecModel, ContentModel, LinkModel, ModelPrediction, Scenario, SimCodec, SimOutcome,
+    WorkloadModel,
+};
 
 /// One strategy: a name and the engine settings that make it.
 #[derive(Clone, Debug)]
@@ -28,13 +31,85 @@ pub struct Strategy {
     pub name: String,
     /// Engine settings.
     pub engine: PreCopyConfig,
+    /// The page codec (none: raw pages).
+    pub codec: CodecModel,
+    /// The destination holds a sibling VM's image and announces it hash-first.
+    pub sibling_image: bool,
 }
 
 /// A figure a paper claims, to print beside the measurement.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Claim {
     /// Which paper and what it claims, in words.
     pub text: String,
+    /// The claimed figures, each measured on every workload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub figures: Vec<ClaimFigure>,
+}
+
+/// What a claimed figure measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClaimMetric {
+    /// Change of total migration time against the baseline, percent.
+    TotalTime,
+    /// Change of downtime against the baseline, percent.
+    Downtime,
+    /// Change of bytes on the wire against the baseline, percent.
+    Bytes,
+    /// Share of the guest's pages sent as hashes of content the destination held, percent.
+    KnownPages,
+    /// Share of the pages sent that went without their bytes (zero pages, dedup references,
+    /// hash-first), percent.
+    DeduplicatedPages,
+}
+
+impl ClaimMetric {
+    /// In words.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClaimMetric::TotalTime => "total time",
+            ClaimMetric::Downtime => "downtime",
+            ClaimMetric::Bytes => "bytes",
+            ClaimMetric::KnownPages => "pages sent as hashes",
+            ClaimMetric::DeduplicatedPages => "pages deduplicated",
+        }
+    }
+
+    /// Whether the figure is a change against the baseline (else a share of one run).
+    pub fn is_change(self) -> bool {
+        matches!(
+            self,
+            ClaimMetric::TotalTime | ClaimMetric::Downtime | ClaimMetric::Bytes
+        )
+    }
+}
+
+/// One figure a paper claims: `metric` of `strategy` (against the baseline for a change).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClaimFigure {
+    /// Which paper.
+    pub paper: String,
+    /// What is measured.
+    pub metric: ClaimMetric,
+    /// The strategy measured.
+    pub strategy: String,
+    /// The paper's figure, percent (negative: a reduction).
+    pub claimed_pct: f64,
+    /// How the paper states it (`"-34%"`, `"up to 96%"`, `"> 30%"`).
+    pub claimed: String,
+}
+
+/// A claimed figure beside the measured one, on one workload.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClaimCheck {
+    /// The claim.
+    #[serde(flatten)]
+    pub figure: ClaimFigure,
+    /// The workload.
+    pub workload: String,
+    /// The measured figure, percent (median over seeds); `None` without the runs it needs.
+    pub measured_pct: Option<f64>,
 }
 
 /// A named comparison.
@@ -67,6 +142,35 @@ fn precopy(name: &str, stop: StopRules, rate: RatePlan) -> Strategy {
             rate,
             ..PreCopyConfig::default()
         },
+        codec: CodecModel::default(),
+        sibling_image: false,
+    }
+}
+
+/// Pre-copy under the default stop rules with `codec`, named `pre-copy+CODEC`.
+fn with_codec(codec: SimCodec) -> Strategy {
+    let mut s = precopy(
+        &format!("pre-copy+{}", codec.name()),
+        StopRules::default(),
+        RatePlan::default(),
+    );
+    s.codec = CodecModel::with(codec);
+    s
+}
+
+fn claim_figure(
+    paper: &str,
+    metric: ClaimMetric,
+    strategy: &str,
+    claimed_pct: f64,
+    claimed: &str,
+) -> ClaimFigure {
+    ClaimFigure {
+        paper: paper.into(),
+        metric,
+        strategy: strategy.into(),
+        claimed_pct,
+        claimed: claimed.into(),
     }
 }
 
@@ -85,6 +189,8 @@ fn with_predictors(specs: &[&str], stop: StopRules) -> Vec<Strategy> {
                 stop,
                 ..PreCopyConfig::default()
             },
+            codec: CodecModel::default(),
+            sibling_image: false,
         })
         .collect()
 }
@@ -139,7 +245,7 @@ pub fn presets() -> Vec<Preset> {
             workloads: vec![WorkloadModel::Uniform { rate: 5_000.0 }, WorkloadModel::Uniform { rate: 15_000.0 }],
             seeds: vec![1, 2, 3],
             base: Scenario { content: crate::sim::ContentModel { zero_fraction: 0.0, text_fraction: 0.0, duplicate_fraction: 0.0, ..Default::default() }, ..base.clone() },
-            claim: Some(Claim { text: "paper 002 (Clark): round i lasts M·D^i/B^(i+1); the model's columns are printed beside the simulation".into() }),
+            claim: Some(Claim { text: "paper 002 (Clark): round i lasts M·D^i/B^(i+1); the model's columns are printed beside the simulation".into(), ..Claim::default() }),
             baseline: None,
         },
         Preset {
@@ -151,8 +257,8 @@ pub fn presets() -> Vec<Preset> {
                 .collect(),
             workloads: vec![WorkloadModel::HotCold { rate: 30_000.0, hot_fraction: 0.05, hot_share: 0.9 }],
             seeds: vec![1, 2, 3],
-            base,
-            claim: Some(Claim { text: "paper 004: more rounds trade total time and bytes for downtime".into() }),
+            base: base.clone(),
+            claim: Some(Claim { text: "paper 004: more rounds trade total time and bytes for downtime".into(), ..Claim::default() }),
             baseline: None,
         },
         Preset {
@@ -168,6 +274,7 @@ pub fn presets() -> Vec<Preset> {
             base: Scenario { memory: 1 << 30, ..Scenario::default() },
             claim: Some(Claim {
                 text: "paper 001: holding frequently updated pages to the last round sends 34% less data in 32.5% less time; paper 003: hot pages recognised from the history of dirty pages are sent at the end".into(),
+                ..Claim::default()
             }),
             baseline: Some("pre-copy"),
         },
@@ -184,10 +291,93 @@ pub fn presets() -> Vec<Preset> {
             base: Scenario { memory: 1 << 30, ..Scenario::default() },
             claim: Some(Claim {
                 text: "paper 004 (Zaw and Thein, LRU/splay): -11.45% total migration time, -23.67% data; paper 002: WSClock improves on it. Predictors must not hurt on uniform writes (within 2%).".into(),
+                ..Claim::default()
+            }),
+            baseline: Some("pre-copy"),
+        },
+        Preset {
+            name: "paper001-delta",
+            description: "XBZRLE delta compression of pages sent again (paper 001) against raw pages: real encoders on the default content model (writes change 64 B of a page), 256 MiB guest, 1 Gbit/s",
+            strategies: vec![precopy("pre-copy", defaults, RatePlan::default()), with_codec(SimCodec::Delta)],
+            workloads: codec_workloads(),
+            seeds: vec![1, 2, 3],
+            base: base.clone(),
+            claim: Some(Claim {
+                text: "paper 001: delta compression of frequently updated pages sends 34% less data in 32.5% less time".into(),
+                figures: vec![
+                    claim_figure("paper 001", ClaimMetric::Bytes, "pre-copy+delta", -34.0, "-34%"),
+                    claim_figure("paper 001", ClaimMetric::TotalTime, "pre-copy+delta", -32.5, "-32.5%"),
+                ],
+            }),
+            baseline: Some("pre-copy"),
+        },
+        Preset {
+            name: "paper004-adaptive",
+            description: "adaptive compression (paper 004 after Jin et al.: per page a dedup reference, a delta, LZ4 or raw, encoders weighed against the link) against raw pages, LZ4 and delta alone: real encoders on the default content model, 256 MiB guest, 1 Gbit/s",
+            strategies: vec![
+                precopy("pre-copy", defaults, RatePlan::default()),
+                with_codec(SimCodec::Lz4),
+                with_codec(SimCodec::Delta),
+                with_codec(SimCodec::Adaptive),
+            ],
+            workloads: codec_workloads(),
+            seeds: vec![1, 2, 3],
+            base: base.clone(),
+            claim: Some(Claim {
+                text: "paper 004 (Jin et al.'s adaptive compression): -27.1% downtime, -32% total time, -68.8% data".into(),
+                figures: vec![
+                    claim_figure("paper 004", ClaimMetric::Downtime, "pre-copy+adaptive", -27.1, "-27.1%"),
+                    claim_figure("paper 004", ClaimMetric::TotalTime, "pre-copy+adaptive", -32.0, "-32%"),
+                    claim_figure("paper 004", ClaimMetric::Bytes, "pre-copy+adaptive", -68.8, "-68.8%"),
+                ],
+            }),
+            baseline: Some("pre-copy"),
+        },
+        Preset {
+            name: "paper000-shared-image",
+            description: "a destination that holds the image of another VM of the same application (paper 000), announced hash-first: round 1 sends the pages it holds as hashes (content model app-image: 96% of pages shared until written, the paper's figure taken as the input), 256 MiB guest, 1 Gbit/s",
+            strategies: vec![precopy("pre-copy", defaults, RatePlan::default()), {
+                let mut s = precopy("pre-copy+sibling image", defaults, RatePlan::default());
+                s.sibling_image = true;
+                s
+            }],
+            workloads: codec_workloads(),
+            seeds: vec![1, 2, 3],
+            base: Scenario {
+                content: ContentModel::named("app-image").expect("a built-in content model"),
+                ..base.clone()
+            },
+            claim: Some(Claim {
+                text: "paper 000: VMs of one application share up to 96% of their image (kept on shared storage, so a migration need not send it)".into(),
+                figures: vec![claim_figure("paper 000", ClaimMetric::KnownPages, "pre-copy+sibling image", 96.0, "up to 96%")],
+            }),
+            baseline: Some("pre-copy"),
+        },
+        Preset {
+            name: "paper004-dedup",
+            description: "deduplication (zero pages and references to content sent before, the adaptive codec) against raw pages on the default content model (20% zero pages, 5% duplicates of 16 pages); paper 004's figure is for VM images on shared storage, a migration dedups within one guest: 256 MiB guest, 1 Gbit/s",
+            strategies: vec![precopy("pre-copy", defaults, RatePlan::default()), with_codec(SimCodec::Adaptive)],
+            workloads: codec_workloads(),
+            seeds: vec![1, 2, 3],
+            base,
+            claim: Some(Claim {
+                text: "paper 004: deduplication on shared storage saves more than 30%".into(),
+                figures: vec![
+                    claim_figure("paper 004", ClaimMetric::DeduplicatedPages, "pre-copy+adaptive", 30.0, "> 30%"),
+                    claim_figure("paper 004", ClaimMetric::Bytes, "pre-copy+adaptive", -30.0, "> 30% less"),
+                ],
             }),
             baseline: Some("pre-copy"),
         },
     ]
+}
+
+/// The workloads of the codec presets: skewed and uniform writes at 30k writes/s.
+fn codec_workloads() -> Vec<WorkloadModel> {
+    ["hotcold", "zipf", "uniform"]
+        .iter()
+        .map(|name| WorkloadModel::named(name, 30_000.0).expect("a built-in workload"))
+        .collect()
 }
 
 /// One run of the matrix.
@@ -268,7 +458,28 @@ pub struct Row {
     pub dirty_set_curve: ModelRow,
     /// Paper 000's Tmig, ms.
     pub paper000_total_time_ms: Spread,
+    /// With a codec or a sibling image: what each mechanism saved, and the codec's CPU time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<ContentRow>,
 }
+
+/// A row's content figures, over seeds.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContentRow {
+    /// The codec.
+    pub codec: String,
+    /// Payload bytes saved per mechanism (zero, lz4, zstd, delta, reference, known).
+    pub saved_bytes: Vec<(String, Spread)>,
+    /// Payload bytes saved in all.
+    pub saved_total: Spread,
+    /// The source's encoding CPU time, ms.
+    pub encode_cpu_ms: Spread,
+    /// The destination's decoding CPU time, ms.
+    pub decode_cpu_ms: Spread,
+}
+
+/// The mechanisms the content columns show, in order.
+pub const MECHANISMS: [&str; 6] = ["zero", "lz4", "zstd", "delta", "reference", "known"];
 
 /// One model's figures in a row, over seeds, with its signed error against the simulated runs
 /// in percent (`None`: not predicted, or nothing to compare with).
@@ -322,6 +533,9 @@ pub struct Comparison {
     pub parameters: Parameters,
     /// One row per strategy × workload.
     pub rows: Vec<Row>,
+    /// The paper's claimed figures beside the measured ones, per workload.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<ClaimCheck>,
     /// Every run.
     pub runs: Vec<Run>,
 }
@@ -355,6 +569,9 @@ pub struct Overrides {
     pub bandwidths: Vec<ByteRate>,
     /// Verify the destination's memory (`None`: the preset's setting, which is on).
     pub verify: Option<bool>,
+    /// A page codec for every strategy (`None`: the preset's). Refused for a preset whose
+    /// strategies choose codecs themselves.
+    pub codec: Option<CodecModel>,
 }
 
 /// Everything a comparison runs: strategies × cases × seeds, in that order (the run list
@@ -456,7 +673,25 @@ impl Matrix {
         if preset.strategies.is_empty() || cases.is_empty() || preset.seeds.is_empty() {
             return Err("a comparison needs at least one strategy, workload and seed".into());
         }
+        let mut strategies = preset.strategies.clone();
+        if let Some(codec) = overrides.codec {
+            if preset.strategies.iter().any(|s| !s.codec.is_none()) {
+                return Err(format!(
+                    "the preset {} compares codecs itself: --codec and --delta-cache apply to presets whose strategies send raw pages",
+                    preset.name
+                ));
+            }
+            if !codec.is_none() {
+                for s in &mut strategies {
+                    s.codec = codec;
+                    s.name = format!("{}+{}", s.name, codec.codec.name());
+                }
+            }
+        }
         let mut changed = Vec::new();
+        if overrides.codec.is_some_and(|c| !c.is_none()) {
+            changed.push("codec");
+        }
         if !overrides.workloads.is_empty() {
             changed.push("workloads");
         }
@@ -480,8 +715,11 @@ impl Matrix {
             preset: preset.name.into(),
             description,
             claim: preset.claim.clone(),
-            baseline: preset.baseline.map(String::from),
-            strategies: preset.strategies.clone(),
+            baseline: preset.baseline.map(|b| match overrides.codec {
+                Some(c) if !c.is_none() => format!("{b}+{}", c.codec.name()),
+                _ => b.to_string(),
+            }),
+            strategies,
             cases,
             seeds: preset.seeds.clone(),
         })
@@ -609,6 +847,19 @@ pub struct StrategyParameters {
     pub rate_max: Option<u64>,
     /// Every engine setting, as the engine spells it.
     pub engine: String,
+    /// The page codec (`none`: raw pages).
+    #[serde(default = "codec_none")]
+    pub codec: String,
+    /// Bytes of the delta cache (delta and adaptive).
+    #[serde(default)]
+    pub delta_cache_bytes: u64,
+    /// Whether the destination held a sibling VM's image (hash-first).
+    #[serde(default)]
+    pub sibling_image: bool,
+}
+
+fn codec_none() -> String {
+    "none".into()
 }
 
 fn limit(rate: ByteRate) -> Option<u64> {
@@ -630,6 +881,9 @@ impl StrategyParameters {
             rate_increment: e.rate.increment.0,
             rate_max: limit(e.rate.max),
             engine: format!("{e:?}"),
+            codec: s.codec.codec.name().into(),
+            delta_cache_bytes: s.codec.delta_cache_bytes,
+            sibling_image: s.sibling_image,
         }
     }
 
@@ -661,6 +915,18 @@ impl StrategyParameters {
             ));
         } else if self.rate_max.is_some() {
             text.push_str(&format!(", rate limit {}", rate(self.rate_max)));
+        }
+        if self.codec != "none" {
+            text.push_str(&format!(", codec {}", self.codec));
+            if matches!(self.codec.as_str(), "delta" | "adaptive") {
+                text.push_str(&format!(
+                    " (delta cache {})",
+                    human_bytes(self.delta_cache_bytes)
+                ));
+            }
+        }
+        if self.sibling_image {
+            text.push_str(", destination holds a sibling VM's image (hash-first)");
         }
         text
     }
@@ -908,6 +1174,8 @@ pub fn run_shard(
                 let scenario = Scenario {
                     seed,
                     engine: strategy.engine,
+                    codec: strategy.codec,
+                    sibling_image: strategy.sibling_image,
                     ..case.scenario.clone()
                 };
                 let result = simulate(&scenario)
@@ -974,9 +1242,11 @@ pub fn summarise(info: &MatrixInfo, runs: Vec<Run>) -> Comparison {
                         .collect::<Vec<_>>(),
                 ),
                 paper000_total_time_ms: metric(&|o| o.models.paper000.total_time.as_millis_f64()),
+                content: content_row(&group),
             });
         }
     }
+    let claims = claim_checks(info, &rows, &runs);
     Comparison {
         preset: info.preset.clone(),
         description: info.description.clone(),
@@ -984,8 +1254,88 @@ pub fn summarise(info: &MatrixInfo, runs: Vec<Run>) -> Comparison {
         baseline: info.baseline.clone(),
         parameters: info.parameters.clone(),
         rows,
+        claims,
         runs,
     }
+}
+
+fn content_row(group: &[&Run]) -> Option<ContentRow> {
+    let figures: Vec<&crate::sim::CodecFigures> = group
+        .iter()
+        .map(|r| r.outcome.codec.as_ref())
+        .collect::<Option<_>>()?;
+    let first = figures.first()?;
+    let spread = |f: &dyn Fn(&crate::sim::CodecFigures) -> f64| {
+        Spread::of(figures.iter().map(|c| f(c)).collect())
+    };
+    Some(ContentRow {
+        codec: first.codec.clone(),
+        saved_bytes: MECHANISMS
+            .iter()
+            .map(|m| (m.to_string(), spread(&|c| c.saved(m) as f64)))
+            .collect(),
+        saved_total: spread(&|c| c.saved_bytes as f64),
+        encode_cpu_ms: spread(&|c| c.cpu.encode().as_millis_f64()),
+        decode_cpu_ms: spread(&|c| c.cpu.decode.as_millis_f64()),
+    })
+}
+
+fn pct_change(x: f64, base: f64) -> f64 {
+    if base == 0.0 {
+        0.0
+    } else {
+        (x - base) / base * 100.0
+    }
+}
+
+/// Each claimed figure measured on each workload (medians over seeds).
+fn claim_checks(info: &MatrixInfo, rows: &[Row], runs: &[Run]) -> Vec<ClaimCheck> {
+    let Some(claim) = &info.claim else {
+        return Vec::new();
+    };
+    let mut checks = Vec::new();
+    for figure in &claim.figures {
+        for w in &info.workloads {
+            let row = |s: &str| rows.iter().find(|r| r.strategy == s && &r.workload == w);
+            let measured = match figure.metric {
+                ClaimMetric::TotalTime | ClaimMetric::Downtime | ClaimMetric::Bytes => {
+                    let base = info.baseline.as_deref().and_then(row);
+                    row(&figure.strategy).zip(base).map(|(r, b)| {
+                        let pick = |r: &Row| match figure.metric {
+                            ClaimMetric::TotalTime => r.total_time_ms.median,
+                            ClaimMetric::Downtime => r.downtime_ms.median,
+                            _ => r.bytes_sent.median,
+                        };
+                        pct_change(pick(r), pick(b))
+                    })
+                }
+                ClaimMetric::KnownPages | ClaimMetric::DeduplicatedPages => {
+                    let shares: Vec<f64> = runs
+                        .iter()
+                        .filter(|r| r.strategy == figure.strategy && &r.workload == w)
+                        .map(|r| {
+                            let rep = &r.outcome.report;
+                            let e = &rep.encodings;
+                            if figure.metric == ClaimMetric::KnownPages {
+                                e.known.pages as f64 / rep.page_count.max(1) as f64 * 100.0
+                            } else {
+                                (e.zero.pages + e.reference.pages + e.known.pages) as f64
+                                    / rep.pages_sent.max(1) as f64
+                                    * 100.0
+                            }
+                        })
+                        .collect();
+                    (!shares.is_empty()).then(|| Spread::of(shares).median)
+                }
+            };
+            checks.push(ClaimCheck {
+                figure: figure.clone(),
+                workload: w.clone(),
+                measured_pct: measured,
+            });
+        }
+    }
+    checks
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1447,11 +1797,91 @@ pub fn table(c: &Comparison) -> String {
         }
         out.push('\n');
     }
+    out.push_str(&content_table(c));
+    if !c.claims.is_empty() {
+        out.push_str("\nclaimed beside measured (median over seeds):\n");
+        for k in &c.claims {
+            let f = &k.figure;
+            let against = match (f.metric.is_change(), c.baseline.as_deref()) {
+                (true, Some(b)) => format!(" against {b}"),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "  {:<10} {:<21} {:<18} claimed {:<11} measured {} ({}{})\n",
+                f.paper,
+                f.metric.name(),
+                k.workload,
+                f.claimed,
+                k.measured_pct
+                    .map_or("-".to_string(), |m| if f.metric.is_change() {
+                        format!("{m:+.1}%")
+                    } else {
+                        format!("{m:.1}%")
+                    }),
+                f.strategy,
+                against
+            ));
+        }
+        out.push('\n');
+    }
     let notes = trace_notes(c);
     if !notes.is_empty() {
         out.push_str(&notes);
     }
     out.push_str("(median over seeds, range in brackets; least = lower bounds for any strategy; Clark and paper000 = analytic models fed this run's measured round-1 dirty rate; curve = the dirty-set model fed the workload's own dirty pages (Akoush et al.); err = a model's signed error against the simulated run; the models predict plain pre-copy, and with verification on their totals include hashing memory once; with verification on, total and resume time include the source hashing its memory after the destination starts)\n");
+    out
+}
+
+/// The content block of the table: per row with a codec or a sibling image, the payload bytes
+/// each mechanism saved and the codec's CPU time (empty when no run has any).
+fn content_table(c: &Comparison) -> String {
+    if c.rows.iter().all(|r| r.content.is_none()) {
+        return String::new();
+    }
+    let mut headers = vec!["strategy".to_string(), "workload".into(), "codec".into()];
+    headers.extend(MECHANISMS.iter().map(|m| format!("{m} MB saved")));
+    headers.extend([
+        "total MB saved".into(),
+        "encode cpu ms".into(),
+        "decode cpu ms".into(),
+    ]);
+    let mut rows = vec![headers];
+    for r in &c.rows {
+        let Some(k) = &r.content else { continue };
+        let mut row = vec![r.strategy.clone(), r.workload.clone(), k.codec.clone()];
+        row.extend(k.saved_bytes.iter().map(|(_, s)| spread_text(s, 1e6, 1)));
+        row.extend([
+            spread_text(&k.saved_total, 1e6, 1),
+            spread_text(&k.encode_cpu_ms, 1.0, 1),
+            spread_text(&k.decode_cpu_ms, 1.0, 1),
+        ]);
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::from(
+        "\ncontent (payload bytes saved against raw pages per mechanism; CPU time of the codec, modelled):\n",
+    );
+    for (n, r) in rows.iter().enumerate() {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+        if n == 0 {
+            out.push_str(
+                &widths
+                    .iter()
+                    .map(|w| "-".repeat(*w))
+                    .collect::<Vec<_>>()
+                    .join("  "),
+            );
+            out.push('\n');
+        }
+    }
     out
 }
 
@@ -1479,11 +1909,11 @@ fn model_csv(p: &ModelPrediction) -> String {
 
 /// Every run as CSV, one line per strategy × workload × seed.
 pub fn csv(c: &Comparison) -> String {
-    let mut out = String::from("preset,strategy,workload,seed,total_time_ms,downtime_ms,preparation_time_ms,resume_time_ms,bytes_sent,pages_sent,pages_resent,rounds,stop_reason,least_bytes,least_downtime_ms,writes,clark_total_time_ms,clark_total_error_pct,clark_downtime_ms,clark_downtime_error_pct,curve_total_time_ms,curve_total_error_pct,curve_downtime_ms,curve_downtime_error_pct,paper000_total_time_ms\n");
+    let mut out = String::from("preset,strategy,workload,seed,total_time_ms,downtime_ms,preparation_time_ms,resume_time_ms,bytes_sent,pages_sent,pages_resent,rounds,stop_reason,least_bytes,least_downtime_ms,writes,clark_total_time_ms,clark_total_error_pct,clark_downtime_ms,clark_downtime_error_pct,curve_total_time_ms,curve_total_error_pct,curve_downtime_ms,curve_downtime_error_pct,paper000_total_time_ms,codec,saved_zero,saved_lz4,saved_zstd,saved_delta,saved_reference,saved_known,saved_bytes,encode_cpu_ms,decode_cpu_ms\n");
     for r in &c.runs {
         let (rep, m) = (&r.outcome.report, &r.outcome.models);
         out.push_str(&format!(
-            "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{:.3},{},{}{:.3}\n",
+            "{},{},{},{},{:.3},{:.3},{:.3},{:.3},{},{},{},{},{},{},{:.3},{},{}{:.3},{}\n",
             csv_field(&c.preset),
             csv_field(&r.strategy),
             csv_field(&r.workload),
@@ -1505,7 +1935,24 @@ pub fn csv(c: &Comparison) -> String {
                 .map(|p| model_csv(p))
                 .collect::<String>(),
             m.paper000.total_time.as_millis_f64(),
+            content_csv(r.outcome.codec.as_ref()),
         ));
     }
     out
+}
+
+/// A run's codec columns (the codec, bytes saved per mechanism and in all, CPU ms), empty
+/// fields without a codec.
+fn content_csv(figures: Option<&crate::sim::CodecFigures>) -> String {
+    let Some(f) = figures else {
+        return "none".to_string() + &",".repeat(MECHANISMS.len() + 3);
+    };
+    let mut fields = vec![f.codec.clone()];
+    fields.extend(MECHANISMS.iter().map(|m| f.saved(m).to_string()));
+    fields.extend([
+        f.saved_bytes.to_string(),
+        format!("{:.3}", f.cpu.encode().as_millis_f64()),
+        format!("{:.3}", f.cpu.decode.as_millis_f64()),
+    ]);
+    fields.join(",")
 }

@@ -212,6 +212,87 @@ pub struct SimReportJson {
     pub link: LinkJson,
     /// The seed of contents and writes.
     pub seed: u64,
+    /// With a codec (or a sibling image): the codec, pages and bytes saved per mechanism, and
+    /// the CPU time the codec cost (modelled: `sim::codec::CodecRates`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub codec: Option<CodecJson>,
+}
+
+/// The content figures in `simulate --json`.
+#[derive(Serialize)]
+pub struct CodecJson {
+    /// The codec's name.
+    pub codec: String,
+    /// Per mechanism: pages, payload bytes, bytes saved.
+    pub mechanisms: Vec<crate::sim::codec::MechanismUse>,
+    /// Payload bytes saved in all.
+    pub saved_bytes: u64,
+    /// The source's encoding CPU time, ms, per mechanism.
+    pub encode_cpu_ms: EncodeCpuJson,
+    /// The destination's decoding CPU time, ms.
+    pub decode_cpu_ms: f64,
+}
+
+/// Encoding CPU time per mechanism, ms.
+#[derive(Serialize)]
+pub struct EncodeCpuJson {
+    /// LZ4 (pages and deltas).
+    pub lz4: f64,
+    /// zstd.
+    pub zstd: f64,
+    /// XBZRLE and the delta cache.
+    pub delta: f64,
+    /// Content hashing (dedup).
+    pub hash: f64,
+    /// In all.
+    pub total: f64,
+}
+
+impl From<&crate::sim::CodecFigures> for CodecJson {
+    fn from(f: &crate::sim::CodecFigures) -> Self {
+        let c = &f.cpu;
+        CodecJson {
+            codec: f.codec.clone(),
+            mechanisms: f.mechanisms.clone(),
+            saved_bytes: f.saved_bytes,
+            encode_cpu_ms: EncodeCpuJson {
+                lz4: ms(c.lz4),
+                zstd: ms(c.zstd),
+                delta: ms(c.delta),
+                hash: ms(c.hash),
+                total: ms(c.encode()),
+            },
+            decode_cpu_ms: ms(c.decode),
+        }
+    }
+}
+
+/// The content figures as lines under `simulate`'s table (empty without a codec).
+pub fn codec_lines(outcome: &SimOutcome) -> String {
+    let Some(f) = &outcome.codec else {
+        return String::new();
+    };
+    let mut text = format!(
+        "codec {}: {} saved against raw pages; encoding {:.1} ms of CPU (lz4 {:.1}, zstd {:.1}, delta {:.1}, hash {:.1}), decoding {:.1} ms\n",
+        f.codec,
+        human_bytes(f.saved_bytes),
+        f.cpu.encode().as_millis_f64(),
+        f.cpu.lz4.as_millis_f64(),
+        f.cpu.zstd.as_millis_f64(),
+        f.cpu.delta.as_millis_f64(),
+        f.cpu.hash.as_millis_f64(),
+        f.cpu.decode.as_millis_f64(),
+    );
+    for m in &f.mechanisms {
+        text.push_str(&format!(
+            "  {:<10} {:>9} pages  {:>12} sent  {:>12} saved\n",
+            m.mechanism,
+            m.pages,
+            human_bytes(m.bytes),
+            human_bytes(m.saved_bytes)
+        ));
+    }
+    text
 }
 
 /// The simulated workload in `simulate --json`.
@@ -372,6 +453,7 @@ impl SimReportJson {
                 latency_ms: ms(scenario.link.latency),
             },
             seed: scenario.seed,
+            codec: outcome.codec.as_ref().map(CodecJson::from),
         }
     }
 }

@@ -563,6 +563,8 @@ fn small_preset(seeds: Vec<u64>) -> Preset {
             compare::Strategy {
                 name: "pre-copy".into(),
                 engine: PreCopyConfig::default(),
+                codec: Default::default(),
+                sibling_image: false,
             },
             compare::Strategy {
                 name: "pre-copy 20ms".into(),
@@ -573,6 +575,8 @@ fn small_preset(seeds: Vec<u64>) -> Preset {
                     },
                     ..PreCopyConfig::default()
                 },
+                codec: Default::default(),
+                sibling_image: false,
             },
         ],
         workloads: vec![WorkloadModel::Idle],

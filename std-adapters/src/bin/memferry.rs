@@ -372,6 +372,52 @@ struct SimulateArgs {
     /// Print the report as JSON (with the bounds and the models).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    codec: SimCodecArgs,
+    /// What the pages hold: default, compressible, incompressible, rewrites (a write
+    /// rewrites its page) or app-image (96% of pages shared with the application's other
+    /// VMs). --zero-fraction rescales the default mix only.
+    #[arg(long, default_value = "default")]
+    content: String,
+    /// The destination holds the image of another VM of the same application (use with
+    /// --content app-image) and announces it hash-first.
+    #[arg(long)]
+    sibling_image: bool,
+}
+
+/// The page codec in the simulator (`simulate`, `compare`).
+#[derive(Args)]
+struct SimCodecArgs {
+    /// Page codec, the real encoders run on the simulated pages (their CPU time charged at
+    /// fixed rates): none, lz4, zstd, delta (XBZRLE against the copy sent in an earlier
+    /// round, LZ4 on the delta when shorter) or adaptive (per page a dedup reference, a
+    /// delta, LZ4 or raw, only encoders that keep up with the link).
+    #[arg(long)]
+    codec: Option<String>,
+    /// Bytes of earlier page versions the source keeps for deltas [default: 64MiB].
+    #[arg(long, value_parser = parse_size)]
+    delta_cache: Option<u64>,
+}
+
+impl SimCodecArgs {
+    /// The codec model, `None` when neither option was given.
+    fn model(&self) -> Result<Option<memferry_std::sim::CodecModel>, String> {
+        if self.codec.is_none() && self.delta_cache.is_none() {
+            return Ok(None);
+        }
+        let codec = memferry_std::sim::SimCodec::parse(self.codec.as_deref().unwrap_or("none"))?;
+        let mut model = memferry_std::sim::CodecModel::with(codec);
+        if let Some(bytes) = self.delta_cache {
+            if !matches!(
+                codec,
+                memferry_std::sim::SimCodec::Delta | memferry_std::sim::SimCodec::Adaptive
+            ) {
+                return Err("--delta-cache applies to --codec delta and adaptive".into());
+            }
+            model.delta_cache_bytes = bytes;
+        }
+        Ok(Some(model))
+    }
 }
 
 /// `memferry compare`.
@@ -421,7 +467,7 @@ struct CompareArgs {
     output: Option<std::path::PathBuf>,
     /// Merge the runs files of every shard of one comparison and print its table (or
     /// --csv, --json, --plots) exactly as an unsharded run would.
-    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["list", "seeds", "workloads", "memory", "pad_memory", "bandwidths", "no_verify", "shard", "output", "preset"])]
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["list", "seeds", "workloads", "memory", "pad_memory", "bandwidths", "no_verify", "shard", "output", "preset", "codec", "delta_cache"])]
     merge: Vec<std::path::PathBuf>,
     /// Every run as CSV instead of the table.
     #[arg(long, conflicts_with = "json")]
@@ -435,6 +481,8 @@ struct CompareArgs {
     /// Worker threads (default: the machine's cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    codec: SimCodecArgs,
 }
 
 #[derive(Args)]
@@ -1061,6 +1109,10 @@ fn run_compare(args: CompareArgs) -> ExitCode {
         pad_memory: args.pad_memory,
         bandwidths: args.bandwidths.clone(),
         verify: args.no_verify.then_some(false),
+        codec: match args.codec.model() {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        },
     };
     let matrix = match compare::Matrix::new(&chosen, &overrides) {
         Ok(m) => m,
@@ -1217,10 +1269,24 @@ fn run_simulate(args: SimulateArgs) -> ExitCode {
             );
         }
     }
+    let codec = match args.codec.model() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => return fail(e),
+    };
+    let content = match args.content.as_str() {
+        "default" => content_with_zero_fraction(args.zero_fraction),
+        name => match memferry_std::sim::ContentModel::named(name) {
+            Ok(c) if args.zero_fraction == 0.2 => c,
+            Ok(_) => return fail("--zero-fraction rescales the default content only"),
+            Err(e) => return fail(e),
+        },
+    };
     let scenario = memferry_std::sim::Scenario {
         memory,
         page_size,
-        content: content_with_zero_fraction(args.zero_fraction),
+        codec,
+        sibling_image: args.sibling_image,
+        content,
         workload: model,
         seed: args.seed,
         verify: !args.no_verify,
@@ -1263,6 +1329,7 @@ fn run_simulate(args: SimulateArgs) -> ExitCode {
                 );
             } else {
                 print!("{}", output::table(&outcome.report));
+                print!("{}", output::codec_lines(&outcome));
                 print!("{}", output::bounds_and_models(&outcome));
                 if let Some((t, c)) = coverage {
                     println!("trace {}: {}", t.path, c.sentence());

@@ -7,6 +7,19 @@
 //! applied; write `j` changes slot `(j - 1) mod slots` (slots visited in a scattered order), so
 //! consecutive versions differ in exactly `bytes_per_write` bytes and any version is built in
 //! at most one page's worth of work.
+//!
+//! What each codec finds in these pages (none of the figures is tuned to a paper's result):
+//! - a write changes `bytes_per_write` bytes of a page (64 by default: the issue measured a
+//!   median changed page differing in 4–67 bytes after 1 s): XBZRLE deltas win on pages sent
+//!   again;
+//! - text pages (a slice of a small-vocabulary corpus) compress: LZ4 wins on them, nothing on
+//!   random pages;
+//! - duplicate pages copy one of `templates` pages: dedup references win;
+//! - with `shared_fraction`, that share of pages holds the application's image, identical in
+//!   every VM of the application (another seed) until written: hash-first against a sibling
+//!   VM's image wins (paper 000).
+//!
+//! [`ContentModel::named`] gives a few documented mixes (`--content` in the CLI).
 
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -24,7 +37,18 @@ pub struct ContentModel {
     pub templates: u32,
     /// Bytes one write changes (a power of two, at most the page size).
     pub bytes_per_write: u32,
+    /// Share of pages holding the application's image: the same bytes in every VM of the
+    /// application (whatever its seed) until written. 0 by default.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub shared_fraction: f64,
 }
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
+}
+
+/// The seed of the application image that shared pages hold.
+const IMAGE_SEED: u64 = 0x1a6e_5eed_0000_0001;
 
 impl Default for ContentModel {
     fn default() -> Self {
@@ -34,6 +58,7 @@ impl Default for ContentModel {
             duplicate_fraction: 0.05,
             templates: 16,
             bytes_per_write: 64,
+            shared_fraction: 0.0,
         }
     }
 }
@@ -75,8 +100,64 @@ fn unit(hash: u64) -> f64 {
 }
 
 impl ContentModel {
+    /// The named content mixes (`--content`), with what each is for.
+    pub const NAMES: [(&'static str, &'static str); 5] = [
+        ("default", "20% zero, 30% text, 5% duplicates of 16 pages, the rest random; writes change 64 B"),
+        ("compressible", "10% zero, 80% text, 5% duplicates, 5% random; writes change 64 B"),
+        ("incompressible", "no zero, text or duplicate pages: random bytes only; writes change 64 B"),
+        ("rewrites", "the default mix, but a write rewrites the whole page (a young collection): deltas lose"),
+        ("app-image", "the default mix, 96% of pages shared with every VM of the application (paper 000's figure)"),
+    ];
+
+    /// A named mix ([`ContentModel::NAMES`]).
+    pub fn named(name: &str) -> Result<ContentModel, String> {
+        let d = ContentModel::default();
+        Ok(match name {
+            "default" => d,
+            "compressible" => ContentModel {
+                zero_fraction: 0.1,
+                text_fraction: 0.8,
+                duplicate_fraction: 0.05,
+                ..d
+            },
+            "incompressible" => ContentModel {
+                zero_fraction: 0.0,
+                text_fraction: 0.0,
+                duplicate_fraction: 0.0,
+                ..d
+            },
+            "rewrites" => ContentModel {
+                bytes_per_write: 1 << 30,
+                ..d
+            },
+            "app-image" => ContentModel {
+                shared_fraction: 0.96,
+                ..d
+            },
+            other => {
+                return Err(format!(
+                    "unknown content '{other}': use {}",
+                    Self::NAMES.map(|(n, _)| n).join(", ")
+                ))
+            }
+        })
+    }
+
+    /// The seed `page`'s initial contents come from: the application image's for a shared
+    /// page, the VM's own otherwise.
+    fn base_seed(&self, seed: u64, page: u64) -> u64 {
+        if self.shared_fraction > 0.0
+            && unit(xxh3_64_with_seed(&page.to_le_bytes(), IMAGE_SEED)) < self.shared_fraction
+        {
+            IMAGE_SEED
+        } else {
+            seed
+        }
+    }
+
     /// The class of `page`.
     pub fn class(&self, seed: u64, page: u64) -> PageClass {
+        let seed = self.base_seed(seed, page);
         let u = unit(xxh3_64_with_seed(&page.to_le_bytes(), seed));
         if u < self.zero_fraction {
             PageClass::Zero
@@ -96,11 +177,12 @@ impl ContentModel {
 
     /// Fills `buf` (one page) with `page`'s contents after `version` writes.
     pub fn fill(&self, seed: u64, page: u64, version: u32, buf: &mut [u8]) {
+        let base = self.base_seed(seed, page);
         match self.class(seed, page) {
             PageClass::Zero => buf.fill(0),
-            PageClass::Text => fill_text(buf, seed ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
-            PageClass::Random => fill_random(buf, seed ^ page.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)),
-            PageClass::Duplicate(t) => fill_random(buf, seed ^ 0xd0d0 ^ t as u64),
+            PageClass::Text => fill_text(buf, base ^ page.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            PageClass::Random => fill_random(buf, base ^ page.wrapping_mul(0xc2b2_ae3d_27d4_eb4f)),
+            PageClass::Duplicate(t) => fill_random(buf, base ^ 0xd0d0 ^ t as u64),
         }
         if version == 0 {
             return;

@@ -12,8 +12,10 @@
 //! many times it was written ([`content`]), so a 1 TiB guest costs memory only for its
 //! bitmaps and for the pages the workload touches.
 //!
-//! Modules: [`workload`] (write patterns), [`content`] (page contents).
+//! Modules: [`workload`] (write patterns), [`content`] (page contents), [`codec`] (the real page
+//! codecs on the simulated pages, their CPU time modelled).
 
+pub mod codec;
 pub mod content;
 pub mod workload;
 
@@ -33,6 +35,7 @@ use memferry::time::{ByteRate, Nanos};
 use memferry::wire;
 use serde::{Deserialize, Serialize};
 
+pub use codec::{CodecFigures, CodecModel, SimCodec};
 pub use content::ContentModel;
 pub use workload::{WorkloadModel, WriteGenerator};
 
@@ -129,6 +132,14 @@ pub struct Scenario {
     pub warmup: Nanos,
     /// Give up after this much virtual time.
     pub time_limit: Nanos,
+    /// The page codec (`--codec`): the real encoders on the simulated pages.
+    #[serde(skip_serializing_if = "CodecModel::is_none")]
+    pub codec: CodecModel,
+    /// The destination holds the image of another VM of the same application (the same
+    /// content model under another seed, every page unwritten) and announces it hash-first
+    /// (paper 000): round 1 sends the pages shared with it as hashes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sibling_image: bool,
 }
 
 impl Default for Scenario {
@@ -149,6 +160,8 @@ impl Default for Scenario {
             verify: true,
             warmup: Nanos::ZERO,
             time_limit: Nanos::from_secs(3600),
+            codec: CodecModel::default(),
+            sibling_image: false,
         }
     }
 }
@@ -304,19 +317,44 @@ impl SourceGuest for SimGuest {
 }
 
 /// The destination of a simulation: counts what it is given; the receiver's digest checks it.
+/// With a codec whose pages decode onto what the destination holds (deltas, references), it
+/// keeps the pages written (all-zero ones as nothing) and reads them back
+/// ([`DestinationGuest::read_back`]); otherwise it keeps nothing.
 #[derive(Default)]
 pub struct SimDestination {
     pages_written: u64,
     started: bool,
+    pages: Option<HashMap<u64, Box<[u8]>>>,
+}
+
+impl SimDestination {
+    /// A destination that keeps its pages to read them back.
+    pub fn keeping_pages() -> Self {
+        SimDestination {
+            pages: Some(HashMap::new()),
+            ..SimDestination::default()
+        }
+    }
 }
 
 impl PageWrite for SimDestination {
-    fn write_page(&mut self, _page: PageIndex, _data: &[u8]) -> Result<(), HostError> {
+    fn write_page(&mut self, page: PageIndex, data: &[u8]) -> Result<(), HostError> {
         self.pages_written += 1;
+        if let Some(pages) = &mut self.pages {
+            match pages.get_mut(&page.0) {
+                Some(held) if held.len() == data.len() => held.copy_from_slice(data),
+                _ => {
+                    pages.insert(page.0, data.into());
+                }
+            }
+        }
         Ok(())
     }
-    fn write_zero_page(&mut self, _page: PageIndex, _zeroes: &[u8]) -> Result<(), HostError> {
+    fn write_zero_page(&mut self, page: PageIndex, _zeroes: &[u8]) -> Result<(), HostError> {
         self.pages_written += 1;
+        if let Some(pages) = &mut self.pages {
+            pages.remove(&page.0);
+        }
         Ok(())
     }
 }
@@ -329,6 +367,42 @@ impl DestinationGuest for SimDestination {
         self.started = true;
         Ok(())
     }
+    fn read_back(&mut self, page: PageIndex, buf: &mut [u8]) -> Result<(), HostError> {
+        let Some(pages) = &self.pages else {
+            return Err(HostError::new(
+                "this simulated destination keeps no pages (no codec needs them)",
+            ));
+        };
+        // A page never written is still the zero page the destination's memory starts as.
+        match pages.get(&page.0) {
+            Some(held) if held.len() == buf.len() => buf.copy_from_slice(held),
+            Some(_) => return Err(HostError::new("a page of another size")),
+            None => buf.fill(0),
+        }
+        Ok(())
+    }
+}
+
+/// The image of a sibling VM (same application, another seed) the destination holds.
+struct SiblingImage {
+    content: ContentModel,
+    seed: u64,
+    pages: u64,
+}
+
+impl memferry::hashfirst::ContentSource for SiblingImage {
+    fn page_count(&self) -> u64 {
+        self.pages
+    }
+    fn read_content(&mut self, index: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        self.content.fill(self.seed, index, 0, buf);
+        Ok(())
+    }
+}
+
+/// The seed of the sibling VM whose image the destination holds.
+pub fn sibling_seed(seed: u64) -> u64 {
+    seed ^ 0x5eed_0f51_b11e_0001
 }
 
 /// Bounds no strategy can beat on this workload and link: they depend on the scenario alone,
@@ -441,6 +515,10 @@ pub struct SimOutcome {
     pub writes: u64,
     /// Distinct pages it wrote.
     pub pages_written: u64,
+    /// With a codec or a sibling image: what each content mechanism saved and the CPU the
+    /// codec cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<CodecFigures>,
 }
 
 /// Runs `scenario` to completion in virtual time.
@@ -462,14 +540,43 @@ pub fn simulate_with_progress(
     };
     let layout = MemoryLayout::single(geometry);
     let mut engine = Source::pre_copy(layout.clone(), engine_config);
-    let receiver = Destination::new(
+    let work = codec::SharedWork::default();
+    let encoder = codec::MeteredEncoder::new(
+        &scenario.codec,
+        0,
+        scenario.page_size as usize,
+        scenario.link.bandwidth,
+        work.clone(),
+    )?;
+    if let Some(encoder) = encoder {
+        engine = engine.with_encoder(Box::new(encoder));
+    }
+    let mut receiver = Destination::new(
         layout,
         DestinationConfig {
             verify: scenario.verify,
             ..DestinationConfig::default()
         },
     );
+    if !scenario.codec.is_none() {
+        for decoder in codec::destination_decoders() {
+            receiver = receiver.with_decoder(decoder);
+        }
+    }
+    if scenario.sibling_image {
+        receiver = receiver.with_content(Box::new(SiblingImage {
+            content: scenario.content,
+            seed: sibling_seed(scenario.seed),
+            pages: geometry.page_count(),
+        }));
+    }
     let mut link = SimLink::new(scenario, receiver);
+    if scenario.codec.codec.needs_read_back() {
+        link.destination = SimDestination::keeping_pages();
+    }
+    if !scenario.codec.is_none() {
+        link.codec_work = Some(work.clone());
+    }
     let driven = drive::drive_source(&mut engine, &mut guest, &mut link, &mut on_round);
     if let Err(failure) = driven {
         return Err(match failure.transport {
@@ -490,12 +597,22 @@ pub fn simulate_with_progress(
         ..scenario_bounds(scenario, geometry, &classes)
     };
     let models = model_figures(scenario, &report, geometry, classes.zero);
+    let codec = (!scenario.codec.is_none() || scenario.sibling_image).then(|| {
+        let cpu = work.lock().expect("codec work lock").total;
+        CodecFigures::new(
+            scenario.codec.codec,
+            &report.encodings,
+            scenario.page_size,
+            cpu,
+        )
+    });
     Ok(SimOutcome {
         report,
         bounds,
         models,
         writes: guest.writes(),
         pages_written: guest.pages_written() as u64,
+        codec,
     })
 }
 
@@ -534,6 +651,8 @@ pub struct SimLink {
     inbox: Vec<u8>,
     /// The destination's first error, reported to the source's loop as a broken link.
     failure: Option<String>,
+    /// The codec's CPU time not yet charged (with a codec).
+    codec_work: Option<codec::SharedWork>,
 }
 
 impl SimLink {
@@ -573,6 +692,7 @@ impl SimLink {
             destination: SimDestination::default(),
             inbox: Vec::new(),
             failure: None,
+            codec_work: None,
         }
     }
 
@@ -585,9 +705,10 @@ impl SimLink {
     }
 
     /// The destination applies `len` bytes of the buffer that arrive at `arrival`.
-    fn deliver(&mut self, arrival: Nanos, len: usize, pages: u64) -> Nanos {
-        let receive_cpu =
-            self.cpu.checksum.time_for(len as u64) + self.cpu.copy.time_for(pages * self.page_size);
+    fn deliver(&mut self, arrival: Nanos, len: usize, pages: u64, decode: Nanos) -> Nanos {
+        let receive_cpu = self.cpu.checksum.time_for(len as u64)
+            + self.cpu.copy.time_for(pages * self.page_size)
+            + decode;
         let applied = arrival.max(self.destination_free_at) + receive_cpu;
         self.destination_free_at = applied;
         let bytes = &self.buffer[..len];
@@ -636,10 +757,22 @@ impl Link<SimGuest> for SimLink {
     fn send(&mut self, guest: &mut SimGuest, _channel: u16, len: usize) {
         // The source's CPU produced the batch while the guest ran.
         let (pages, scanned, dirty) = guest.take_work();
+        // The codec encoded this batch's pages (and the destination will decode them).
+        let (encode, decode) = match &self.codec_work {
+            Some(work) => {
+                let mut w = work.lock().expect("codec work lock");
+                let taken = (w.pending_encode, w.pending_decode);
+                w.pending_encode = Nanos::ZERO;
+                w.pending_decode = Nanos::ZERO;
+                taken
+            }
+            None => (Nanos::ZERO, Nanos::ZERO),
+        };
         let produce = self.cpu.copy.time_for(pages * self.page_size)
             + self.cpu.zero_scan.time_for(scanned * self.page_size)
             + self.cpu.checksum.time_for(len as u64)
-            + self.cpu.predictor_cost(self.predictor, dirty);
+            + self.cpu.predictor_cost(self.predictor, dirty)
+            + encode;
         self.advance(guest, self.now + produce);
         if len == 0 {
             return;
@@ -648,7 +781,7 @@ impl Link<SimGuest> for SimLink {
         let wire_bytes = len as u64 + frames * self.link.per_frame_overhead as u64;
         let carried = self.now.max(self.link_free_at) + self.link.bandwidth.time_for(wire_bytes);
         self.link_free_at = carried;
-        let applied = self.deliver(carried + self.link.latency, len, pages);
+        let applied = self.deliver(carried + self.link.latency, len, pages, decode);
         // The buffer is free once the destination took the bytes (TCP's window): a destination
         // slower than the link holds the source back.
         self.deliveries
