@@ -763,3 +763,172 @@ fn the_kernel_dirty_log_runs_the_demo() {
         .sum();
     assert!(cost > 0.0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Codecs in the simulator: `simulate --codec`, the paper presets of `compare`.
+
+/// `simulate --codec` runs the real encoders on the simulated pages: every codec verifies,
+/// sends pages in its own encodings, saves bytes against raw pages and reports CPU time; no
+/// codec reports none of it.
+#[test]
+fn simulate_with_each_codec_verifies_and_uses_its_encodings() {
+    let base = [
+        "simulate",
+        "--memory",
+        "64MiB",
+        "--bandwidth",
+        "1Gbit",
+        "--rate",
+        "30000",
+        "--downtime-ms",
+        "50",
+        "--json",
+    ];
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        serde_json::from_str(&run_ok(&args).0).unwrap()
+    };
+    let raw = run(&[]);
+    assert!(raw.get("codec").is_none(), "no codec, no codec figures");
+    assert_eq!(raw["encodings"]["lz4"]["pages"].as_u64(), Some(0));
+    let raw_bytes = raw["bytes_sent"].as_u64().unwrap();
+    for (codec, slots) in [
+        ("lz4", &["lz4"][..]),
+        ("zstd", &["other"][..]),
+        ("delta", &["delta", "delta_lz4"][..]),
+        ("adaptive", &["reference"][..]),
+    ] {
+        let v = run(&["--codec", codec]);
+        assert_eq!(v["verified"], true, "{codec}");
+        let used: u64 = slots
+            .iter()
+            .map(|s| v["encodings"][s]["pages"].as_u64().unwrap())
+            .sum();
+        assert!(used > 0, "{codec}: none of {slots:?}: {}", v["encodings"]);
+        let c = &v["codec"];
+        assert_eq!(c["codec"], codec);
+        assert!(
+            c["encode_cpu_ms"]["total"].as_f64().unwrap() > 0.0,
+            "{codec}: {c}"
+        );
+        let mechanism = if codec == "adaptive" {
+            "reference"
+        } else if codec == "zstd" {
+            "zstd"
+        } else {
+            codec
+        };
+        let saved = c["mechanisms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mechanism"] == mechanism)
+            .map(|m| m["saved_bytes"].as_u64().unwrap());
+        assert!(saved.is_some_and(|s| s > 0), "{codec}: {c}");
+        assert!(
+            v["bytes_sent"].as_u64().unwrap() < raw_bytes,
+            "{codec} sends less than raw pages"
+        );
+    }
+    // A bad codec and a delta cache without a delta are refused.
+    assert!(run_err(&["simulate", "--codec", "brotli"]).contains("unknown codec"));
+    assert!(
+        run_err(&["simulate", "--codec", "lz4", "--delta-cache", "1MiB"]).contains("--delta-cache")
+    );
+}
+
+/// A paper preset prints each claimed figure beside a measured one; `--codec` is refused on
+/// a preset that compares codecs itself.
+#[test]
+fn a_paper_preset_prints_the_claim_beside_the_measured_figure() {
+    let (table, _) = run_ok(&[
+        "compare",
+        "--preset",
+        "paper001-delta",
+        "--memory",
+        "64MiB",
+        "--seeds",
+        "1",
+        "--workload",
+        "uniform:rate=30000",
+        "--threads",
+        "2",
+    ]);
+    assert!(table.contains("claim: paper 001"), "{table}");
+    let lines: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("claimed -34%"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{table}");
+    let measured = lines[0].split("measured ").nth(1).unwrap();
+    let figure: f64 = measured.split('%').next().unwrap().parse().unwrap();
+    assert!(figure < 0.0, "delta sends less on uniform writes: {figure}");
+    assert!(table.contains("delta MB saved"), "{table}");
+    let stderr = run_err(&["compare", "--preset", "paper004-adaptive", "--codec", "lz4"]);
+    assert!(stderr.contains("compares codecs itself"), "{stderr}");
+}
+
+/// A sharded comparison with a codec merges to the table and CSV an unsharded one prints.
+#[test]
+fn sharded_compare_with_a_codec_merges_to_the_same_table() {
+    let dir =
+        std::env::temp_dir().join(format!("memferry-cli-codec-shards-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let matrix = [
+        "compare",
+        "--preset",
+        "max-rounds",
+        "--codec",
+        "adaptive",
+        "--delta-cache",
+        "1MiB",
+        "--workload",
+        "uniform:rate=20000",
+        "--seeds",
+        "2",
+        "--memory",
+        "4MiB",
+        "--threads",
+        "2",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        matrix.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let table = run_ok(&args(&with(&[]))).0;
+    assert!(table.contains("+adaptive"), "{table}");
+    assert!(table.contains("reference MB saved"), "{table}");
+    let csv = run_ok(&args(&with(&["--csv"]))).0;
+    assert!(
+        csv.lines().skip(1).all(|l| l.contains(",adaptive,")),
+        "{csv}"
+    );
+    let mut files = Vec::new();
+    for k in 1..=2 {
+        let file = dir.join(format!("shard-{k}.jsonl"));
+        let shard = format!("{k}/2");
+        run_ok(&args(&with(&[
+            "--shard",
+            &shard,
+            "--output",
+            file.to_str().unwrap(),
+        ])));
+        files.push(file.to_str().unwrap().to_string());
+    }
+    let merge = |extra: &[&str]| {
+        let mut a: Vec<&str> = vec!["compare"];
+        a.extend(extra);
+        a.push("--merge");
+        a.extend(files.iter().map(String::as_str));
+        run_ok(&a).0
+    };
+    assert_eq!(merge(&[]), table, "the merged table is the unsharded one");
+    assert_eq!(
+        merge(&["--csv"]),
+        csv,
+        "the merged CSV is the unsharded one"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
