@@ -427,7 +427,7 @@ impl PageEncoder for MeteredEncoder {
                     let compressible =
                         after.few_words + after.low_entropy > before.few_words + before.low_entropy;
                     if compressible && enabled.lz4 {
-                        cpu.lz4 = cpu.lz4 + r.lz4_compress.time_for(size);
+                        cpu.lz4 += r.lz4_compress.time_for(size);
                     }
                 }
                 result
@@ -444,14 +444,14 @@ impl PageEncoder for MeteredEncoder {
             None => Nanos::ZERO,
         };
         let mut work = self.work.lock().expect("codec work lock");
-        work.pending_encode = work.pending_encode + cpu.encode();
-        work.pending_decode = work.pending_decode + decode;
+        work.pending_encode += cpu.encode();
+        work.pending_decode += decode;
         let t = &mut work.total;
-        t.lz4 = t.lz4 + cpu.lz4;
-        t.zstd = t.zstd + cpu.zstd;
-        t.delta = t.delta + cpu.delta;
-        t.hash = t.hash + cpu.hash;
-        t.decode = t.decode + decode;
+        t.lz4 += cpu.lz4;
+        t.zstd += cpu.zstd;
+        t.delta += cpu.delta;
+        t.hash += cpu.hash;
+        t.decode += decode;
         result
     }
 
