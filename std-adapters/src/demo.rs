@@ -1124,6 +1124,7 @@ pub mod kvm {
     /// Runs `config`'s guest in a VM and migrates it to a second VM in this process over TCP
     /// on 127.0.0.1. A finite guest (`iterations > 0`) then runs to its end on the destination
     /// and its final hash is compared with the reference.
+    #[allow(clippy::too_many_arguments)]
     pub fn run_demo(
         config: &GuestConfig,
         mode: DirtyLogMode,
