@@ -297,7 +297,16 @@ struct ThreadLink {
     dead: bool,
     /// Per channel, for TCP: what the peer has acknowledged, which is what counts as delivered.
     acks: Vec<Option<Acks>>,
+    /// Per channel: its reader has reported the connection closed.
+    reader_closed: Vec<bool>,
+    /// Events taken from the queue early (while a failed write waited for its reader), in order.
+    deferred: VecDeque<LinkEvent<io::Error>>,
 }
+
+/// How long a failed write waits for its connection's reader: a peer that hangs up after it
+/// refused something has sent its abort first, and the reader may still be handing it over.
+/// The abort explains more than the broken pipe (an error keeps its first cause).
+const WRITE_FAILURE_GRACE: Duration = Duration::from_millis(200);
 
 /// Written and acknowledged bytes of one TCP connection.
 struct Acks {
@@ -395,8 +404,54 @@ impl ThreadLink {
             in_flight: 0,
             early,
             dead: false,
+            reader_closed: vec![false; acks.len()],
             acks,
+            deferred: VecDeque::new(),
         }
+    }
+
+    /// A write failed on `channel`: first hand over what its reader still delivers (the peer's
+    /// abort, then its close), for at most [`WRITE_FAILURE_GRACE`]; the failure comes last.
+    fn write_failed(&mut self, channel: u16, error: io::Error) -> LinkEvent<io::Error> {
+        self.in_flight -= 1;
+        let closed = LinkEvent::Closed {
+            channel,
+            error: Some(error),
+        };
+        if self
+            .reader_closed
+            .get(channel as usize)
+            .copied()
+            .unwrap_or(true)
+        {
+            return closed;
+        }
+        let until = Instant::now() + WRITE_FAILURE_GRACE;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            let Ok(event) = self.events.recv_timeout(left) else {
+                break;
+            };
+            let reader_done = matches!(event, Event::Closed(c, _) if c == channel);
+            let event = match event {
+                // Another failed write waits no longer: it queues behind this one's events.
+                Event::WriteFailed(other, error) => {
+                    self.in_flight -= 1;
+                    LinkEvent::Closed {
+                        channel: other,
+                        error: Some(error),
+                    }
+                }
+                event => self.event(event),
+            };
+            if !matches!(event, LinkEvent::Idle) {
+                self.deferred.push_back(event);
+            }
+            if reader_done {
+                break;
+            }
+        }
+        self.deferred.push_back(closed);
+        self.deferred.pop_front().expect("the failure at least")
     }
 
     /// Bytes the peers acknowledged since the last look, over every TCP channel.
@@ -430,14 +485,13 @@ impl ThreadLink {
                     None => LinkEvent::Delivered { bytes: n as u64 },
                 }
             }
-            Event::Closed(channel, error) => LinkEvent::Closed { channel, error },
-            Event::WriteFailed(channel, error) => {
-                self.in_flight -= 1;
-                LinkEvent::Closed {
-                    channel,
-                    error: Some(error),
+            Event::Closed(channel, error) => {
+                if let Some(closed) = self.reader_closed.get_mut(channel as usize) {
+                    *closed = true;
                 }
+                LinkEvent::Closed { channel, error }
             }
+            Event::WriteFailed(channel, error) => self.write_failed(channel, error),
             Event::Encoded(outcome) => LinkEvent::Encoded(outcome),
             Event::EncodeFailed(channel, buf, error) => {
                 self.free[channel as usize].push(buf);
@@ -517,6 +571,9 @@ impl<H: ?Sized> Link<H> for ThreadLink {
     fn wait(&mut self, _host: &mut H, deadline: Option<Nanos>) -> LinkEvent<io::Error> {
         if let Some((channel, bytes)) = self.early.pop_front() {
             return LinkEvent::Received { channel, bytes };
+        }
+        if let Some(event) = self.deferred.pop_front() {
+            return event;
         }
         if self.dead {
             return self.all_closed();
