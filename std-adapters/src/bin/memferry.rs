@@ -215,8 +215,8 @@ enum GuestKind {
 /// The KVM guest's own settings (`demo` with a KVM guest, `send --kvm`).
 #[derive(Args)]
 struct KvmArgs {
-    /// The KVM dirty log: bitmap (KVM_GET_DIRTY_LOG), manual[:CHUNK_PAGES] (manual protect,
-    /// chunks re-armed just before they are sent) or ring[:ENTRIES] (the dirty ring).
+    /// The KVM dirty log: `bitmap` (KVM_GET_DIRTY_LOG), `manual[:CHUNK_PAGES]` (manual
+    /// protect, chunks re-armed just before they are sent) or `ring[:ENTRIES]` (the dirty ring).
     #[arg(long, default_value = "manual")]
     dirty_log: String,
     /// Writes the KVM guest does before it ends (0: until stopped). With a count, the
