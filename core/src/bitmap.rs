@@ -136,6 +136,49 @@ impl DirtyBitmap {
         self.words.fill(0);
     }
 
+    /// Sets bits `start..end` (clamped to the length), a word at a time.
+    pub fn set_range(&mut self, start: u64, end: u64) {
+        let end = end.min(self.len);
+        if start >= end {
+            return;
+        }
+        let (first, last) = (
+            (start / WORD_BITS) as usize,
+            ((end - 1) / WORD_BITS) as usize,
+        );
+        let head = u64::MAX << (start % WORD_BITS);
+        let tail = u64::MAX >> (WORD_BITS - 1 - (end - 1) % WORD_BITS);
+        if first == last {
+            self.words[first] |= head & tail;
+            return;
+        }
+        self.words[first] |= head;
+        self.words[first + 1..last].fill(u64::MAX);
+        self.words[last] |= tail;
+    }
+
+    /// Keeps the first `n` set bits and clears the rest, a word at a time.
+    pub fn keep_first_ones(&mut self, n: u64) {
+        let mut left = n;
+        for w in &mut self.words {
+            let ones = w.count_ones() as u64;
+            if left >= ones {
+                left -= ones;
+                continue;
+            }
+            // Clear every set bit of this word after the `left` lowest.
+            let mut keep = 0u64;
+            let mut rest = *w;
+            for _ in 0..left {
+                let low = rest & rest.wrapping_neg();
+                keep |= low;
+                rest ^= low;
+            }
+            *w = keep;
+            left = 0;
+        }
+    }
+
     /// Sets every bit.
     pub fn fill(&mut self) {
         self.words.fill(u64::MAX);
@@ -457,6 +500,31 @@ mod tests {
             let mut d = ma.clone(); d.difference_with(&mb);
             let rd = ra.clone() & !rb.clone();
             prop_assert_eq!(d.as_bitslice(), rd.as_bitslice());
+        }
+
+        #[test]
+        fn set_range_and_keep_first_ones_match_bit_by_bit(
+            len in 1u64..400,
+            bits in proptest::collection::vec(any::<u16>(), 0..64),
+            start in 0u64..450,
+            width in 0u64..300,
+            keep in 0u64..80,
+        ) {
+            let mut m = DirtyBitmap::new(len);
+            for b in &bits {
+                m.set(*b as u64 % len);
+            }
+            let mut model = m.clone();
+            m.set_range(start, start + width);
+            for i in start..(start + width).min(len) {
+                model.set(i);
+            }
+            prop_assert_eq!(&m, &model);
+            m.keep_first_ones(keep);
+            for i in model.iter_ones().skip(keep as usize).collect::<Vec<_>>() {
+                model.unset(i);
+            }
+            prop_assert_eq!(&m, &model);
         }
 
         #[test]

@@ -873,11 +873,9 @@ impl<P: PagePolicy> Destination<P> {
                         .into(),
                 ));
             }
-            if self.received.get(page) {
-                self.received.unset(page);
-                self.received_count -= 1;
-            }
         }
+        self.received_count -= self.received.count_intersection(&stale);
+        self.received.difference_with(&stale);
         Ok(())
     }
 

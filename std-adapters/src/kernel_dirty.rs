@@ -132,9 +132,10 @@ impl KernelDirtyLog {
             for r in &self.found[..n] {
                 let first = (r.start - self.start) / self.page_size;
                 let last = (r.end - self.start).div_ceil(self.page_size);
-                for page in first..last {
-                    into.set(first_page + page - from_page);
-                }
+                into.set_range(
+                    first_page + first - from_page,
+                    first_page + last - from_page,
+                );
                 found += last - first;
             }
             if n < self.found.len() || arg.walk_end <= pos {

@@ -432,11 +432,7 @@ impl Strategy for PreCopy {
                         // Until it has been right once, a predictor holds back at most an
                         // eighth of the round: a wrong guess then costs little.
                         let cap = (cx.send.count_ones() / 8).max(JUDGED_HOLD_BACK);
-                        let excess: alloc::vec::Vec<u64> =
-                            self.held.iter_ones().skip(cap as usize).collect();
-                        for page in excess {
-                            self.held.unset(page);
-                        }
+                        self.held.keep_first_ones(cap);
                     }
                     cx.send.difference_with(&self.held);
                 }
