@@ -341,8 +341,13 @@ impl<S: Strategy> Source<S> {
     /// Encodes pages with `encoder` (after the zero check) instead of sending them raw. The
     /// destination must have a decoder for every encoding it produces.
     pub fn with_encoder(mut self, encoder: Box<dyn PageEncoder>) -> Self {
-        self.encoder = Some(encoder);
+        self.set_encoder(encoder);
         self
+    }
+
+    /// [`Source::with_encoder`] on a source already built (before the migration starts).
+    pub fn set_encoder(&mut self, encoder: Box<dyn PageEncoder>) {
+        self.encoder = Some(encoder);
     }
 
     /// The layout being migrated.

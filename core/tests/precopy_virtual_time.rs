@@ -3507,8 +3507,9 @@ proptest! {
         // Known content only in round 1, and never more pages than it had.
         prop_assert!(r.encodings.known.pages <= r.rounds[0].pages);
         prop_assert_eq!(r.encodings.known.bytes, 16 * r.encodings.known.pages);
-        if share == 100 {
-            // Round 1 read every page before the guest could change most of them.
+        if share == 100 && sc.workload.writes_per_sec == 0 {
+            // A quiet guest's pages are all as announced when round 1 reads them (a busy one
+            // may rewrite a tiny guest before it is read: then nothing matches).
             prop_assert!(r.encodings.known.pages > 0 || distinct.len() <= 3);
         }
     }
@@ -3556,19 +3557,25 @@ fn a_returning_guest_sends_hashes_for_what_the_destination_kept() {
     assert!(with.bytes_sent * 20 < without.bytes_sent);
 }
 
-/// The caller's switchover request ends the rounds at the end of the current one.
-#[test]
-fn switchover_now_ends_the_rounds_at_the_round_end() {
-    let sc = Scenario {
+/// A busy guest with a downtime target it never meets: the rounds go on until another rule.
+fn busy_scenario_never_within_target() -> Scenario {
+    let base = busy_scenario(256);
+    Scenario {
         config: PreCopyConfig {
             stop: StopRules {
                 downtime_target: Nanos::from_micros(1),
                 ..StopRules::default()
             },
-            ..busy_scenario(256).config
+            ..base.config
         },
-        ..busy_scenario(256)
-    };
+        ..base
+    }
+}
+
+/// The caller's switchover request ends the rounds at the end of the current one.
+#[test]
+fn switchover_now_ends_the_rounds_at_the_round_end() {
+    let sc = busy_scenario_never_within_target();
     let mut plain = Sim::new(&sc, Tamper::None);
     check_sim(&sc, &mut plain, false).unwrap();
     assert!(
@@ -3627,16 +3634,7 @@ fn a_downtime_above_the_maximum_cancels_instead() {
 /// rounds at once.
 #[test]
 fn the_downtime_target_can_change_mid_migration() {
-    let sc = Scenario {
-        config: PreCopyConfig {
-            stop: StopRules {
-                downtime_target: Nanos::from_micros(1),
-                ..StopRules::default()
-            },
-            ..busy_scenario(256).config
-        },
-        ..busy_scenario(256)
-    };
+    let sc = busy_scenario_never_within_target();
     let mut sim = Sim::new(&sc, Tamper::None);
     sim.source
         .strategy_mut()

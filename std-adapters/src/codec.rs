@@ -140,7 +140,7 @@ impl CodecOptions {
         Ok(match self.choice {
             CodecChoice::None => None,
             CodecChoice::Lz4 => Some(Box::new(Lz4Encoder::default())),
-            CodecChoice::Zstd => Some(Box::new(ZstdEncoder::new(self.zstd_level, page_size)?)),
+            CodecChoice::Zstd => Some(Box::new(ZstdEncoder::new(self.zstd_level)?)),
             CodecChoice::Delta => Some(Box::new(memferry::codec::lz4::DeltaLz4Encoder::new(
                 delta(),
             ))),
@@ -168,9 +168,8 @@ pub struct ZstdEncoder {
 }
 
 impl ZstdEncoder {
-    /// An encoder at `level` for pages of `page_size` bytes.
-    pub fn new(level: i32, page_size: usize) -> Result<Self, String> {
-        let _ = page_size;
+    /// An encoder at `level`.
+    pub fn new(level: i32) -> Result<Self, String> {
         let range = zstd::compression_level_range();
         if !range.contains(&level) {
             return Err(format!(
@@ -310,7 +309,7 @@ mod tests {
 
     #[test]
     fn zstd_round_trips_and_refuses_what_is_not_one_page() {
-        let mut enc = ZstdEncoder::new(1, 4096).unwrap();
+        let mut enc = ZstdEncoder::new(1).unwrap();
         let mut dec = ZstdDecoder::default();
         let page = text_page(3);
         let mut out = vec![0u8; 4096];

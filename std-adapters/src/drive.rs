@@ -653,6 +653,51 @@ where
     run_source_with_encoders(engine, host, memory, channels, Vec::new(), clock, on_round)
 }
 
+/// Makes one encoder per channel with `make` (its `None`: pages go raw, and no more are made).
+pub fn encoders_for<E>(
+    channels: usize,
+    mut make: impl FnMut() -> Result<Option<Box<dyn PageEncoder>>, E>,
+) -> Result<Vec<Box<dyn PageEncoder>>, E> {
+    let mut encoders = Vec::new();
+    for _ in 0..channels.max(1) {
+        match make()? {
+            Some(e) => encoders.push(e),
+            None => break,
+        }
+    }
+    Ok(encoders)
+}
+
+/// Runs `engine` with `encoders` (one per channel, or none: raw pages), the way that
+/// pipelines best: on one channel the engine thread reads and encodes (while the writer writes
+/// the previous buffer); on several, each channel's writer thread reads `memory` and encodes
+/// with its own encoder.
+pub fn run_source_encoding<S, H>(
+    engine: &mut Source<S>,
+    host: &mut H,
+    memory: SharedMemory,
+    channels: Vec<(BoxRead, BoxWrite)>,
+    mut encoders: Vec<Box<dyn PageEncoder>>,
+    clock: &Clock,
+    on_round: impl FnMut(&RoundReport),
+) -> Result<(), DriveError>
+where
+    S: Strategy,
+    H: SourceHost,
+{
+    if channels.len() == 1 {
+        if let Some(encoder) = encoders.pop() {
+            engine.set_encoder(encoder);
+        }
+        return run_source(engine, host, channels, clock, on_round);
+    }
+    if !encoders.is_empty() {
+        // The engine offers the codec's features; the writer threads encode.
+        engine.set_encoder(Box::new(memferry::codec::Raw));
+    }
+    run_source_with_encoders(engine, host, memory, channels, encoders, clock, on_round)
+}
+
 /// [`run_source_with_workers`] with an encoder per channel (`encoders[ch]`; channels beyond
 /// the list send pages raw): each channel's writer thread encodes its pages with its own. Only
 /// stateless encoders (LZ4, zstd) may run on several channels: a page may go on any of them.

@@ -202,7 +202,7 @@ impl SourceHost {
     /// Takes dirty pages from `log` (for example the kernel's,
     /// `kernel_dirty::KernelDirtyLog`) instead of the bitmap the writers mark.
     pub fn with_dirty_log(mut self, log: Box<dyn DirtyLog + Send>) -> Self {
-        self.dirty_log = Some(log);
+        self.set_dirty_log(log);
         self
     }
 

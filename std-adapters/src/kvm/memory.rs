@@ -141,12 +141,7 @@ impl KvmMemory {
         if let Some(hook) = &self.hook {
             hook.before_read(region, within)?;
         }
-        // SAFETY: `at` is a page inside a live mapping (the Arc holds it); page-aligned, so
-        // every u64 is aligned. The guest writes concurrently: atomic loads make that defined.
-        let words = unsafe { std::slice::from_raw_parts(at.cast::<AtomicU64>(), size / 8) };
-        for (word, out) in words.iter().zip(buf.chunks_exact_mut(8)) {
-            out.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
-        }
+        copy_page_atomic(at, buf);
         Ok(())
     }
 
@@ -171,16 +166,24 @@ impl KvmMemory {
         let mut d = memferry::digest::MemoryDigest::new();
         let mut buf = vec![0u8; PageSize::DEFAULT.bytes()];
         for i in 0..self.layout.page_count() {
+            // As `read`, without the hook (nothing is re-armed for a digest).
             let (_, _, at) = self.locate(PageIndex(i))?;
-            // SAFETY: as in `read`, without the hook (nothing is re-armed for a digest).
-            let words =
-                unsafe { std::slice::from_raw_parts(at.cast::<AtomicU64>(), buf.len() / 8) };
-            for (word, out) in words.iter().zip(buf.chunks_exact_mut(8)) {
-                out.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
-            }
+            copy_page_atomic(at, &mut buf);
             d.add_page(i, &buf);
         }
         Ok(d.value())
+    }
+}
+
+/// Copies the page at `at` (as [`KvmMemory::locate`] gives it) into `buf` (one page) with
+/// atomic loads: the guest may be writing it.
+fn copy_page_atomic(at: *mut u8, buf: &mut [u8]) {
+    // SAFETY: `at` is a page inside a live mapping (the memory's Arc holds it), page-aligned,
+    // so every u64 is aligned; `buf` is one page. The guest writes concurrently: atomic loads
+    // make that defined.
+    let words = unsafe { std::slice::from_raw_parts(at.cast::<AtomicU64>(), buf.len() / 8) };
+    for (word, out) in words.iter().zip(buf.chunks_exact_mut(8)) {
+        out.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
     }
 }
 

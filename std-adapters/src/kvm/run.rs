@@ -97,38 +97,21 @@ pub fn migrate_source_with(
         session_id: session_id(),
         ..SessionConfig::default()
     };
-    let mut encoders = Vec::new();
-    for _ in 0..channels.len().max(1) {
-        match encoder_for(session.session_id).map_err(KvmRunError::Codec)? {
-            Some(e) => encoders.push(e),
-            None => break,
-        }
-    }
+    let encoders = drive::encoders_for(channels.len(), || {
+        encoder_for(session.session_id).map_err(KvmRunError::Codec)
+    })?;
     let mut engine = Source::new(source.layout().clone(), session, PreCopy::new(config));
     let clock = Clock::new();
-    let result = if channels.len() > 1 {
-        let memory: drive::SharedMemory = source.shared_memory();
-        if encoders.is_empty() {
-            drive::run_source_with_workers(&mut engine, source, memory, channels, &clock, on_round)
-        } else {
-            // The engine offers the codec's features; each writer thread encodes.
-            engine = engine.with_encoder(Box::new(memferry::codec::Raw));
-            drive::run_source_with_encoders(
-                &mut engine,
-                source,
-                memory,
-                channels,
-                encoders,
-                &clock,
-                on_round,
-            )
-        }
-    } else {
-        if let Some(encoder) = encoders.pop() {
-            engine = engine.with_encoder(encoder);
-        }
-        drive::run_source(&mut engine, source, channels, &clock, on_round)
-    };
+    let memory: drive::SharedMemory = source.shared_memory();
+    let result = drive::run_source_encoding(
+        &mut engine,
+        source,
+        memory,
+        channels,
+        encoders,
+        &clock,
+        on_round,
+    );
     let stopped = source.finish();
     result?;
     stopped?;

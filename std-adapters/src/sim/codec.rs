@@ -333,9 +333,7 @@ impl MeteredEncoder {
             SimCodec::None => return Ok(None),
             SimCodec::Lz4 => Inner::Lz4(Lz4Encoder::default()),
             #[cfg(feature = "zstd")]
-            SimCodec::Zstd => {
-                Inner::Zstd(crate::codec::ZstdEncoder::new(model.zstd_level, page_size)?)
-            }
+            SimCodec::Zstd => Inner::Zstd(crate::codec::ZstdEncoder::new(model.zstd_level)?),
             #[cfg(not(feature = "zstd"))]
             SimCodec::Zstd => return Err("zstd needs memferry-std's zstd feature".into()),
             SimCodec::Delta => Inner::Delta(DeltaLz4Encoder::new(delta())),
