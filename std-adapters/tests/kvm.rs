@@ -11,8 +11,9 @@ use memferry::time::Nanos;
 use memferry::track::PredictorKind;
 use memferry_std::kvm::dirty::{DirtyLogMode, DirtySample};
 use memferry_std::kvm::guest::{self, GuestConfig};
+use memferry_std::kvm::multiboot;
 use memferry_std::kvm::vm::kvm_usable;
-use memferry_std::kvm::{run, run_unmigrated, KvmSource, SourceMachine};
+use memferry_std::kvm::{run, run_unmigrated, run_unmigrated_kernel, KvmSource, SourceMachine};
 use memferry_std::transport::{tcp, BoxRead, BoxWrite};
 
 fn kvm_or_skip(test: &str) -> bool {
@@ -45,6 +46,51 @@ fn the_guest_runs_at_cpl3_and_its_hash_is_the_reference_hash() {
     );
     assert_eq!(run.writes, config.iterations);
     assert_eq!(run.hash, guest::expected_hash(&config).unwrap());
+}
+
+#[test]
+fn the_multiboot_guest_image_boots_and_migrates_with_the_reference_hash() {
+    if !kvm_or_skip("the_multiboot_guest_image_boots_and_migrates_with_the_reference_hash") {
+        return;
+    }
+    // Unmigrated: booted from the ELF (32-bit entry, the prologue enters long mode and CPL3),
+    // the same hash as the guest the VMM starts in long mode itself.
+    let small = GuestConfig {
+        memory: 16 << 20,
+        iterations: 300_000,
+        sweep_share: 0.05,
+        ..GuestConfig::default()
+    };
+    let elf = multiboot::guest_elf(&small, 1_000_000).unwrap();
+    let run = run_unmigrated_kernel(&elf, &small, Duration::from_secs(120)).unwrap();
+    assert_eq!(run.writes, small.iterations);
+    assert_eq!(run.hash, guest::expected_hash(&small).unwrap());
+    assert_eq!(
+        run.hash,
+        run_unmigrated(&small, Duration::from_secs(120))
+            .unwrap()
+            .hash
+    );
+    // Migrated live.
+    let config = GuestConfig {
+        memory: 64 << 20,
+        seed: 50,
+        iterations: 30_000_000,
+        sweep_share: 0.02,
+        writes_per_sec: 0,
+        ..GuestConfig::default()
+    };
+    let elf = multiboot::guest_elf(&config, 1_000_000).unwrap();
+    let m = migrate_live_from(
+        Some(&elf),
+        config,
+        DirtyLogMode::MANUAL,
+        precopy(PredictorKind::None),
+        1,
+        1 << 18,
+    );
+    check(&m, "multiboot");
+    assert_eq!(m.report.page_count, (64 << 20) / 4096);
 }
 
 #[test]
@@ -103,8 +149,23 @@ fn migrate_live(
     channels: u16,
     warmup_writes: u64,
 ) -> Migrated {
+    migrate_live_from(None, config, mode, engine, channels, warmup_writes)
+}
+
+/// [`migrate_live`], the guest booted from the multiboot `kernel` when given.
+fn migrate_live_from(
+    kernel: Option<&[u8]>,
+    config: GuestConfig,
+    mode: DirtyLogMode,
+    engine: PreCopyConfig,
+    channels: u16,
+    warmup_writes: u64,
+) -> Migrated {
     let expected_hash = guest::expected_hash(&config).unwrap();
-    let (machine, mut vcpus) = SourceMachine::create(&config, mode).unwrap();
+    let (machine, mut vcpus) = match kernel {
+        Some(image) => SourceMachine::boot_kernel(image, &config, mode).unwrap(),
+        None => SourceMachine::create(&config, mode).unwrap(),
+    };
     vcpus.start().unwrap();
     // Migrate a guest that is well under way (on a loaded machine its first writes may take a
     // while: first touches cost a fault each under shadow paging).

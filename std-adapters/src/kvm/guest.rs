@@ -71,6 +71,9 @@ const PML4: u64 = 0x1000;
 const PDPT_LOW: u64 = 0x2000;
 const PD_LOW: u64 = 0x3000;
 const GDT: u64 = 0x4000;
+/// Guest address of the GDT (null, kernel code `0x08`, kernel data `0x10`, user data `0x1b`,
+/// user code `0x23`, TSS `0x28`).
+pub const GDT_ADDR: u64 = GDT;
 const TSS: u64 = 0x5000;
 const IDT: u64 = 0x6000;
 const PD_DONE: u64 = 0x9000;

@@ -26,6 +26,7 @@
 pub mod dirty;
 pub mod guest;
 pub mod memory;
+pub mod multiboot;
 pub mod run;
 pub mod state;
 pub mod vcpu;
@@ -479,6 +480,39 @@ impl SourceMachine {
         ))
     }
 
+    /// Creates a VM of `config.memory` bytes in the layout of [`multiboot::kernel_config`]
+    /// (with the dirty ring when `mode` asks for it), loads the multiboot kernel `image` as
+    /// QEMU's `-kernel` does and creates its vCPU at the kernel's entry, in 32-bit protected
+    /// mode, ready to run. The guest's other settings in `config` are not used (the kernel has
+    /// its own); [`SourceMachine::status`] means something when the kernel is the generated
+    /// guest ([`multiboot::guest_elf`]).
+    pub fn boot_kernel(
+        image: &[u8],
+        config: &GuestConfig,
+        mode: DirtyLogMode,
+    ) -> Result<(Self, VcpuSet), KvmError> {
+        let config = multiboot::kernel_config(config);
+        let regions = config.regions().map_err(KvmError::new)?;
+        let boot =
+            multiboot::boot_image(image, &regions).map_err(|e| KvmError::new(e.to_string()))?;
+        let vm = Vm::new(&regions, mode.ring_entries(), true)?;
+        let vcpu = vm.create_vcpu(0)?;
+        vm.load(&boot.pieces)?;
+        let mut sregs = vcpu
+            .get_sregs()
+            .map_err(|e| KvmError::sys("KVM_GET_SREGS failed", e))?;
+        multiboot::protected_mode_sregs(&mut sregs);
+        vcpu.set_sregs(&sregs)
+            .map_err(|e| KvmError::sys("KVM_SET_SREGS failed", e))?;
+        vcpu.set_regs(&multiboot::entry_regs(&boot))
+            .map_err(|e| KvmError::sys("KVM_SET_REGS failed", e))?;
+        let msrs = state::supported_msrs(vm.kvm())?;
+        let thread = VcpuThread::new(vcpu, guest::DONE_MMIO);
+        thread.set_finished_check(finished_check(vm.memory()));
+        let set = VcpuSet::new(vec![thread], msrs);
+        Ok((SourceMachine { vm, config }, set))
+    }
+
     /// The memory as pages.
     pub fn memory(&self) -> Result<KvmMemory, KvmError> {
         KvmMemory::new(self.vm.memory().clone(), self.vm.slots())
@@ -567,7 +601,27 @@ pub fn run_unmigrated(config: &GuestConfig, timeout: Duration) -> Result<GuestRu
     if config.iterations == 0 {
         return Err(KvmError::new("a guest that runs forever never ends"));
     }
-    let (machine, mut vcpus) = SourceMachine::create(config, DirtyLogMode::Bitmap)?;
+    let (machine, vcpus) = SourceMachine::create(config, DirtyLogMode::Bitmap)?;
+    run_to_end(machine, vcpus, timeout)
+}
+
+/// Boots the multiboot kernel `image` in a VM of `config.memory` bytes
+/// ([`SourceMachine::boot_kernel`]) and runs it to its end without migrating it; the writes and
+/// hash are read from the generated guest's control block ([`multiboot::guest_elf`]).
+pub fn run_unmigrated_kernel(
+    image: &[u8],
+    config: &GuestConfig,
+    timeout: Duration,
+) -> Result<GuestRun, KvmError> {
+    let (machine, vcpus) = SourceMachine::boot_kernel(image, config, DirtyLogMode::Bitmap)?;
+    run_to_end(machine, vcpus, timeout)
+}
+
+fn run_to_end(
+    machine: SourceMachine,
+    mut vcpus: VcpuSet,
+    timeout: Duration,
+) -> Result<GuestRun, KvmError> {
     let t0 = Instant::now();
     vcpus.start()?;
     let end = vcpus.threads()[0].wait_end(timeout);

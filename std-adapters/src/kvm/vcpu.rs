@@ -378,6 +378,8 @@ fn run_loop(shared: &Shared) {
                 }
             }
             Ok(VcpuExit::Intr) => None,
+            // A kernel at CPL0 that halts (interrupts off: nothing wakes it) has ended.
+            Ok(VcpuExit::Hlt) => Some(VcpuEnd::Done),
             Ok(VcpuExit::Shutdown) => {
                 let check = shared
                     .finished
