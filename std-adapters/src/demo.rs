@@ -1019,7 +1019,23 @@ pub mod kvm {
         mode: DirtyLogMode,
         warmup_writes: u64,
     ) -> Result<KvmGuest, JobError> {
-        let (machine, mut vcpus) = SourceMachine::create(config, mode).map_err(setup)?;
+        start_guest_from(None, config, mode, warmup_writes)
+    }
+
+    /// [`start_guest`], booting the multiboot `kernel` when given (in a VM of `config.memory`
+    /// bytes: [`SourceMachine::boot_kernel`]); the warm-up reads the generated guest's progress,
+    /// which another kernel does not report (it then lasts the second).
+    pub fn start_guest_from(
+        kernel: Option<&[u8]>,
+        config: &GuestConfig,
+        mode: DirtyLogMode,
+        warmup_writes: u64,
+    ) -> Result<KvmGuest, JobError> {
+        let (machine, mut vcpus) = match kernel {
+            Some(image) => SourceMachine::boot_kernel(image, config, mode),
+            None => SourceMachine::create(config, mode),
+        }
+        .map_err(setup)?;
         vcpus.start().map_err(setup)?;
         let t0 = Instant::now();
         while machine.status().map_or(0, |s| s.progress) < warmup_writes {
@@ -1097,11 +1113,14 @@ pub mod kvm {
         pub final_hash: Option<(u64, u64)>,
     }
 
-    /// Runs `config`'s guest in a VM and migrates it to a second VM in this process over TCP
-    /// on 127.0.0.1. A finite guest (`iterations > 0`) then runs to its end on the destination
-    /// and its final hash is compared with the reference.
+    /// Runs `config`'s guest in a VM (booted from the multiboot `kernel` when given: the
+    /// generated guest of the same `config`, [`crate::kvm::multiboot::guest_elf`], for the hash
+    /// to compare) and migrates it to a second VM in this process over TCP on 127.0.0.1. A
+    /// finite guest (`iterations > 0`) then runs to its end on the destination and its final
+    /// hash is compared with the reference.
     #[allow(clippy::too_many_arguments)]
     pub fn run_demo(
+        kernel: Option<&[u8]>,
         config: &GuestConfig,
         mode: DirtyLogMode,
         engine: PreCopyConfig,
@@ -1111,7 +1130,7 @@ pub mod kvm {
         codec: &crate::codec::CodecOptions,
         on_round: impl FnMut(&RoundReport),
     ) -> Result<KvmDemoOutcome, JobError> {
-        let mut guest = start_guest(config, mode, 1 << 16)?;
+        let mut guest = start_guest_from(kernel, config, mode, 1 << 16)?;
         let finite = config.iterations > 0;
         let channels = channels.max(1);
         let mut ends = Vec::new();

@@ -499,6 +499,68 @@ fn listen_kvm_and_send_kvm_migrate_a_guest_between_two_processes() {
     assert_eq!(v["guest"], "kvm");
 }
 
+#[cfg(feature = "cli")]
+#[test]
+fn guest_image_writes_a_kernel_that_demo_boots_and_migrates() {
+    use std::process::Command;
+    if !kvm_or_skip("guest_image_writes_a_kernel_that_demo_boots_and_migrates") {
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_memferry");
+    let dir = std::env::temp_dir().join(format!("memferry-guest-image-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = dir.join("guest.elf");
+    let guest = [
+        "--memory",
+        "32MiB",
+        "--seed",
+        "9",
+        "--iterations",
+        "20000000",
+        "--write-rate",
+        "0",
+    ];
+    let made = Command::new(bin)
+        .args(["guest-image", "-o"])
+        .arg(&elf)
+        .args(guest)
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let image = std::fs::read(&elf).unwrap();
+    assert_eq!(&image[..4], b"\x7fELF");
+    let demo = Command::new(bin)
+        .args(["demo", "--guest", "kvm", "--json", "--quiet", "--kernel"])
+        .arg(&elf)
+        .args(guest)
+        .output()
+        .unwrap();
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&demo.stdout).unwrap();
+    assert_eq!(v["guest"], "kvm");
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["kvm"]["final_hash_matches"], true, "{v}");
+    // A file that is no kernel is refused with the reason.
+    let bad = Command::new(bin)
+        .args(["demo", "--guest", "kvm", "--quiet", "--kernel"])
+        .arg(bin)
+        .args(guest)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("multiboot"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_example_migrates_its_guest() {
     if !kvm_or_skip("the_example_migrates_its_guest") {

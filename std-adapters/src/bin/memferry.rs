@@ -185,6 +185,28 @@ enum Command {
     /// anywhere (--shard K/N --output FILE) and merge into the same table (--merge FILES).
     Compare(CompareArgs),
     /// Migrate an in-process guest, workload running, to a `memferry listen` at ADDR.
+    /// Write the generated KVM guest (the one `send --kvm` and `demo` run) as a multiboot ELF
+    /// kernel: a 32-bit entry that enters long mode and drops to CPL3 to run the same workload,
+    /// for `send --kvm --kernel FILE`, `demo --kernel FILE` or QEMU's `-kernel FILE` (`-m` of
+    /// the same --memory, at most 2 GiB for QEMU's layout). Its memory layout and its writes
+    /// are fixed in the image.
+    GuestImage {
+        /// The ELF file to write.
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Writes the guest does before it ends (0: until stopped).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+        /// Share of the guest's writes that sweep memory page after page.
+        #[arg(long, default_value_t = 0.0)]
+        sweep_share: f64,
+        /// The TSC frequency that paces a guest with a --write-rate, in kHz (default: this
+        /// host's, read from /dev/kvm).
+        #[arg(long)]
+        tsc_khz: Option<u32>,
+    },
     Send {
         /// Address of the listener.
         addr: String,
@@ -226,10 +248,25 @@ struct KvmArgs {
     /// Share of the KVM guest's writes that sweep memory page after page.
     #[arg(long, default_value_t = 0.0)]
     sweep_share: f64,
+    /// Boot this multiboot (v1) kernel instead of starting the generated guest in long mode
+    /// (as QEMU's `-kernel`), in a VM of --memory. `memferry guest-image` writes the generated
+    /// guest as one: give it the same guest options for the final-hash check.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<std::path::PathBuf>,
 }
 
 #[cfg(target_os = "linux")]
 impl KvmArgs {
+    /// The bytes of --kernel, if given.
+    fn kernel_image(&self) -> Result<Option<Vec<u8>>, String> {
+        self.kernel
+            .as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| format!("cannot read the kernel {}: {e}", p.display()))
+            })
+            .transpose()
+    }
+
     fn config(
         &self,
         guest: &GuestArgs,
@@ -1632,6 +1669,13 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Command::GuestImage {
+            output,
+            guest,
+            iterations,
+            sweep_share,
+            tsc_khz,
+        } => guest_image(&output, &guest, iterations, sweep_share, tsc_khz),
         Command::Send {
             addr,
             guest,
@@ -1732,7 +1776,12 @@ fn kvm_demo(
             eprintln!("{}", output::progress_line(r, 4096));
         }
     };
+    let kernel = match kvm.kernel_image() {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
     match demo::kvm::run_demo(
+        kernel.as_deref(),
         &config,
         mode,
         migration.config(),
@@ -1777,7 +1826,11 @@ fn kvm_send(addr: &str, guest: &GuestArgs, kvm: &KvmArgs, migration: &MigrationA
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let mut running = match demo::kvm::start_guest(&config, mode, 1 << 16) {
+    let kernel = match kvm.kernel_image() {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let mut running = match demo::kvm::start_guest_from(kernel.as_deref(), &config, mode, 1 << 16) {
         Ok(g) => g,
         Err(e) => return fail(e),
     };
@@ -1828,6 +1881,63 @@ fn kvm_send(addr: &str, guest: &GuestArgs, kvm: &KvmArgs, migration: &MigrationA
 #[cfg(not(target_os = "linux"))]
 fn kvm_send(_: &str, _: &GuestArgs, _: &KvmArgs, _: &MigrationArgs) -> ExitCode {
     fail("a KVM guest needs Linux")
+}
+
+/// `memferry guest-image -o FILE`: the generated KVM guest as a multiboot ELF.
+#[cfg(target_os = "linux")]
+fn guest_image(
+    output: &std::path::Path,
+    guest: &GuestArgs,
+    iterations: u64,
+    sweep_share: f64,
+    tsc_khz: Option<u32>,
+) -> ExitCode {
+    use memferry_std::kvm::multiboot;
+    let kvm = KvmArgs {
+        dirty_log: "bitmap".into(),
+        iterations,
+        sweep_share,
+        kernel: None,
+    };
+    let (config, _) = match kvm.config(guest) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let tsc_khz = match (tsc_khz, config.writes_per_sec) {
+        (Some(k), _) => k,
+        (None, 0) => 0,
+        (None, _) => match memferry_std::kvm::vm::host_tsc_khz() {
+            Ok(k) => k,
+            Err(why) => {
+                return fail(format!(
+                    "a guest with a --write-rate needs the TSC frequency: give --tsc-khz ({why})"
+                ))
+            }
+        },
+    };
+    let elf = match multiboot::guest_elf(&config, tsc_khz) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = std::fs::write(output, &elf) {
+        return fail(format!("cannot write {}: {e}", output.display()));
+    }
+    let layout = multiboot::kernel_config(&config);
+    println!(
+        "wrote {}: a multiboot ELF of {} bytes, entry {:#x}, for a guest of {} (regions {:?}); boot it with --memory {}MiB",
+        output.display(),
+        elf.len(),
+        multiboot::PROLOGUE_ADDR,
+        output::human_bytes(config.memory),
+        layout.regions().unwrap_or_default(),
+        config.memory >> 20
+    );
+    ExitCode::SUCCESS
+}
+
+#[cfg(not(target_os = "linux"))]
+fn guest_image(_: &std::path::Path, _: &GuestArgs, _: u64, _: f64, _: Option<u32>) -> ExitCode {
+    fail("the KVM guest image needs Linux")
 }
 
 /// `memferry listen ADDR --kvm`: receive a KVM guest and run it until it finishes.

@@ -34,6 +34,19 @@ pub fn kvm_usable() -> Result<(), String> {
     Ok(())
 }
 
+/// The TSC frequency of a vCPU on this host, in kHz (what paces a guest with a write rate).
+pub fn host_tsc_khz() -> Result<u32, String> {
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("KVM_CREATE_VCPU failed: {e}"))?;
+    vcpu.get_tsc_khz()
+        .map_err(|e| format!("KVM_GET_TSC_KHZ failed: {e}"))
+}
+
 /// A VM with its memory and memslots (slot `i` is region `i`).
 pub struct Vm {
     kvm: Kvm,
