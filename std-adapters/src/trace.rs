@@ -1818,6 +1818,94 @@ pub fn record(
     )
 }
 
+/// What [`record_kvm_guest`] recorded, beside the trace's summary.
+#[cfg(all(feature = "kvm", target_os = "linux"))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvmRecordSummary {
+    /// The trace's summary.
+    pub trace: RecordSummary,
+    /// Pages in the trace's guest (all regions, in layout order: holes take no pages).
+    pub guest_pages: u64,
+    /// The generated guest's writes when the recording ended (its control block).
+    pub guest_writes: Option<u64>,
+}
+
+/// The dirty log of every region of a KVM source as one region of the layout's pages (a trace
+/// has one page range; the layout numbers pages region after region).
+#[cfg(all(feature = "kvm", target_os = "linux"))]
+struct WholeKvmLog<'a> {
+    source: &'a mut crate::kvm::KvmSource,
+    layout: MemoryLayout,
+}
+
+#[cfg(all(feature = "kvm", target_os = "linux"))]
+impl DirtyLog for WholeKvmLog<'_> {
+    fn sync_region(
+        &mut self,
+        _whole: &memferry::page::Region,
+        first_page: u64,
+        into: &mut DirtyBitmap,
+    ) -> Result<(), HostError> {
+        for (i, region) in self.layout.regions().iter().enumerate() {
+            let at = first_page + self.layout.first_page(i);
+            self.source.sync_region(region, at, into)?;
+        }
+        // Manual protect re-arms pages as they are read; a recorder reads none.
+        self.source.dirty_log().rearm_all()
+    }
+}
+
+/// Records a trace of a running KVM guest's dirty log: creates the VM of `config` (the
+/// generated guest, or the multiboot `kernel` when given), starts it, logs its dirty pages in
+/// `mode` (any [`crate::kvm::dirty::DirtyLogMode`]) and writes them every `options.interval`
+/// as [`record_log`] does. The trace's guest is the VM's memory, its regions' pages one after
+/// another (a hole between regions takes none). The guest is stopped at the end.
+#[cfg(all(feature = "kvm", target_os = "linux"))]
+pub fn record_kvm_guest(
+    config: &crate::kvm::guest::GuestConfig,
+    mode: crate::kvm::dirty::DirtyLogMode,
+    kernel: Option<&[u8]>,
+    options: &RecordOptions,
+    out: impl Write,
+    on_interval: impl FnMut(&IntervalSample) -> ControlFlow<()>,
+) -> Result<KvmRecordSummary, RecordError> {
+    use crate::kvm::{KvmSource, SourceMachine};
+    let kvm = |e: crate::kvm::KvmError| RecordError::Host(HostError::from(e));
+    let (machine, mut vcpus) = match kernel {
+        Some(image) => SourceMachine::boot_kernel(image, config, mode),
+        None => SourceMachine::create(config, mode),
+    }
+    .map_err(kvm)?;
+    let memory = machine.memory().map_err(kvm)?;
+    let layout = memory.layout().clone();
+    vcpus.start().map_err(kvm)?;
+    let mut source = KvmSource::new(machine.vm.fd().clone(), memory, vcpus, mode).map_err(kvm)?;
+    let geometry = layout.geometry();
+    let recorded = record_log(
+        &mut WholeKvmLog {
+            source: &mut source,
+            layout: layout.clone(),
+        },
+        geometry,
+        options,
+        out,
+        on_interval,
+    );
+    let ended = source.vcpus().threads().iter().find_map(|t| t.end());
+    let _ = source.finish();
+    let trace = recorded?;
+    if let Some(crate::kvm::vcpu::VcpuEnd::Failed(why)) = ended {
+        return Err(RecordError::Host(HostError::new(format!(
+            "the guest stopped during the recording: {why}"
+        ))));
+    }
+    Ok(KvmRecordSummary {
+        trace,
+        guest_pages: geometry.page_count(),
+        guest_writes: machine.status().map(|s| s.progress),
+    })
+}
+
 /// Records a trace of `log` (a guest of `geometry`) into `out`: syncs the log once to forget
 /// writes made before the recording, then every `options.interval` syncs it again and writes
 /// the pages dirtied since as one interval, with its measured length. Deadlines are absolute

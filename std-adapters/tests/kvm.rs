@@ -561,6 +561,86 @@ fn guest_image_writes_a_kernel_that_demo_boots_and_migrates() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[cfg(feature = "research")]
+#[test]
+fn record_kvm_writes_a_trace_of_the_guests_dirty_log_that_the_simulator_replays() {
+    use memferry_std::trace::{record_kvm_guest, RecordOptions, TraceReader};
+    if !kvm_or_skip("record_kvm_writes_a_trace_of_the_guests_dirty_log_that_the_simulator_replays")
+    {
+        return;
+    }
+    let config = GuestConfig {
+        memory: 32 << 20,
+        seed: 60,
+        iterations: 0,
+        hot_fraction: 0.05,
+        hot_share: 0.9,
+        writes_per_sec: 200_000,
+        ..GuestConfig::default()
+    };
+    // The hot set: the first 5% of the data window, which starts at 2 MiB.
+    let data_pages = config.data_pages().unwrap();
+    let hot = (data_pages as f64 * config.hot_fraction).round() as u64;
+    let hot_pages = 512..512 + hot;
+    let dir = std::env::temp_dir().join(format!("memferry-record-kvm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for mode in [
+        DirtyLogMode::Bitmap,
+        DirtyLogMode::MANUAL,
+        DirtyLogMode::RING,
+    ] {
+        let path = dir.join(format!("{}.mft", mode.name()));
+        let options = RecordOptions::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let file = std::fs::File::create(&path).unwrap();
+        let summary = record_kvm_guest(&config, mode, None, &options, file, |_| {
+            std::ops::ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(summary.trace.intervals, 10, "{}", mode.name());
+        assert_eq!(summary.guest_pages, 8192);
+        assert!(summary.guest_writes.unwrap() > 0);
+        let mut reader = TraceReader::open(std::fs::File::open(&path).unwrap()).unwrap();
+        assert_eq!(reader.header().geometry.page_count(), 8192);
+        assert_eq!(reader.header().interval, Nanos::from_millis(100));
+        let mut dirty = reader.new_bitmap();
+        let mut counts = Vec::new();
+        while reader.next_interval(&mut dirty).unwrap() {
+            let hot_dirty = hot_pages.clone().filter(|&p| dirty.get(p)).count() as u64;
+            counts.push((dirty.count_ones(), hot_dirty));
+            dirty.clear();
+        }
+        eprintln!(
+            "record --kvm ({}): (dirty pages, hot pages dirty of {hot}) per interval: {counts:?}",
+            mode.name()
+        );
+        assert_eq!(counts.len(), 10);
+        // 180,000 hot writes a second over {hot} pages: nearly all are dirty in each interval
+        // once the guest runs at its pace; and an interval is far from all of memory (a log
+        // that never re-arms would report every page).
+        for &(all, hot_dirty) in &counts[2..] {
+            assert!(hot_dirty * 10 >= hot * 9, "{}: {counts:?}", mode.name());
+            assert!(all < 8192 / 2, "{}: {counts:?}", mode.name());
+        }
+        #[cfg(feature = "cli")]
+        {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_memferry"))
+                .args(["simulate", "--json", "--workload"])
+                .arg(format!("trace:{}", path.display()))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["verified"], true);
+            assert_eq!(v["memory_bytes"], 32 << 20);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_example_migrates_its_guest() {
     if !kvm_or_skip("the_example_migrates_its_guest") {

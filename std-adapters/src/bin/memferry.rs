@@ -142,6 +142,12 @@ enum Command {
         /// not apply then.
         #[arg(last = true)]
         command: Vec<std::ffi::OsString>,
+        /// Record a running KVM guest's dirty log (the generated guest of the guest options, or
+        /// --kernel) instead of the in-process workload, with any --dirty-log.
+        #[arg(long, conflicts_with = "command")]
+        kvm: bool,
+        #[command(flatten)]
+        kvm_args: KvmArgs,
     },
     /// Simulate one migration in virtual time and print its report, the lower bounds and the
     /// analytic models' figures.
@@ -937,6 +943,98 @@ fn restore_image(path: &std::path::Path, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `memferry record --kvm -o F`: records a running KVM guest's dirty log into a trace.
+#[cfg(target_os = "linux")]
+fn record_kvm(
+    output: std::path::PathBuf,
+    guest: &GuestArgs,
+    kvm: &KvmArgs,
+    interval: std::time::Duration,
+    duration: std::time::Duration,
+    description: Option<String>,
+) -> ExitCode {
+    if interval.is_zero() || duration < interval {
+        return fail("--interval must be positive and no longer than --duration");
+    }
+    let (config, mode) = match kvm.config(guest) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let kernel = match kvm.kernel_image() {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let description = description.unwrap_or_else(|| match &kvm.kernel {
+        Some(k) => format!(
+            "memferry record --kvm: the multiboot kernel {} in a {} VM, {} dirty log",
+            k.display(),
+            output::human_bytes(config.memory),
+            mode.name()
+        ),
+        None => format!(
+            "memferry record --kvm: {} KVM guest, {} writes/s, {}% of writes to {}% of memory, {}% sweeping, seed {}, {} dirty log",
+            output::human_bytes(config.memory),
+            config.writes_per_sec,
+            config.hot_share * 100.0,
+            config.hot_fraction * 100.0,
+            config.sweep_share * 100.0,
+            config.seed,
+            mode.name()
+        ),
+    });
+    let file = match std::fs::File::create(&output) {
+        Ok(f) => std::io::BufWriter::new(f),
+        Err(e) => return fail(format!("cannot create {}: {e}", output.display())),
+    };
+    eprintln!(
+        "recording a KVM guest ({} dirty log): {} intervals of {:?} into {}",
+        mode.name(),
+        duration.as_nanos() / interval.as_nanos(),
+        interval,
+        output.display()
+    );
+    let options = memferry_std::trace::RecordOptions {
+        interval,
+        duration,
+        description,
+    };
+    match memferry_std::trace::record_kvm_guest(
+        &config,
+        mode,
+        kernel.as_deref(),
+        &options,
+        file,
+        |_| std::ops::ControlFlow::Continue(()),
+    ) {
+        Ok(s) => {
+            println!(
+                "wrote {}: {} intervals, {} dirty pages (at most {} in one interval), a guest of {} pages, {} bytes; the guest did {} writes",
+                output.display(),
+                s.trace.intervals,
+                s.trace.dirty_pages,
+                s.trace.max_dirty_pages,
+                s.guest_pages,
+                s.trace.file_bytes,
+                s.guest_writes.map_or("an unknown number of".into(), |w| w.to_string())
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("recording failed: {e}")),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn record_kvm(
+    _: std::path::PathBuf,
+    _: &GuestArgs,
+    _: &KvmArgs,
+    _: std::time::Duration,
+    _: std::time::Duration,
+    _: Option<String>,
+) -> ExitCode {
+    fail("a KVM guest needs Linux")
+}
+
 /// `memferry record -o F -- CMD ARGS…`: records a program's writes into a trace.
 #[cfg(target_os = "linux")]
 fn record_a_program(
@@ -1561,7 +1659,13 @@ fn main() -> ExitCode {
             description,
             library,
             command,
+            kvm,
+            kvm_args,
         } => {
+            if kvm {
+                let duration = duration.unwrap_or(std::time::Duration::from_secs(10));
+                return record_kvm(output, &guest, &kvm_args, interval, duration, description);
+            }
             if !command.is_empty() {
                 return record_a_program(output, interval, duration, description, library, command);
             }

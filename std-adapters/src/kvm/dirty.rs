@@ -625,6 +625,21 @@ impl DirtyTracker {
         }
     }
 
+    /// Manual protect: re-arms every page the syncs reported (as reading every page would),
+    /// so the next sync reports only pages written since; a recorder, which reads no pages,
+    /// calls it after each sync. The other modes re-arm in the sync itself: nothing to do.
+    pub fn rearm_all(&self) -> Result<(), HostError> {
+        let Some(m) = &self.manual else {
+            return Ok(());
+        };
+        for (i, r) in m.regions.iter().enumerate() {
+            for chunk in 0..r.chunks.len() as u64 {
+                m.before_read(i, chunk * m.chunk_pages)?;
+            }
+        }
+        Ok(())
+    }
+
     /// One sample per sync of every region, oldest first.
     pub fn samples(&self) -> &[DirtySample] {
         &self.samples
