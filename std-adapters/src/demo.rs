@@ -352,9 +352,16 @@ pub fn serve_channels(
     max_memory: u64,
     accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
 ) -> Result<DestinationHost, JobError> {
-    serve_with(reader, writer, max_memory, None, None, accept_more, || {
-        Ok(())
-    })
+    serve_with(
+        reader,
+        writer,
+        max_memory,
+        None,
+        None,
+        None,
+        accept_more,
+        || Ok(()),
+    )
 }
 
 /// Accepts one migration on `listener`: waits for a source to connect (as long as it takes),
@@ -418,6 +425,7 @@ pub fn serve_listener(
         options.max_memory,
         Some(options.idle_timeout),
         options.content.as_deref(),
+        None,
         accept_more,
         handshake_done,
     )
@@ -472,13 +480,16 @@ fn accept_until(
 
 /// The handshake and the migration, for any transport. `idle` is the idle timeout the reads
 /// and `accept_more` enforce, if any (for the messages); `handshake_done` is called once every
-/// connection has opened, before memory is mapped and the engine runs.
+/// connection has opened, before memory is mapped and the engine runs. When `content` is a kept
+/// image, `reuse` receives what its keep rules kept and dropped.
+#[allow(clippy::too_many_arguments)]
 fn serve_with(
     mut reader: BoxRead,
     mut writer: BoxWrite,
     max_memory: u64,
     idle: Option<Duration>,
     content: Option<&std::path::Path>,
+    reuse: Option<Arc<std::sync::Mutex<crate::image::KeepStats>>>,
     mut accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
     handshake_done: impl FnOnce() -> std::io::Result<()>,
 ) -> Result<DestinationHost, JobError> {
@@ -570,11 +581,17 @@ fn serve_with(
                 ))
             })?)
         } else {
+            // Offered with the keep rules its keep map recorded (paper 003).
             Box::new(
-                crate::image::Image::open_read_only(path, crate::image::Limits::default())
-                    .map_err(|e| {
-                        JobError::Setup(format!("cannot open the image {}: {e}", path.display()))
-                    })?,
+                crate::image::KeptImage::open_with(
+                    path,
+                    crate::image::Limits::default(),
+                    None,
+                    reuse.unwrap_or_default(),
+                )
+                .map_err(|e| {
+                    JobError::Setup(format!("cannot open the image {}: {e}", path.display()))
+                })?,
             )
         };
         destination = destination.with_content(content);
@@ -843,6 +860,9 @@ pub struct DemoOutcome {
     pub source: SourceHost,
     /// The destination.
     pub destination: DestinationHost,
+    /// When the destination was offered a kept image (`content`): what its keep rules kept
+    /// and dropped (paper 003).
+    pub reuse: Option<crate::image::KeepStats>,
 }
 
 /// Migrates a fresh guest from a source thread to a destination thread in this process.
@@ -901,6 +921,9 @@ pub fn run_demo_with(
         .check_channels(channels)
         .map_err(JobError::Setup)?;
     let mut source = prepare_source(guest, seed)?;
+    let reuse = Arc::new(std::sync::Mutex::new(crate::image::KeepStats::default()));
+    let kept_image = content.as_ref().is_some_and(|p| !p.is_dir());
+    let dest_reuse = reuse.clone();
     let (ends, dest_thread) = match transport {
         TransportKind::Tcp => {
             let listener = TcpListener::bind("127.0.0.1:0")
@@ -918,6 +941,7 @@ pub fn run_demo_with(
                     u64::MAX,
                     None,
                     content.as_deref(),
+                    Some(dest_reuse),
                     || tcp::accept(&listener).map(|(r, w, _)| (r, w)),
                     || Ok(()),
                 )
@@ -948,6 +972,7 @@ pub fn run_demo_with(
                     u64::MAX,
                     None,
                     content.as_deref(),
+                    Some(dest_reuse),
                     move || {
                         far.next().ok_or_else(|| {
                             std::io::Error::new(std::io::ErrorKind::NotFound, "no more connections")
@@ -966,10 +991,12 @@ pub fn run_demo_with(
     // The source's failure explains the destination's, so report it first.
     let report = sent?;
     let destination = received?;
+    let reuse = kept_image.then(|| reuse.lock().map(|s| *s).unwrap_or_default());
     Ok(DemoOutcome {
         report,
         source,
         destination,
+        reuse,
     })
 }
 

@@ -99,6 +99,18 @@
 //! allocates anything for it (the page table takes 1/32768 of a 4 KiB-page guest's size). A
 //! hostile or damaged file gives an [`ImageError`] that says what is wrong; nothing panics.
 //!
+//! # Memory reuse on return (paper 003)
+//! The image a VM leaves behind on a host is content that host already holds if the VM comes
+//! back: offered hash-first ([`memferry::hashfirst`]), only the pages that differ travel. Not
+//! every page is worth keeping: paper 003's two rules ([`KeepRules`]) drop the pages *likely
+//! to be updated soon* (the writable working set at departure: the pages dirtied just before
+//! the VM left) and the pages *updated elsewhere* (named by the host the VM ran on, or found
+//! rewritten in the image since departure). [`Image::keep_for_reuse`] records the decision in a
+//! keep map beside the image (`<image>.keep`: the hot set and each page's hash at departure);
+//! [`KeptImage`] offers the image with the rules applied, and counts what it kept and dropped
+//! and why ([`KeepStats`]). A dropped page reads as zero, so it is never announced as held
+//! content and never trusted. The image itself stays whole and restores as before.
+//!
 //! One writer at a time: an image opened for writing holds an exclusive `flock` on the file, one
 //! opened with [`Image::open_read_only`] a shared one, and an open that conflicts fails with
 //! [`ImageError::InUse`].
@@ -112,6 +124,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use memferry::bitmap::DirtyBitmap;
@@ -767,8 +780,8 @@ pub struct Image {
 
 impl Image {
     /// Creates an image of `layout` at `path` (replacing any file there), all pages zero,
-    /// generation 0. Written to `<path>.new` and renamed over `path`; a journal left by an
-    /// earlier image at `path` is deleted first.
+    /// generation 0. Written to `<path>.new` and renamed over `path`; a journal or a keep map
+    /// left by an earlier image at `path` is deleted first.
     pub fn create(path: impl AsRef<Path>, layout: &MemoryLayout) -> Result<Image, ImageError> {
         let path = path.as_ref();
         let table = vec![0u8; layout.page_count().div_ceil(8) as usize];
@@ -783,11 +796,14 @@ impl Image {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(io_error(format!("opening {}", path.display()))(e)),
         };
-        let journal = journal_path(path);
-        match fs::remove_file(&journal) {
-            Ok(()) => sync_dir(path)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(format!("removing {}", journal.display()))(e)),
+        // A journal or a keep map left by an earlier image at `path` belongs to it, not to
+        // this one.
+        for stale in [journal_path(path), keep_path(path)] {
+            match fs::remove_file(&stale) {
+                Ok(()) => sync_dir(path)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(format!("removing {}", stale.display()))(e)),
+            }
         }
         let mut io = Io::default();
         let (file, header, table) =
@@ -1825,5 +1841,493 @@ impl memferry::hashfirst::ContentSource for Image {
     fn read_content(&mut self, index: u64, buf: &mut [u8]) -> Result<(), HostError> {
         self.read_page(PageIndex(index), buf)
             .map_err(|e| HostError::new(format!("image {}: {e}", self.path.display())))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory reuse on return (paper 003): which pages of the image a VM left behind are worth
+// keeping.
+// ---------------------------------------------------------------------------------------------
+
+/// The first 8 bytes of a keep map (`<image>.keep`).
+pub const KEEP_MAGIC: [u8; 8] = *b"MFRYKEEP";
+/// The keep map format version this module reads and writes.
+pub const KEEP_VERSION: u32 = 1;
+/// The keep map's fixed header.
+pub const KEEP_HEADER_LEN: usize = 64;
+
+/// The keep map of the image at `path`: `<path>.keep`.
+pub fn keep_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".keep")
+}
+
+/// Paper 003's two rules for the image a VM leaves behind on a host it may return to: "a page
+/// that is updated on another host is no longer needed because the page cannot be reused", and
+/// "a memory page that has strong possibility of update in a near future does not need to be
+/// cached". A page a rule drops is never offered for reuse (never announced as held content,
+/// so never trusted); it simply travels again if the VM returns.
+///
+/// The default, [`KeepRules::PAPER`], applies both; [`KeepRules::KEEP_ALL`] keeps every page
+/// (every non-zero page of the image is offered, as an image without a keep map is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepRules {
+    /// Rule 2: drop the pages likely to be updated soon: the writable working set at
+    /// departure (the pages the guest dirtied in its last interval before it left).
+    pub drop_hot: bool,
+    /// Rule 1: drop the pages updated elsewhere: pages the host the VM ran on says it wrote
+    /// ([`KeptImage::note_updated_elsewhere`]), and pages whose content in the image is no
+    /// longer what the VM left (rewritten after departure, found by hash when read).
+    pub drop_updated: bool,
+}
+
+impl KeepRules {
+    /// Both rules (the default).
+    pub const PAPER: KeepRules = KeepRules {
+        drop_hot: true,
+        drop_updated: true,
+    };
+    /// Neither rule: every page with data is kept.
+    pub const KEEP_ALL: KeepRules = KeepRules {
+        drop_hot: false,
+        drop_updated: false,
+    };
+
+    /// The CLI's name: `rules` (both), `all` (neither), `hot` (rule 2 only), `updated`
+    /// (rule 1 only).
+    pub fn name(self) -> &'static str {
+        match (self.drop_hot, self.drop_updated) {
+            (true, true) => "rules",
+            (false, false) => "all",
+            (true, false) => "hot",
+            (false, true) => "updated",
+        }
+    }
+
+    /// Parses a [`KeepRules::name`].
+    pub fn parse(name: &str) -> Option<KeepRules> {
+        Some(match name {
+            "rules" => KeepRules::PAPER,
+            "all" => KeepRules::KEEP_ALL,
+            "hot" => KeepRules {
+                drop_hot: true,
+                drop_updated: false,
+            },
+            "updated" => KeepRules {
+                drop_hot: false,
+                drop_updated: true,
+            },
+            _ => return None,
+        })
+    }
+
+    fn bits(self) -> u32 {
+        u32::from(self.drop_hot) | u32::from(self.drop_updated) << 1
+    }
+
+    fn from_bits(bits: u32) -> Option<KeepRules> {
+        (bits < 4).then_some(KeepRules {
+            drop_hot: bits & 1 != 0,
+            drop_updated: bits & 2 != 0,
+        })
+    }
+}
+
+impl Default for KeepRules {
+    fn default() -> Self {
+        KeepRules::PAPER
+    }
+}
+
+/// How many pages of an image are kept for reuse, and why the others are not. Every page is in
+/// exactly one of `kept`, `zero`, `dropped_hot` and `dropped_updated`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KeepStats {
+    /// The rules applied.
+    pub rules: KeepRules,
+    /// Pages in the guest.
+    pub pages: u64,
+    /// Pages kept: offered for reuse when the VM returns.
+    pub kept: u64,
+    /// Pages that were all zero (nothing to keep: a zero page travels as a header anyway).
+    pub zero: u64,
+    /// Rule 2: pages dropped as likely to be updated soon (dirtied just before departure).
+    pub dropped_hot: u64,
+    /// Rule 1: pages dropped as updated elsewhere, or rewritten in the image since departure.
+    pub dropped_updated: u64,
+}
+
+impl KeepStats {
+    /// One line for people: `kept 900 of 1024 pages; dropped 60 likely to be updated soon, 4
+    /// updated elsewhere; 60 zero`.
+    pub fn describe(&self) -> String {
+        format!(
+            "kept {} of {} pages (rules: {}); dropped {} likely to be updated soon (dirtied \
+             just before departure), {} updated elsewhere; {} zero",
+            self.kept,
+            self.pages,
+            self.rules.name(),
+            self.dropped_hot,
+            self.dropped_updated,
+            self.zero
+        )
+    }
+}
+
+/// Where a page of a kept image stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Keep {
+    Kept,
+    Zero,
+    Hot,
+    Updated,
+}
+
+fn bump(stats: &mut KeepStats, state: Keep, by: i64) {
+    let slot = match state {
+        Keep::Kept => &mut stats.kept,
+        Keep::Zero => &mut stats.zero,
+        Keep::Hot => &mut stats.dropped_hot,
+        Keep::Updated => &mut stats.dropped_updated,
+    };
+    *slot = slot.saturating_add_signed(by);
+}
+
+/// A page's hash in a keep map: 0 for an all-zero page.
+fn keep_hash(page: &[u8]) -> u128 {
+    if is_zero_page(page) {
+        0
+    } else {
+        content_hash(page).max(1)
+    }
+}
+
+fn keep_map_len(pages: u64) -> Option<u64> {
+    (KEEP_HEADER_LEN as u64)
+        .checked_add(pages.div_ceil(8))?
+        .checked_add(pages.checked_mul(16)?)?
+        .checked_add(16)
+}
+
+impl Image {
+    /// Records, beside the image, what is worth keeping of it for the VM's return (paper
+    /// 003): writes the keep map `<image>.keep` (crash-safe: a new file renamed into place).
+    /// `hot` has one bit per page: the pages the guest dirtied just before it left (its
+    /// writable working set at departure), which [`KeepRules::drop_hot`] drops. The map also
+    /// holds every page's content hash, so that pages rewritten after departure are found and
+    /// dropped ([`KeepRules::drop_updated`]) when the image is offered ([`KeptImage`]).
+    ///
+    /// The image itself is untouched and restores as before: the map only governs what is
+    /// offered for reuse.
+    ///
+    /// # Keep map format
+    /// Little-endian. A 64-byte header: magic `MFRYKEEP` ([`KEEP_MAGIC`]), version u32 = 1,
+    /// rules u32 (bit 0 drop hot, bit 1 drop updated), image id u128, the image's generation
+    /// u64 at departure, page count u64, hot pages u64, kept pages u64. Then the hot bitmap
+    /// (⌈pages / 8⌉ bytes, bit `i % 8` of byte `i / 8`), then one xxh3-128 per page (0 for a
+    /// zero page), then an xxh3-128 of everything before it.
+    pub fn keep_for_reuse(
+        &self,
+        hot: &DirtyBitmap,
+        rules: KeepRules,
+    ) -> Result<KeepStats, ImageError> {
+        self.usable()?;
+        if !self.writable {
+            return Err(ImageError::InvalidArgument(format!(
+                "{} was opened read-only: its keep map cannot be written",
+                self.path.display()
+            )));
+        }
+        let pages = self.header.page_count;
+        if hot.len() != pages {
+            return Err(ImageError::InvalidArgument(format!(
+                "the hot bitmap has {} bits, the image has {pages} pages",
+                hot.len()
+            )));
+        }
+        let len = keep_map_len(pages)
+            .ok_or_else(|| ImageError::InvalidArgument("the image is too large".into()))?;
+        let mut out = Vec::with_capacity(len as usize);
+        out.resize(KEEP_HEADER_LEN, 0);
+        let mut bits = vec![0u8; pages.div_ceil(8) as usize];
+        let mut hashes = Vec::with_capacity(pages as usize * 16);
+        let mut stats = KeepStats {
+            rules,
+            pages,
+            ..KeepStats::default()
+        };
+        let mut cursor = self.pages();
+        while let Some(next) = cursor.next_page() {
+            let (page, data) = next?;
+            let hash = data.map_or(0, keep_hash);
+            hashes.extend_from_slice(&hash.to_le_bytes());
+            let is_hot = hot.get(page.0);
+            if is_hot {
+                set_table_bit(&mut bits, page.0, true);
+            }
+            let state = if hash == 0 {
+                Keep::Zero
+            } else if is_hot && rules.drop_hot {
+                Keep::Hot
+            } else {
+                Keep::Kept
+            };
+            bump(&mut stats, state, 1);
+        }
+        out[0..8].copy_from_slice(&KEEP_MAGIC);
+        out[8..12].copy_from_slice(&KEEP_VERSION.to_le_bytes());
+        out[12..16].copy_from_slice(&rules.bits().to_le_bytes());
+        out[16..32].copy_from_slice(&self.header.id.to_le_bytes());
+        out[32..40].copy_from_slice(&self.header.generation.to_le_bytes());
+        out[40..48].copy_from_slice(&pages.to_le_bytes());
+        out[48..56].copy_from_slice(&hot.count_ones().to_le_bytes());
+        out[56..64].copy_from_slice(&stats.kept.to_le_bytes());
+        out.extend_from_slice(&bits);
+        out.extend_from_slice(&hashes);
+        let sum = content_hash(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        let path = keep_path(&self.path);
+        let new = with_suffix(&path, ".new");
+        let what = || format!("writing {}", new.display());
+        let file = File::create(&new).map_err(|e| io_error(what())(e))?;
+        file.write_all_at(&out, 0)
+            .and_then(|()| file.sync_all())
+            .map_err(|e| io_error(what())(e))?;
+        drop(file);
+        fs::rename(&new, &path).map_err(io_error(format!(
+            "renaming {} to {}",
+            new.display(),
+            path.display()
+        )))?;
+        sync_dir(&path)?;
+        Ok(stats)
+    }
+}
+
+/// What a keep map holds, checked.
+struct KeepMap {
+    rules: KeepRules,
+    hot: Vec<u8>,
+    hashes: Vec<u128>,
+}
+
+/// Reads and checks the keep map of `image`, if there is one.
+fn read_keep_map(image: &Image) -> Result<Option<KeepMap>, ImageError> {
+    let path = keep_path(&image.path);
+    let file = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(format!("opening {}", path.display()))(e)),
+    };
+    let pages = image.header.page_count;
+    let bad = |why: String| ImageError::Corrupt(format!("keep map {}: {why}", path.display()));
+    let expected = keep_map_len(pages).ok_or_else(|| bad("the image is too large".into()))?;
+    let actual = file
+        .metadata()
+        .map_err(io_error(format!(
+            "reading the length of {}",
+            path.display()
+        )))?
+        .len();
+    if actual != expected {
+        return Err(bad(format!(
+            "{actual} bytes, an image of {pages} pages needs {expected}"
+        )));
+    }
+    let mut b = vec![0u8; expected as usize];
+    read_exact_at(&file, &mut b, 0, &|| format!("reading {}", path.display()))?;
+    let body = b.len() - 16;
+    if b[0..8] != KEEP_MAGIC {
+        return Err(bad("no MFRYKEEP magic".into()));
+    }
+    if content_hash(&b[..body]) != u128_at(&b, body) {
+        return Err(ImageError::ChecksumMismatch("keep map"));
+    }
+    let version = u32_at(&b, 8);
+    if version != KEEP_VERSION {
+        return Err(bad(format!(
+            "version {version} (this build reads {KEEP_VERSION})"
+        )));
+    }
+    let rules =
+        KeepRules::from_bits(u32_at(&b, 12)).ok_or_else(|| bad("unknown rule bits".into()))?;
+    if u128_at(&b, 16) != image.header.id {
+        return Err(bad(format!(
+            "it belongs to another image than {}; move it away to offer every page",
+            image.path.display()
+        )));
+    }
+    if u64_at(&b, 40) != pages {
+        return Err(bad(format!(
+            "{} pages, the image has {pages}",
+            u64_at(&b, 40)
+        )));
+    }
+    let bits_end = KEEP_HEADER_LEN + pages.div_ceil(8) as usize;
+    let hot = b[KEEP_HEADER_LEN..bits_end].to_vec();
+    check_table_tail(&hot, pages)?;
+    let hashes = b[bits_end..body]
+        .chunks_exact(16)
+        .map(|c| u128_at(c, 0))
+        .collect();
+    Ok(Some(KeepMap { rules, hot, hashes }))
+}
+
+/// The image a VM left on this host, offered for its return (paper 003) with the keep rules
+/// applied: a [`memferry::hashfirst::ContentSource`] that offers only the pages worth keeping.
+/// A dropped page reads as all zero, and a hash-first destination never announces zero
+/// content, so a dropped page is never announced and never trusted: it travels again in full.
+///
+/// Without a keep map (an image saved before there were any, or by a tool that writes none),
+/// every page with data is offered, and only [`KeptImage::note_updated_elsewhere`] drops any.
+pub struct KeptImage {
+    image: Image,
+    rules: KeepRules,
+    /// One per page.
+    state: Vec<Keep>,
+    /// The content hash of each page at departure (from the keep map).
+    hashes: Option<Vec<u128>>,
+    stats: Arc<Mutex<KeepStats>>,
+}
+
+impl KeptImage {
+    /// Opens the image at `path` read-only with the rules its keep map recorded (all pages
+    /// offered when it has none).
+    pub fn open(path: impl AsRef<Path>, limits: Limits) -> Result<KeptImage, ImageError> {
+        Self::open_with(path, limits, None, Arc::default())
+    }
+
+    /// [`KeptImage::open`], with `rules` instead of the recorded ones (when `Some`), counting
+    /// into `stats` (a handle the caller keeps to read the figures after a migration used
+    /// this image).
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        limits: Limits,
+        rules: Option<KeepRules>,
+        stats: Arc<Mutex<KeepStats>>,
+    ) -> Result<KeptImage, ImageError> {
+        let image = Image::open_read_only(path, limits)?;
+        let map = read_keep_map(&image)?;
+        let rules = rules.unwrap_or(match &map {
+            Some(m) => m.rules,
+            None => KeepRules::KEEP_ALL,
+        });
+        let pages = image.header.page_count;
+        let mut counts = KeepStats {
+            rules,
+            pages,
+            ..KeepStats::default()
+        };
+        let mut state = Vec::with_capacity(pages as usize);
+        for p in 0..pages {
+            let s = match &map {
+                Some(m) if m.hashes.get(p as usize) == Some(&0) => Keep::Zero,
+                Some(m) if rules.drop_hot && table_bit(&m.hot, p) => Keep::Hot,
+                Some(_) => Keep::Kept,
+                None if !table_bit(&image.table, p) => Keep::Zero,
+                None => Keep::Kept,
+            };
+            bump(&mut counts, s, 1);
+            state.push(s);
+        }
+        if let Ok(mut s) = stats.lock() {
+            *s = counts;
+        }
+        Ok(KeptImage {
+            image,
+            rules,
+            state,
+            hashes: map.map(|m| m.hashes),
+            stats,
+        })
+    }
+
+    /// The image.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
+    /// The rules applied.
+    pub fn rules(&self) -> KeepRules {
+        self.rules
+    }
+
+    /// Rule 1 with outside knowledge: `pages` (one bit per page) were written on the host the
+    /// VM ran on since it left, so their kept copies cannot be reused. Nothing is dropped when
+    /// [`KeepRules::drop_updated`] is off.
+    pub fn note_updated_elsewhere(&mut self, pages: &DirtyBitmap) -> Result<(), ImageError> {
+        if pages.len() != self.image.header.page_count {
+            return Err(ImageError::InvalidArgument(format!(
+                "the bitmap has {} bits, the image has {} pages",
+                pages.len(),
+                self.image.header.page_count
+            )));
+        }
+        if self.rules.drop_updated {
+            for p in pages.iter_ones() {
+                self.set_state(p, Keep::Updated);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether page `index` is offered for reuse (as far as is known: a page rewritten in the
+    /// image since departure is found when it is read).
+    pub fn offers(&self, index: u64) -> bool {
+        self.state.get(index as usize) == Some(&Keep::Kept)
+    }
+
+    /// The figures so far.
+    pub fn stats(&self) -> KeepStats {
+        self.stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// The shared handle the figures are counted into.
+    pub fn stats_handle(&self) -> Arc<Mutex<KeepStats>> {
+        self.stats.clone()
+    }
+
+    fn set_state(&mut self, index: u64, to: Keep) {
+        if let Some(s) = self.state.get_mut(index as usize) {
+            if *s != to {
+                if let Ok(mut stats) = self.stats.lock() {
+                    bump(&mut stats, *s, -1);
+                    bump(&mut stats, to, 1);
+                }
+                *s = to;
+            }
+        }
+    }
+}
+
+impl memferry::hashfirst::ContentSource for KeptImage {
+    fn page_count(&self) -> u64 {
+        self.image.header.page_count
+    }
+
+    fn read_content(&mut self, index: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        let state = self
+            .state
+            .get(index as usize)
+            .copied()
+            .ok_or_else(|| HostError::new(format!("page {index} is outside the image")))?;
+        if matches!(state, Keep::Hot | Keep::Updated) {
+            buf.fill(0);
+            return Ok(());
+        }
+        self.image
+            .read_page(PageIndex(index), buf)
+            .map_err(|e| HostError::new(format!("image {}: {e}", self.image.path.display())))?;
+        let departed = self
+            .hashes
+            .as_ref()
+            .and_then(|h| h.get(index as usize).copied());
+        if let (true, Some(departed)) = (self.rules.drop_updated, departed) {
+            if keep_hash(buf) != departed {
+                // Rewritten since the VM left: not the page it left, not worth keeping.
+                self.set_state(index, Keep::Updated);
+                buf.fill(0);
+            }
+        }
+        Ok(())
     }
 }

@@ -10,6 +10,10 @@
 //! directory grows past a few thousand entries. Writes go to a temporary name and are renamed
 //! into place, so a reader never sees half a page; adding content that is already there does
 //! nothing.
+//!
+//! A page whose file no longer hashes to its name was updated elsewhere (paper 003's first keep
+//! rule: such a page cannot be reused): it is not offered (it reads as zero, which a hash-first
+//! destination never announces) and is counted ([`PageStore::changed_pages`]).
 
 use std::fs;
 use std::io::{self, Write};
@@ -23,8 +27,11 @@ use xxhash_rust::xxh3::xxh3_128;
 pub struct PageStore {
     dir: PathBuf,
     page_size: usize,
-    /// The pages listed when the store was opened, for [`ContentSource`].
-    listed: Vec<PathBuf>,
+    /// The pages listed when the store was opened, for [`ContentSource`], with the hash their
+    /// name says they hold.
+    listed: Vec<(PathBuf, u128)>,
+    /// Listed pages found not to hold the content their name says.
+    changed: u64,
 }
 
 impl PageStore {
@@ -36,6 +43,7 @@ impl PageStore {
             dir,
             page_size,
             listed: Vec::new(),
+            changed: 0,
         };
         store.relist()?;
         Ok(store)
@@ -54,11 +62,13 @@ impl PageStore {
                 let name = file.file_name();
                 let name = name.to_string_lossy();
                 // Only finished pages: 32 hex digits, exactly one page long.
-                if name.len() == 32
-                    && name.bytes().all(|b| b.is_ascii_hexdigit())
-                    && file.metadata()?.len() == self.page_size as u64
-                {
-                    listed.push(file.path());
+                let hash = (name.len() == 32 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+                    .then(|| u128::from_str_radix(&name, 16).ok())
+                    .flatten();
+                if let Some(hash) = hash {
+                    if file.metadata()?.len() == self.page_size as u64 {
+                        listed.push((file.path(), hash));
+                    }
                 }
             }
         }
@@ -99,7 +109,7 @@ impl PageStore {
         file.write_all(page)?;
         file.sync_data()?;
         fs::rename(&tmp, &path)?;
-        self.listed.push(path);
+        self.listed.push((path, xxh3_128(page)));
         Ok(true)
     }
 
@@ -117,6 +127,12 @@ impl PageStore {
         self.listed.len()
     }
 
+    /// Listed pages read so far whose file no longer holds the content its name says (updated
+    /// elsewhere): they were offered as zero, that is, not at all.
+    pub fn changed_pages(&self) -> u64 {
+        self.changed
+    }
+
     /// Whether the store holds nothing.
     pub fn is_empty(&self) -> bool {
         self.listed.is_empty()
@@ -129,7 +145,7 @@ impl ContentSource for PageStore {
     }
 
     fn read_content(&mut self, index: u64, buf: &mut [u8]) -> Result<(), HostError> {
-        let path = self
+        let (path, hash) = self
             .listed
             .get(index as usize)
             .ok_or_else(|| HostError::new("no such page in the store"))?;
@@ -142,7 +158,13 @@ impl ContentSource for PageStore {
                 data.len()
             )));
         }
-        buf.copy_from_slice(&data);
+        if xxh3_128(&data) == *hash {
+            buf.copy_from_slice(&data);
+        } else {
+            // Updated elsewhere since it was stored: not the content its name promises.
+            buf.fill(0);
+            self.changed += 1;
+        }
         Ok(())
     }
 }
@@ -185,6 +207,18 @@ mod tests {
         want.sort();
         assert_eq!(got, want);
         assert!(again.read_content(2, &mut buf).is_err());
+        // A page rewritten behind the store's back is not offered (reads as zero), and counted.
+        let name = format!("{:032x}", xxh3_128(&page(5)));
+        fs::write(dir.join(&name[..2]).join(&name), page(7)).unwrap();
+        let mut changed = PageStore::open(&dir, 4096).unwrap();
+        let mut offered = Vec::new();
+        for i in 0..changed.page_count() {
+            changed.read_content(i, &mut buf).unwrap();
+            offered.push(buf.clone());
+        }
+        assert!(offered.contains(&page(3)));
+        assert!(!offered.contains(&page(7)) && !offered.contains(&page(5)));
+        assert_eq!(changed.changed_pages(), 1);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -52,8 +52,9 @@ enum Command {
         kvm: KvmArgs,
         /// Content the destination already holds: an image file (`memferry save`; a VM
         /// returning to a host that kept its image) or a shared page store directory. The
-        /// source then sends pages found there as 16-byte hashes (hash-first). In-process
-        /// guest only.
+        /// source then sends pages found there as 16-byte hashes (hash-first). An image is
+        /// offered with the keep rules `save --keep` recorded (paper 003), and the report says
+        /// what they kept and dropped. In-process guest only.
         #[arg(long, value_name = "PATH")]
         content: Option<std::path::PathBuf>,
     },
@@ -101,6 +102,14 @@ enum Command {
         /// Time between saves.
         #[arg(long, default_value = "200ms", value_parser = parse_positive_duration)]
         interval: std::time::Duration,
+        /// Which pages are worth keeping for the VM's return (paper 003), recorded in a keep
+        /// map beside the image (IMAGE.keep) that `demo --content IMAGE` applies: `rules`
+        /// drops the pages dirtied in both of the last two intervals before the pause (likely
+        /// to be updated soon) and, on return, pages rewritten in the image since; `hot` and
+        /// `updated` apply one rule each; `all` keeps every page. The image itself always
+        /// holds every page.
+        #[arg(long, default_value = "rules", value_parser = parse_keep_rules)]
+        keep: memferry_std::image::KeepRules,
         /// Print a JSON summary instead of text.
         #[arg(long)]
         json: bool,
@@ -810,12 +819,26 @@ impl MigrationArgs {
     }
 }
 
-/// `memferry save`: a live save of the in-process guest, then incremental ones.
+/// `--keep`: paper 003's keep rules by name.
+fn parse_keep_rules(s: &str) -> Result<memferry_std::image::KeepRules, String> {
+    memferry_std::image::KeepRules::parse(s)
+        .ok_or_else(|| format!("unknown keep rules {s:?}: use rules, hot, updated or all"))
+}
+
+/// The JSON view of what an image's keep rules kept and dropped.
+fn keep_json(k: &memferry_std::image::KeepStats) -> serde_json::Value {
+    serde_json::json!({"rules": k.rules.name(), "pages": k.pages, "kept": k.kept, "zero": k.zero,
+        "dropped_hot": k.dropped_hot, "dropped_updated": k.dropped_updated})
+}
+
+/// `memferry save`: a live save of the in-process guest, then incremental ones, and the keep
+/// map of what is worth keeping for the VM's return.
 fn save_guest(
     path: &std::path::Path,
     guest: &GuestArgs,
     incremental: u32,
     interval: std::time::Duration,
+    keep: memferry_std::image::KeepRules,
     json: bool,
 ) -> ExitCode {
     use memferry::memory::{sync_all, SourceGuest};
@@ -840,6 +863,7 @@ fn save_guest(
     }
     dirty.clear();
     let mut saves = Vec::new();
+    let mut previous = None;
     match image.save_full(&mut host) {
         Ok(stats) => saves.push(("full", stats)),
         Err(e) => return fail(format!("saving {}: {e}", path.display())),
@@ -861,8 +885,22 @@ fn save_guest(
             Ok(stats) => saves.push(("incremental", stats)),
             Err(e) => return fail(format!("saving {}: {e}", path.display())),
         }
-        dirty.clear();
+        if !last {
+            // The history of dirty pages: the previous interval's, for the hot set below.
+            previous = Some(dirty.clone());
+            dirty.clear();
+        }
     }
+    // The writable working set at departure, likely to be updated soon: the pages dirtied in
+    // the last interval before the pause and in the one before it (the last one alone after a
+    // single interval). A page written once by chance is not hot; one written in both is.
+    if let Some(previous) = &previous {
+        dirty.intersect_with(previous);
+    }
+    let kept = match image.keep_for_reuse(&dirty, keep) {
+        Ok(k) => k,
+        Err(e) => return fail(format!("writing the keep map of {}: {e}", path.display())),
+    };
     let digest =
         memferry::digest::memory_digest(host.region().snapshot(), options.page_size.bytes());
     if json {
@@ -876,7 +914,8 @@ fn save_guest(
             .collect();
         println!(
             "{}",
-            serde_json::json!({"image": path.display().to_string(), "digest": format!("{digest:032x}"), "saves": list})
+            serde_json::json!({"image": path.display().to_string(), "digest": format!("{digest:032x}"), "saves": list,
+                "keep": keep_json(&kept)})
         );
     } else {
         for (kind, s) in &saves {
@@ -891,6 +930,7 @@ fn save_guest(
                 s.elapsed.as_secs_f64() * 1e3
             );
         }
+        println!("kept for reuse: {}", kept.describe());
         println!("saved {} (digest {digest:032x})", path.display());
     }
     ExitCode::SUCCESS
@@ -1577,10 +1617,16 @@ fn main() -> ExitCode {
                                 }
                                 .into(),
                             );
+                            if let Some(reuse) = &outcome.reuse {
+                                o.insert("reuse".into(), keep_json(reuse));
+                            }
                         }
                         println!("{view}");
                     } else {
                         print_report(&outcome.report, workload, false);
+                        if let Some(reuse) = &outcome.reuse {
+                            println!("reuse (kept image)       {}", reuse.describe());
+                        }
                         println!("guest                    process (in-process workload)");
                         println!(
                             "dirty log                {}",
@@ -1648,8 +1694,9 @@ fn main() -> ExitCode {
             guest,
             incremental,
             interval,
+            keep,
             json,
-        } => save_guest(&output, &guest, incremental, interval, json),
+        } => save_guest(&output, &guest, incremental, interval, keep, json),
         Command::Restore { image, json } => restore_image(&image, json),
         Command::Record {
             output,
