@@ -3187,8 +3187,13 @@ fn a_predictor_from_outside_the_crate_runs_in_a_migration() {
         r.strategy
     );
     let push_rounds = r.rounds.len() as u64 - 1;
-    // One observation per learning sample and per end of round; a prediction per end of round.
-    assert_eq!(predicted.load(Ordering::Relaxed), push_rounds);
+    // One observation per learning sample and per end of round; a prediction per end of round,
+    // and per learning sample while its guesses are judged in shadow.
+    let predictions = predicted.load(Ordering::Relaxed);
+    assert!(
+        (push_rounds..=push_rounds + 3).contains(&predictions),
+        "{predictions} predictions in {push_rounds} rounds"
+    );
     assert!(observed.load(Ordering::Relaxed) > push_rounds);
     assert!(
         r.rounds.iter().any(|x| x.held_back > 0),

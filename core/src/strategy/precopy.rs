@@ -3,7 +3,12 @@
 //! ([`crate::schedule`]); when a stop rule fires the guest pauses and the last dirty set goes.
 //!
 //! With a writable-working-set predictor, pages predicted hot are held back from the round
-//! (they would only be dirtied again) and always sent by the final round at the latest. The
+//! (they would only be dirtied again) and always sent by the final round at the latest. A
+//! predictor never costs downtime: it holds nothing until its guesses proved right in shadow
+//! (what it would have held, against the next dirty-log sync), at most an eighth of a round
+//! until a round proves it, and nothing more once held pages mostly stay clean; held pages the
+//! guest did not write again go in the next round or a short release round, never in the
+//! pause. The
 //! predictor is any [`Predictor`]: one of [`crate::track`]'s, chosen by [`PredictorKind`], or
 //! your own through [`PreCopy::with_predictor`].
 
@@ -87,8 +92,19 @@ pub struct PreCopy {
     hot: DirtyBitmap,
     next_sample_at: u64,
     sample_interval: u64,
-    /// The predictor may hold pages back (it stops when it proves wrong on this workload).
-    holding: bool,
+    /// What the predictor's guesses have shown so far. It holds pages back only once its
+    /// guesses proved right, judged in shadow (what it would have held, against the next
+    /// sync) before it holds anything, and stops for good when pages it held stay clean.
+    trust: Trust,
+    /// Shadow judgment: the pages the predictor would have held since the last sync.
+    shadow: DirtyBitmap,
+    /// Shadow judgment so far: pages it would have held, and of those, pages written again.
+    shadow_held: u64,
+    shadow_redirtied: u64,
+    /// The predictor has held pages back at least once.
+    ever_held: bool,
+    /// Pages it really held were mostly written again, in a judged round.
+    proven: bool,
     /// A stop rule fired while pages held back were still unsent: this round sends them
     /// while the guest runs, and stop-and-copy follows for this reason.
     releasing: Option<StopReason>,
@@ -98,8 +114,6 @@ pub struct PreCopy {
     release: DirtyBitmap,
     /// The release round has run (it runs once).
     released: bool,
-    /// The predictor was right (most held pages written again) in a judged round.
-    proven: bool,
     /// The rounds handed over to post-copy: the pages still to send follow the switchover.
     post_copy: bool,
     /// Post-copy phase: the destination's page requests.
@@ -108,8 +122,20 @@ pub struct PreCopy {
     switchover_requested: bool,
 }
 
-/// A predictor is judged once it held back at least this many pages in a round.
+/// A predictor is judged once it held back (or, in shadow, would have held back) at least
+/// this many pages.
 const JUDGED_HOLD_BACK: u64 = 32;
+
+/// What a predictor's guesses have shown on this workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trust {
+    /// Not judged yet: it holds nothing; its guesses are checked in shadow.
+    Unjudged,
+    /// Most pages it held (or would have held) were written again: it holds pages back.
+    Right,
+    /// Most stayed clean: it holds nothing for the rest of the migration.
+    Wrong,
+}
 
 impl PreCopy {
     /// Pre-copy with `config` (its predictor is built from `config.predictor`).
@@ -124,12 +150,16 @@ impl PreCopy {
             hot: DirtyBitmap::new(0),
             next_sample_at: u64::MAX,
             sample_interval: u64::MAX,
-            holding: true,
+            trust: Trust::Unjudged,
+            shadow: DirtyBitmap::new(0),
+            shadow_held: 0,
+            shadow_redirtied: 0,
+            ever_held: false,
+            proven: false,
             releasing: None,
             throttle: 0,
             release: DirtyBitmap::new(0),
             released: false,
-            proven: false,
             post_copy: false,
             requests: PageRequests::default(),
             switchover_requested: false,
@@ -204,6 +234,7 @@ impl Strategy for PreCopy {
             self.sample = DirtyBitmap::new(pages);
             self.held = DirtyBitmap::new(pages);
             self.hot = DirtyBitmap::new(pages);
+            self.shadow = DirtyBitmap::new(pages);
             if self.config.learning_samples > 0 {
                 self.sample_interval = (pages / (self.config.learning_samples as u64 + 1)).max(1);
                 self.next_sample_at = self.sample_interval;
@@ -245,6 +276,19 @@ impl Strategy for PreCopy {
         };
         self.sample.clear();
         sync_all(cx.layout, host, &mut self.sample)?;
+        if self.trust == Trust::Unjudged {
+            // Judge the guesses in shadow, as end_round does: what the predictor would have
+            // held at the previous sample, against what the guest wrote since.
+            self.hot.clear();
+            predictor.predict(now, &mut self.hot);
+            judge_shadow(
+                &mut self.trust,
+                &mut self.shadow,
+                &self.hot,
+                &self.sample,
+                (&mut self.shadow_held, &mut self.shadow_redirtied),
+            );
+        }
         predictor.observe(&self.sample, now);
         self.dirty.union_with(&self.sample);
         self.next_sample_at = self.next_sample_at.saturating_add(self.sample_interval);
@@ -278,12 +322,23 @@ impl Strategy for PreCopy {
         };
         // A predictor whose held pages mostly stay clean is wrong on this workload: it only
         // delays pages to the end. It stops holding back for the rest of the migration.
-        if self.holding && held_back >= JUDGED_HOLD_BACK {
+        if self.trust == Trust::Right && held_back >= JUDGED_HOLD_BACK {
             if redirtied * 2 < held_back {
-                self.holding = false;
+                self.trust = Trust::Wrong;
             } else {
                 self.proven = true;
             }
+        }
+        // Before it holds anything, its guesses are judged in shadow: a wrong guess would
+        // have delayed a page to a later, longer round, and that costs downtime.
+        if self.trust == Trust::Unjudged && self.predicting() {
+            judge_shadow(
+                &mut self.trust,
+                &mut self.shadow,
+                &self.hot,
+                &self.sample,
+                (&mut self.shadow_held, &mut self.shadow_redirtied),
+            );
         }
         // Held pages the guest did not write again (after a release round: pages kept for
         // stop-and-copy that it did not write again either).
@@ -345,11 +400,6 @@ impl Strategy for PreCopy {
         // Next round sends what is pending, less what is predicted hot.
         core::mem::swap(cx.send, &mut self.dirty);
         self.dirty.clear();
-        if releasing.is_some() {
-            // The release round is over; the migration is at its end: hold nothing more, and
-            // let the rules decide on what is left.
-            self.holding = false;
-        }
         let decision = match decision {
             schedule::Decision::Continue { .. } if self.switchover_requested => {
                 schedule::Decision::StopAndCopy(StopReason::Requested)
@@ -423,18 +473,22 @@ impl Strategy for PreCopy {
         match decision {
             schedule::Decision::StopAndCopy(reason) => Ok(Decision::StopAndCopy(reason)),
             schedule::Decision::Continue { .. } => {
-                if self.predicting() && self.holding {
+                // After the release round the migration is at its end: hold nothing more, and
+                // let the rules decide on what is left.
+                if self.predicting() && self.trust == Trust::Right && !self.released {
                     // Only pages the guest wrote in this round may be held back again.
                     self.hot.intersect_with(&self.sample);
                     self.held.union_with(cx.send);
                     self.held.intersect_with(&self.hot);
                     if !self.proven {
-                        // Until it has been right once, a predictor holds back at most an
-                        // eighth of the round: a wrong guess then costs little.
+                        // Right in shadow (on round 1's shorter samples, say) is not yet right
+                        // on rounds: until a round proves it, it holds at most an eighth of
+                        // the round, so a wrong guess costs little.
                         let cap = (cx.send.count_ones() / 8).max(JUDGED_HOLD_BACK);
                         self.held.keep_first_ones(cap);
                     }
                     cx.send.difference_with(&self.held);
+                    self.ever_held |= self.held.count_ones() > 0;
                 }
                 Ok(Decision::NextRound)
             }
@@ -446,8 +500,14 @@ impl Strategy for PreCopy {
         if self.throttle > 0 {
             why.push_str(&alloc::format!(" (guest throttled to {}%)", self.throttle));
         }
-        if self.predicting() && !self.holding {
-            why.push_str("; the predictor stopped holding pages back: most stayed clean");
+        if self.predicting() && self.trust == Trust::Wrong {
+            why.push_str(if self.ever_held {
+                "; the predictor stopped holding pages back: most stayed clean"
+            } else {
+                "; the predictor held no page back: most of the pages it would have held stayed clean"
+            });
+        } else if self.predicting() && self.trust == Trust::Unjudged {
+            why.push_str("; the predictor held no page back: too few guesses to judge them");
         }
         if self.post_copy {
             why.push_str("; handed over to post-copy: the pages still to send follow the switchover, those the destination's guest asks for first");
@@ -491,4 +551,31 @@ impl Strategy for PreCopy {
         sync_all(cx.layout, host, cx.send)?;
         Ok(())
     }
+}
+
+/// One shadow judgment of a predictor that holds nothing yet: `shadow` (the pages it would
+/// have held at the previous sync) against `written` (the pages written since); then the next
+/// shadow, `hot ∩ written`, exactly the set it would hold now. Once it would have held
+/// [`JUDGED_HOLD_BACK`] pages in all, it is right if most of them were written again.
+fn judge_shadow(
+    trust: &mut Trust,
+    shadow: &mut DirtyBitmap,
+    hot: &DirtyBitmap,
+    written: &DirtyBitmap,
+    (held, redirtied): (&mut u64, &mut u64),
+) {
+    let would_hold = shadow.count_ones();
+    if would_hold > 0 {
+        *held += would_hold;
+        *redirtied += shadow.count_intersection(written);
+    }
+    if *held >= JUDGED_HOLD_BACK {
+        *trust = if *redirtied * 2 >= *held {
+            Trust::Right
+        } else {
+            Trust::Wrong
+        };
+    }
+    shadow.clone_from(hot);
+    shadow.intersect_with(written);
 }

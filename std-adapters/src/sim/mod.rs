@@ -1216,7 +1216,9 @@ mod tests {
         // A fixed seed, so CI runs the same 48 cases every time: with it the test fails on
         // the engine without the release rules, and it failed (sweeps a recency predictor got
         // wrong in its first hold round: 26.4 vs 22.3 ms) until an unproven predictor's hold
-        // was capped at an eighth of a round. Seeds 2, 4 and 7 pass now.
+        // was capped at an eighth of a round, and again (a phases workload whose 41 ms phases
+        // round 1's shadow samples saw as stable: 50.9 vs 38.1 ms) until that cap also applied
+        // to a predictor right only in shadow. Seeds 2, 4 and 7 pass now.
         #![proptest_config(proptest::prelude::ProptestConfig {
             cases: 48,
             rng_seed: proptest::test_runner::RngSeed::Fixed(SEED),
@@ -1275,8 +1277,8 @@ mod tests {
                 } else {
                     1.0
                 };
-                let close = p * swing * 1.02 + 2e6;
-                let allowed = if p <= target { target.max(close) } else { close };
+                let close = p * swing * 1.02 + 2e5;
+                let allowed = close;
                 proptest::prop_assert!(
                     d <= allowed,
                     "{predictor}: downtime {} vs plain {} ({:?})",
@@ -1285,6 +1287,38 @@ mod tests {
                     base.workload
                 );
             }
+        }
+    }
+
+    /// A predictor whose guesses prove wrong in shadow, before it held anything, never holds a
+    /// page: the run is plain pre-copy's, round for round. A sequential sweep writes each page
+    /// once per pass, so the recency predictors' "hot" pages stay clean (the SQLite trace did
+    /// this: holding its guesses cost 1.6 ms of downtime before they were judged in shadow).
+    #[test]
+    fn a_predictor_wrong_in_shadow_holds_nothing() {
+        let mut s = small(WorkloadModel::Sweep {
+            rate: 5_000.0,
+            start_fraction: 0.0,
+            length_fraction: 1.0,
+        });
+        s.verify = false;
+        s.engine.stop.downtime_target = Nanos::from_millis(5);
+        let plain = simulate(&s).unwrap().report;
+        for predictor in ["wsclock", "lru", "history"] {
+            s.engine.predictor = memferry::track::PredictorKind::parse(predictor).unwrap();
+            let with = simulate(&s).unwrap().report;
+            let held: u64 = with.rounds.iter().map(|r| r.held_back).sum();
+            assert_eq!(held, 0, "{predictor} held pages back");
+            assert_eq!(with.bytes_sent, plain.bytes_sent, "{predictor}");
+            assert_eq!(with.rounds.len(), plain.rounds.len(), "{predictor}");
+            assert!(
+                with.stop_detail.contains("held no page back"),
+                "{predictor}: {}",
+                with.stop_detail
+            );
+            // The shadow's extra dirty-log syncs in round 1 move the rounds by nanoseconds.
+            let (d, p) = (with.downtime.0 as f64, plain.downtime.0 as f64);
+            assert!((d - p).abs() <= p * 0.001, "{predictor}: {d} vs {p}");
         }
     }
 
