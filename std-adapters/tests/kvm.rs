@@ -642,6 +642,69 @@ fn record_kvm_writes_a_trace_of_the_guests_dirty_log_that_the_simulator_replays(
 }
 
 #[test]
+fn a_throttled_guest_writes_less_and_runs_on_when_the_throttle_lifts() {
+    use memferry::memory::SourceGuest;
+    if !kvm_or_skip("a_throttled_guest_writes_less_and_runs_on_when_the_throttle_lifts") {
+        return;
+    }
+    let config = GuestConfig {
+        memory: 16 << 20,
+        seed: 70,
+        iterations: 0,
+        writes_per_sec: 0,
+        ..GuestConfig::default()
+    };
+    let (machine, mut vcpus) = SourceMachine::create(&config, DirtyLogMode::Bitmap).unwrap();
+    vcpus.start().unwrap();
+    let progress = || machine.status().unwrap().progress;
+    // Past the first touches of memory (slow under shadow paging).
+    let t0 = std::time::Instant::now();
+    while progress() < 1 << 20 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut source = KvmSource::new(
+        machine.vm.fd().clone(),
+        machine.memory().unwrap(),
+        vcpus,
+        DirtyLogMode::Bitmap,
+    )
+    .unwrap();
+    // Writes per second over a window (guest progress, not wall speed).
+    let rate = |window: Duration| {
+        let (p0, t0) = (progress(), std::time::Instant::now());
+        std::thread::sleep(window);
+        (progress() - p0) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let window = Duration::from_millis(600);
+    let free = rate(window);
+    source.throttle(80).unwrap();
+    assert_eq!(source.vcpus().threads()[0].throttle(), 80);
+    let throttled = rate(window);
+    let slept = source.vcpus().threads()[0].throttled();
+    source.throttle(0).unwrap();
+    assert_eq!(source.vcpus().threads()[0].throttle(), 0);
+    let lifted = rate(window);
+    eprintln!(
+        "throttle: {:.1} M writes/s free, {:.1} M writes/s at 80% (slept {slept:?}), {:.1} M writes/s lifted",
+        free / 1e6,
+        throttled / 1e6,
+        lifted / 1e6
+    );
+    // 80% taken away leaves a fifth; a generous margin for a loaded machine.
+    assert!(throttled < free * 0.6, "{throttled} vs {free}");
+    assert!(slept >= window / 4, "slept {slept:?}");
+    assert!(lifted > throttled, "{lifted} vs {throttled}");
+    assert_eq!(source.throttles, vec![80, 0]);
+    // A pause still works while throttled, and the migration's end lifts the throttle.
+    source.throttle(50).unwrap();
+    source.pause().unwrap();
+    source.resume().unwrap();
+    source.finish().unwrap();
+    assert_eq!(source.vcpus().threads()[0].throttle(), 0);
+    assert!(source.vcpus().threads()[0].end().is_none());
+}
+
+#[test]
 fn the_example_migrates_its_guest() {
     if !kvm_or_skip("the_example_migrates_its_guest") {
         return;

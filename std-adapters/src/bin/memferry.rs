@@ -606,7 +606,8 @@ struct EngineArgs {
     outpaced_rounds: u32,
     /// When the guest outpaces the link, throttle it (20%, then 10% more each time) and go on,
     /// instead of stopping the rounds (QEMU's auto-converge; the simulator models the slowed
-    /// guest, the demo's workload cannot be throttled and stops). Short for
+    /// guest, a KVM guest's vCPUs sleep that share of every 10 ms, the in-process workload
+    /// cannot be throttled and stops). Short for
     /// `--when-outpaced throttle`.
     #[arg(long, conflicts_with = "when_outpaced")]
     throttle: bool,

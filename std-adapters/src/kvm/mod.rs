@@ -130,6 +130,14 @@ impl VcpuSet {
         Ok(t0.elapsed())
     }
 
+    /// Throttles every vCPU to sleep `percent` of each period ([`VcpuThread::set_throttle`]);
+    /// 0 lifts the throttle.
+    pub fn set_throttle(&mut self, percent: u8) -> Result<(), KvmError> {
+        self.threads
+            .iter_mut()
+            .try_for_each(|t| t.set_throttle(percent))
+    }
+
     /// Resumes every vCPU.
     pub fn resume(&self) -> Result<(), KvmError> {
         self.threads.iter().try_for_each(VcpuThread::resume)
@@ -195,6 +203,8 @@ pub struct KvmSource {
     paused: bool,
     /// How many times the engine resumed the guest after pausing it.
     pub resumes: u32,
+    /// Every throttle the engine asked for, in order (0: lifted).
+    pub throttles: Vec<u8>,
     _vm: Arc<VmFd>,
 }
 
@@ -226,6 +236,7 @@ impl KvmSource {
             paused_at: None,
             paused: false,
             resumes: 0,
+            throttles: Vec::new(),
             _vm: vm,
         })
     }
@@ -278,7 +289,9 @@ impl KvmSource {
     /// Ends the migration's hold on the guest: stops dirty logging. Call it after every
     /// migration, failed or not (dropping the source does it too).
     pub fn finish(&mut self) -> Result<(), KvmError> {
-        self.dirty.stop()
+        let lifted = self.vcpus.set_throttle(0);
+        self.dirty.stop()?;
+        lifted
     }
 
     /// Stops dirty logging (the same as [`KvmSource::finish`]).
@@ -348,6 +361,12 @@ impl SourceGuest for KvmSource {
 
     fn save_state(&mut self) -> Result<Vec<u8>, HostError> {
         Ok(self.vcpus.save()?)
+    }
+
+    /// Auto-converge: every vCPU sleeps `percent` of each 10 ms outside `KVM_RUN`.
+    fn throttle(&mut self, percent: u8) -> Result<(), HostError> {
+        self.throttles.push(percent);
+        Ok(self.vcpus.set_throttle(percent)?)
     }
 }
 

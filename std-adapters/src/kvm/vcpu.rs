@@ -7,12 +7,16 @@
 //! variable until it is resumed. [`VcpuThread::pause`] returns when the thread is parked, and
 //! says how long that took: the pause is part of the downtime.
 //!
+//! A throttle ([`VcpuThread::set_throttle`], QEMU's auto-converge) takes a share of every
+//! [`THROTTLE_PERIOD`] away from the guest: a timer thread kicks the vCPU out of `KVM_RUN` when
+//! its share of the period has run, and the vCPU thread sleeps out the rest outside `KVM_RUN`.
+//!
 //! The thread ends when the guest writes to its done port ([`super::guest::DONE_MMIO`]), on any
 //! other exit it cannot handle (reported as [`VcpuEnd::Failed`]), or when the handle drops.
 
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
@@ -62,6 +66,14 @@ struct Shared {
     done_addr: u64,
     ring_full: Mutex<Option<RingFullHook>>,
     finished: Mutex<Option<FinishedCheck>>,
+    /// Percent of each throttle period the vCPU sleeps outside KVM_RUN (0: not throttled).
+    throttle: AtomicU8,
+    /// Set by the throttle timer with its kick: sleep now.
+    throttle_sleep: AtomicBool,
+    /// Nanoseconds slept for the throttle so far.
+    throttled_ns: AtomicU64,
+    /// Wakes the throttle timer when the throttle changes or the vCPU stops.
+    throttle_changed: Condvar,
 }
 
 impl Shared {
@@ -140,7 +152,11 @@ pub struct VcpuThread {
     shared: Arc<Shared>,
     raw_fd: RawFd,
     join: Option<std::thread::JoinHandle<()>>,
+    timer: Option<std::thread::JoinHandle<()>>,
 }
+
+/// The throttle's period: a throttled vCPU runs `100 - percent` % of it, then sleeps.
+pub const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
 
 /// The longest a pause waits for the vCPU thread to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -161,9 +177,45 @@ impl VcpuThread {
                 done_addr,
                 ring_full: Mutex::new(None),
                 finished: Mutex::new(None),
+                throttle: AtomicU8::new(0),
+                throttle_sleep: AtomicBool::new(false),
+                throttled_ns: AtomicU64::new(0),
+                throttle_changed: Condvar::new(),
             }),
             join: None,
+            timer: None,
         }
+    }
+
+    /// Throttles the vCPU: it sleeps `percent` (at most 99) of every [`THROTTLE_PERIOD`]
+    /// outside `KVM_RUN`; 0 lifts the throttle. The timer thread starts on first use.
+    pub fn set_throttle(&mut self, percent: u8) -> Result<(), KvmError> {
+        let percent = percent.min(99);
+        {
+            let _st = self.shared.state();
+            self.shared.throttle.store(percent, Ordering::SeqCst);
+            self.shared.throttle_changed.notify_all();
+        }
+        if percent > 0 && self.timer.is_none() {
+            let shared = self.shared.clone();
+            self.timer = Some(
+                std::thread::Builder::new()
+                    .name("memferry-throttle".into())
+                    .spawn(move || throttle_timer(&shared))
+                    .map_err(|e| KvmError::new(format!("cannot spawn the throttle timer: {e}")))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// The throttle in percent (0: none).
+    pub fn throttle(&self) -> u8 {
+        self.shared.throttle.load(Ordering::SeqCst)
+    }
+
+    /// Time the vCPU has slept for the throttle so far.
+    pub fn throttled(&self) -> Duration {
+        Duration::from_nanos(self.shared.throttled_ns.load(Ordering::Relaxed))
     }
 
     /// The vCPU's file descriptor (valid while this handle lives), e.g. to map its dirty ring.
@@ -317,12 +369,67 @@ impl Drop for VcpuThread {
             st.stop = true;
             self.shared.pause_requested.store(true, Ordering::SeqCst);
             self.shared.changed.notify_all();
+            self.shared.throttle_changed.notify_all();
         }
         self.shared.kick();
         if let Some(join) = self.join.take() {
             let _ = join.join();
         }
+        if let Some(timer) = self.timer.take() {
+            let _ = timer.join();
+        }
     }
+}
+
+/// The throttle timer: while the throttle is on and the vCPU runs, lets it run its share of
+/// each period, then asks it to sleep the rest (a flag and a kick out of KVM_RUN).
+fn throttle_timer(shared: &Shared) {
+    loop {
+        let percent = {
+            let mut st = shared.state();
+            loop {
+                if st.stop || st.end.is_some() {
+                    return;
+                }
+                let p = shared.throttle.load(Ordering::SeqCst);
+                if p > 0 {
+                    break p;
+                }
+                st = shared
+                    .throttle_changed
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        std::thread::sleep(THROTTLE_PERIOD * u32::from(100 - percent) / 100);
+        if shared.throttle.load(Ordering::SeqCst) > 0 {
+            shared.throttle_sleep.store(true, Ordering::SeqCst);
+            shared.kick();
+            // The vCPU sleeps its share now; the next period starts when it runs again.
+            std::thread::sleep(THROTTLE_PERIOD * u32::from(percent) / 100);
+        }
+    }
+}
+
+/// Sleeps out the throttle's share of the period (outside KVM_RUN), in slices so that a pause
+/// or a stop is not held up.
+fn throttle_sleep(shared: &Shared) {
+    if !shared.throttle_sleep.swap(false, Ordering::SeqCst) {
+        return;
+    }
+    let percent = shared.throttle.load(Ordering::SeqCst);
+    let t0 = Instant::now();
+    let until = t0 + THROTTLE_PERIOD * u32::from(percent) / 100;
+    while !shared.pause_requested.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        if now >= until {
+            break;
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(1)));
+    }
+    shared
+        .throttled_ns
+        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// Parks the thread until resumed; false if it must stop instead.
@@ -404,6 +511,12 @@ fn run_loop(shared: &Shared) {
         };
         if let Some(end) = outcome {
             break end;
+        }
+        if shared.throttle_sleep.load(Ordering::SeqCst) {
+            fd.set_kvm_immediate_exit(0);
+            drop(fd);
+            throttle_sleep(shared);
+            fd = shared.fd();
         }
     };
     IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
