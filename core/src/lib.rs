@@ -130,7 +130,7 @@ pub mod prelude {
     pub use crate::bitmap::{AtomicDirtyBitmap, DirtyBitmap};
     pub use crate::error::{HostError, HostErrorKind, MigrationError};
     pub use crate::memory::{
-        DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest, SourceHost,
+        DestinationGuest, DirtyLog, PageRead, PageWrite, PauseProgress, SourceGuest, SourceHost,
     };
     pub use crate::page::{Geometry, MemoryLayout, PageIndex, PageSize, Region};
     pub use crate::receive::{Destination, DestinationConfig, DestinationStatus};

@@ -105,14 +105,44 @@ pub fn sync_all<D: DirtyLog + ?Sized>(
     Ok(())
 }
 
+/// Where a pause the engine asked for stands ([`SourceGuest::request_pause`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseProgress {
+    /// The vCPUs are parked: no page changes from now on.
+    Parked,
+    /// The vCPUs have been asked to stop and have not all confirmed yet.
+    Pending,
+}
+
+/// How often the engine asks whether a pending pause completed ([`SourceGuest::poll_pause`]):
+/// `poll_timeout` returns this much after the last call while a pause is pending.
+pub const PAUSE_POLL_INTERVAL: crate::time::Nanos = crate::time::Nanos(50_000);
+
 /// Control of the guest on the source.
 pub trait SourceGuest {
     /// Stops the guest's vCPUs (and anything else that writes its memory). After it returns,
     /// no page changes until [`SourceGuest::resume`].
     fn pause(&mut self) -> Result<(), HostError>;
     /// Lets a paused guest run again (after a failed migration, before the switchover: the
-    /// source loses nothing).
+    /// source loses nothing). Also called for a pause still under way
+    /// ([`SourceGuest::request_pause`] returned [`PauseProgress::Pending`]): cancel it.
     fn resume(&mut self) -> Result<(), HostError>;
+    /// Asks the guest to pause, for a host whose vCPUs park asynchronously (a VMM signals its
+    /// vCPU threads and learns later that they left `KVM_RUN`): return
+    /// [`PauseProgress::Pending`] and the engine sends nothing more, polls
+    /// [`SourceGuest::poll_pause`] (every [`PAUSE_POLL_INTERVAL`] of its clock, through
+    /// `poll_timeout`) and goes on with stop-and-copy once it reports
+    /// [`PauseProgress::Parked`], failing the migration (and resuming the guest) if that takes
+    /// longer than the session's `pause_timeout`. The downtime counts from the request.
+    /// Default: the synchronous [`SourceGuest::pause`], parked on return.
+    fn request_pause(&mut self) -> Result<PauseProgress, HostError> {
+        self.pause().map(|()| PauseProgress::Parked)
+    }
+    /// Whether a pause [`SourceGuest::request_pause`] left pending has completed: after
+    /// `Parked`, no page changes until [`SourceGuest::resume`]. Default: parked.
+    fn poll_pause(&mut self) -> Result<PauseProgress, HostError> {
+        Ok(PauseProgress::Parked)
+    }
     /// How long the last [`SourceGuest::pause`] took to park the guest (signalling vCPUs out of
     /// `KVM_RUN` and waiting for them), measured by the host: it is part of the downtime and
     /// the report shows it. Default: unknown.

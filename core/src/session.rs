@@ -52,7 +52,7 @@ use crate::codec::{self, PageEncoder};
 use crate::digest::MemoryDigest;
 use crate::error::{HostError, MigrationError};
 use crate::hashfirst::KnownContent;
-use crate::memory::{sync_all, SourceHost};
+use crate::memory::{sync_all, PauseProgress, SourceHost};
 use crate::page::{MemoryLayout, PageIndex};
 use crate::plan::{self, PagePlan, PlanOutcome};
 use crate::report::{MigrationReport, RoundReport, StopReason};
@@ -98,6 +98,9 @@ pub struct SessionConfig {
     /// 1 sends pages with that content as 16-byte hashes ([`crate::hashfirst`]). Default on
     /// (it costs nothing unless the destination holds content).
     pub hash_first: bool,
+    /// The longest a pause may stay pending ([`crate::memory::SourceGuest::request_pause`]
+    /// returned `Pending`) before the migration fails and the guest resumes. Default 10 s.
+    pub pause_timeout: Nanos,
 }
 
 impl Default for SessionConfig {
@@ -112,6 +115,7 @@ impl Default for SessionConfig {
             hash_batch_bytes: 1 << 20,
             stall_timeout: Nanos::from_secs(10),
             hash_first: true,
+            pause_timeout: Nanos::from_secs(10),
         }
     }
 }
@@ -228,6 +232,9 @@ pub struct Source<S: Strategy = PreCopy> {
     /// The strategy chose stop-and-copy: the guest pauses once the link has delivered what
     /// it holds (bytes in socket buffers would otherwise go out inside the downtime).
     draining: Option<StopReason>,
+    /// Stop-and-copy waits for the guest's vCPUs to park: why it stops, and when the pause
+    /// was asked for.
+    pausing: Option<(StopReason, Nanos)>,
     start: Nanos,
     paused: bool,
     paused_at: Nanos,
@@ -311,6 +318,7 @@ impl<S: Strategy> Source<S> {
             link_progress: Nanos::ZERO,
             applied_reports: false,
             draining: None,
+            pausing: None,
             start: Nanos::ZERO,
             paused: false,
             paused_at: Nanos::ZERO,
@@ -472,6 +480,9 @@ impl<S: Strategy> Source<S> {
             State::AwaitAccept | State::AwaitReady | State::AwaitVerdict => {
                 Some(self.last_heard + self.config.peer_timeout)
             }
+            State::Sending if self.pausing.is_some() => {
+                Some(self.last_now + crate::memory::PAUSE_POLL_INTERVAL)
+            }
             State::Sending if self.exhausted => Some(self.last_now),
             State::Sending if self.draining.is_some() && self.estimator.backlog() == 0 => {
                 Some(self.last_now)
@@ -520,6 +531,12 @@ impl<S: Strategy> Source<S> {
                 return self.fail(now, error, host);
             }
         }
+        if self.pausing.is_some() {
+            return match self.poll_pending_pause(now, host) {
+                Ok(()) => Ok(()),
+                Err(e) => self.fail(now, e, host),
+            };
+        }
         let waiting_for = match self.state {
             State::AwaitAccept => "its accept",
             State::AwaitReady => "it to run the guest",
@@ -566,6 +583,7 @@ impl<S: Strategy> Source<S> {
             && self.state == State::Sending
             && !self.exhausted
             && self.draining.is_none()
+            && self.pausing.is_none()
             && self.channels[ch].pending().is_empty()
         {
             match self.send_pages(now, ch, &mut buf[n..], host) {
@@ -645,7 +663,11 @@ impl<S: Strategy> Source<S> {
             self.account(now, n);
             return Ok(Transmit::Bytes(n));
         }
-        if self.state != State::Sending || self.exhausted || self.draining.is_some() {
+        if self.state != State::Sending
+            || self.exhausted
+            || self.draining.is_some()
+            || self.pausing.is_some()
+        {
             return Ok(Transmit::Bytes(0));
         }
         match self.plan_pages(now, ch, buf.len(), host) {
@@ -1248,6 +1270,7 @@ impl<S: Strategy> Source<S> {
                 }
                 self.state = State::AwaitAccept;
             }
+            State::Sending if self.pausing.is_some() => self.poll_pending_pause(now, host)?,
             State::Sending if self.draining.is_some() && self.estimator.backlog() == 0 => {
                 let reason = self.draining.take().expect("draining");
                 self.enter_stop_and_copy(now, reason, host)?;
@@ -1343,20 +1366,68 @@ impl<S: Strategy> Source<S> {
         host: &mut H,
     ) -> Result<(), MigrationError> {
         self.check_state_hint(host)?;
-        host.pause()?;
-        self.report.guest_pause = host.last_pause_time().unwrap_or(Nanos::ZERO);
+        // Paused from the request on: a failure while the pause is pending resumes (cancels)
+        // it, and the downtime counts the wait for the vCPUs.
+        let progress = host.request_pause()?;
         self.paused = true;
         self.paused_at = now;
+        match progress {
+            PauseProgress::Parked => {
+                self.report.guest_pause = host.last_pause_time().unwrap_or(Nanos::ZERO);
+                self.guest_parked(now, reason, host)
+            }
+            PauseProgress::Pending => {
+                self.pausing = Some((reason, now));
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the host whether the pause it left pending completed; goes on with stop-and-copy
+    /// once it did, fails once it took longer than the session's `pause_timeout`.
+    fn poll_pending_pause<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
+        let Some((reason, asked)) = self.pausing else {
+            return Ok(());
+        };
+        match host.poll_pause()? {
+            PauseProgress::Parked => {
+                self.pausing = None;
+                self.report.guest_pause = host.last_pause_time().unwrap_or(now - asked);
+                self.guest_parked(now, reason, host)
+            }
+            PauseProgress::Pending if now - asked > self.config.pause_timeout => {
+                Err(MigrationError::Host(HostError::new(alloc::format!(
+                    "the guest's vCPUs did not park within {} of the pause request (the pause timeout)",
+                    now - asked
+                ))))
+            }
+            PauseProgress::Pending => Ok(()),
+        }
+    }
+
+    /// Stop-and-copy with the guest parked: the final sync and round.
+    fn guest_parked<H: SourceHost>(
+        &mut self,
+        now: Nanos,
+        reason: StopReason,
+        host: &mut H,
+    ) -> Result<(), MigrationError> {
         self.stop_and_copy = true;
         self.report.stop_reason = Some(reason);
         self.report.stop_detail = self.strategy.explain_stop();
         self.report.throttle_percent = self.strategy.throttle_percent();
-        self.report.preparation_time = now - self.start;
+        // Until the pause was asked for; the wait for the vCPUs is downtime.
+        self.report.preparation_time = self.paused_at - self.start;
         let mut round = RoundReport::default();
         let mut cx =
             StrategyContext::new(&self.layout, &mut self.send, &mut round, now - self.start);
         self.strategy.final_round(now, &mut cx, host)?;
-        self.begin_round(now);
+        // The final round is the downtime: it starts with the pause request.
+        self.begin_round(self.paused_at);
         if let Some(cost) = host.take_cost() {
             // The final sync, inside the downtime.
             self.round_report.dirty_sync_time += cost.sync;

@@ -213,6 +213,13 @@ struct SourceHost {
     syncs: u64,
     /// (region id, first dense page) of every region sync.
     synced_regions: Vec<(u32, u64)>,
+    /// An asynchronous pause: the vCPUs park this long after the request (`None`: the pause
+    /// is synchronous; `Some(Nanos::MAX)`: they never park).
+    park_delay: Option<Nanos>,
+    /// When the engine asked for the pending pause.
+    pause_asked_at: Option<Nanos>,
+    /// Times the engine asked whether the pending pause completed.
+    pause_polls: u32,
 }
 
 impl SourceHost {
@@ -256,6 +263,9 @@ impl SourceHost {
             uncosted_syncs: 0,
             syncs: 0,
             synced_regions: Vec::new(),
+            park_delay: None,
+            pause_asked_at: None,
+            pause_polls: 0,
         }
     }
 
@@ -417,8 +427,40 @@ impl SourceGuest for SourceHost {
         Ok(())
     }
 
+    fn request_pause(&mut self) -> Result<PauseProgress, HostError> {
+        if self.park_delay.is_none() {
+            return self.pause().map(|()| PauseProgress::Parked);
+        }
+        assert!(
+            self.pause_asked_at.is_none(),
+            "the pause was asked for twice"
+        );
+        self.pause_asked_at = Some(self.clock);
+        Ok(PauseProgress::Pending)
+    }
+
+    fn poll_pause(&mut self) -> Result<PauseProgress, HostError> {
+        self.pause_polls += 1;
+        let (Some(asked), Some(delay)) = (self.pause_asked_at, self.park_delay) else {
+            panic!("the engine polled a pause it never asked for");
+        };
+        if self.paused {
+            return Ok(PauseProgress::Parked);
+        }
+        if self.clock.0.saturating_sub(asked.0) >= delay.0 {
+            // The vCPUs park now: the guest's writes so far are in memory.
+            self.pause()?;
+            return Ok(PauseProgress::Parked);
+        }
+        Ok(PauseProgress::Pending)
+    }
+
     fn resume(&mut self) -> Result<(), HostError> {
-        assert!(self.paused, "the engine resumed a running guest");
+        assert!(
+            self.paused || self.pause_asked_at.is_some(),
+            "the engine resumed a running guest"
+        );
+        self.pause_asked_at = None;
         self.paused = false;
         self.resume_calls += 1;
         Ok(())
@@ -1366,7 +1408,12 @@ fn check_sim(sc: &Scenario, sim: &mut Sim, custom_predictor: bool) -> Result<(),
         r.resume_time,
         r.total_time
     );
-    prop_assert_eq!(Some(sc.start_at + r.preparation_time), guest.paused_at);
+    // The preparation ends when the engine asked for the pause (an asynchronous pause parks
+    // later, inside the downtime).
+    prop_assert_eq!(
+        Some(sc.start_at + r.preparation_time),
+        guest.pause_asked_at.or(guest.paused_at)
+    );
     prop_assert_eq!(rounds.last().unwrap().start, r.preparation_time);
     // Downtime covers the pause until the destination ran, and at most one link latency more
     // (the source learns of the start from the destination's Ready).
@@ -3563,6 +3610,72 @@ fn a_returning_guest_sends_hashes_for_what_the_destination_kept() {
 }
 
 /// A busy guest with a downtime target it never meets: the rounds go on until another rule.
+/// A pause that completes asynchronously (a VMM's vCPU threads confirm later): the engine
+/// sends nothing while it is pending, polls it, counts the wait as downtime, and the final
+/// round still carries every write the guest made before it parked.
+#[test]
+fn an_asynchronous_pause_is_waited_for_and_counted_as_downtime() {
+    let sc = busy_scenario(256);
+    let mut plain = Sim::new(&sc, Tamper::None);
+    check_sim(&sc, &mut plain, false).unwrap();
+    let park = Nanos::from_millis(7);
+    let mut sim = Sim::new(&sc, Tamper::None);
+    sim.guest.park_delay = Some(park);
+    check_sim(&sc, &mut sim, false).unwrap();
+    let guest = &sim.guest;
+    let asked = guest.pause_asked_at.expect("the engine asked for a pause");
+    let parked = guest.paused_at.expect("the guest parked");
+    assert!(
+        parked - asked >= park,
+        "parked {parked} after asking {asked}"
+    );
+    assert!(guest.pause_polls >= 2, "{} polls", guest.pause_polls);
+    let r = sim.source.report();
+    assert!(
+        r.downtime >= park,
+        "downtime {} does not count the {park} the vCPUs took to park",
+        r.downtime
+    );
+    // The final round (the downtime) starts at the request; check_sim checked that the
+    // destination holds memory as it was when the vCPUs parked, writes made while the pause
+    // was pending included.
+    let last = r.rounds.last().unwrap();
+    assert!(last.stop_and_copy);
+    assert_eq!(last.start, asked - sc.start_at);
+    assert!(last.duration >= park);
+}
+
+/// vCPUs that never confirm the pause: the migration fails at the pause timeout and the guest
+/// runs on at the source, which stays the only copy.
+#[test]
+fn a_pause_that_never_completes_fails_and_resumes_the_guest() {
+    let sc = busy_scenario(256);
+    let mut sim = Sim::new(&sc, Tamper::None);
+    let (layout, _) = sc.layouts();
+    sim.source = Source::new(
+        layout,
+        SessionConfig {
+            verify: sc.config.verify,
+            pause_timeout: Nanos::from_millis(20),
+            ..SessionConfig::default()
+        },
+        PreCopy::new(sc.config),
+    );
+    sim.guest.park_delay = Some(Nanos(u64::MAX));
+    let end = sim.run();
+    let End::SourceFailed(error) = end else {
+        panic!("the migration did not fail: {end:?}");
+    };
+    assert!(
+        error.to_string().contains("did not park"),
+        "unexpected error: {error}"
+    );
+    assert_eq!(sim.guest.resume_calls, 1);
+    assert!(!sim.guest.paused);
+    assert!(!sim.source.destination_started());
+    assert_eq!((sim.guest.log_starts, sim.guest.log_stops), (1, 1));
+}
+
 fn busy_scenario_never_within_target() -> Scenario {
     let base = busy_scenario(256);
     Scenario {
