@@ -50,7 +50,8 @@ impl StopReason {
     }
 }
 
-/// Pages and their payload bytes (entry headers excluded) under one encoding.
+/// Pages and their payload bytes (entry headers excluded) under one encoding, and the CPU time
+/// spent producing them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PagesAndBytes {
@@ -58,6 +59,12 @@ pub struct PagesAndBytes {
     pub pages: u64,
     /// Their payload bytes.
     pub bytes: u64,
+    /// CPU time the source's encoder spent on the pages it produced this way, in nanoseconds
+    /// (attempts that ended raw count under raw). The core has no clock and leaves it 0; a
+    /// driver with one fills it (`memferry-std` measures its encoders; the engine's own zero
+    /// check, dedup of known content and framing are not in it).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub cpu_nanos: u64,
 }
 
 /// What each content mechanism sent: pages and payload bytes per page encoding. A raw page's
@@ -84,28 +91,57 @@ pub struct EncodingUse {
 }
 
 impl EncodingUse {
+    /// The position of `encoding`'s tally in [`EncodingUse::slots`] (0 raw … 7 other).
+    pub fn slot_of(encoding: crate::wire::Encoding) -> usize {
+        match encoding.0 {
+            0..=6 => encoding.0 as usize,
+            _ => 7,
+        }
+    }
+
+    /// The tally of `encoding`.
+    pub fn slot_mut(&mut self, encoding: crate::wire::Encoding) -> &mut PagesAndBytes {
+        let i = Self::slot_of(encoding);
+        let [a, b, c, d, e, f, g, h] = self.slots_mut();
+        match i {
+            0 => a,
+            1 => b,
+            2 => c,
+            3 => d,
+            4 => e,
+            5 => f,
+            6 => g,
+            _ => h,
+        }
+    }
+
     /// Counts one page sent as `encoding` with `payload` bytes.
     pub fn add(&mut self, encoding: crate::wire::Encoding, payload: u64) {
-        let slot = match encoding.0 {
-            0 => &mut self.raw,
-            1 => &mut self.zero,
-            2 => &mut self.lz4,
-            3 => &mut self.delta,
-            4 => &mut self.delta_lz4,
-            5 => &mut self.reference,
-            6 => &mut self.known,
-            _ => &mut self.other,
-        };
+        let slot = self.slot_mut(encoding);
         slot.pages += 1;
         slot.bytes += payload;
     }
 
-    /// Adds another tally.
+    /// Adds another tally (pages, bytes and CPU time).
     pub fn merge(&mut self, other: &EncodingUse) {
         for (a, (_, b)) in self.slots_mut().into_iter().zip(other.slots()) {
             a.pages += b.pages;
             a.bytes += b.bytes;
+            a.cpu_nanos += b.cpu_nanos;
         }
+    }
+
+    /// Adds only another tally's CPU time (a driver's measurement of the encoders, beside the
+    /// engine's count of pages and bytes).
+    pub fn merge_cpu(&mut self, other: &EncodingUse) {
+        for (a, (_, b)) in self.slots_mut().into_iter().zip(other.slots()) {
+            a.cpu_nanos += b.cpu_nanos;
+        }
+    }
+
+    /// CPU time of every encoding, in nanoseconds.
+    pub fn cpu_nanos(&self) -> u64 {
+        self.slots().iter().map(|(_, s)| s.cpu_nanos).sum()
     }
 
     /// Every encoding with its name, in a fixed order.

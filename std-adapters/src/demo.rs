@@ -218,8 +218,11 @@ pub fn migrate_with(
         &clock,
         on_round,
     );
-    result?;
-    Ok(engine.report().clone())
+    // The encoders' CPU time, measured here (the core has no clock), beside its counts.
+    let cpu = result?;
+    let mut report = engine.report().clone();
+    report.encodings.merge_cpu(&cpu);
+    Ok(report)
 }
 
 /// `channels` with `link` shared among them: each writes at most an equal part of it.
