@@ -1109,6 +1109,62 @@ pub mod kvm {
         )?)
     }
 
+    /// [`receive`] with an idle timeout: a source that does not connect within `idle`, a
+    /// further connection it announced that does not come within `idle`, or a source silent
+    /// for `idle` (no byte read on a connection for that long) ends the reception with an
+    /// error that says so. The guest must also fit the memory this host has available
+    /// ([`run::check_guest_memory`]), checked before anything is mapped.
+    pub fn receive_within(
+        listener: &TcpListener,
+        max_memory: u64,
+        idle: Duration,
+        on_connection: impl FnOnce(std::net::SocketAddr),
+    ) -> Result<Received, JobError> {
+        if idle.is_zero() {
+            return Err(setup("the idle timeout must be positive"));
+        }
+        let open = |stream: std::net::TcpStream| -> std::io::Result<(BoxRead, BoxWrite)> {
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(idle))?;
+            stream.set_write_timeout(Some(idle))?;
+            Ok((Box::new(stream.try_clone()?), Box::new(stream)))
+        };
+        let (stream, peer) = super::accept_until(listener, Instant::now() + idle).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                setup(format!(
+                    "no source connected within the idle timeout ({idle:?})"
+                ))
+            } else {
+                setup(format!("accept failed: {e}"))
+            }
+        })?;
+        on_connection(peer);
+        let (r, w) =
+            open(stream).map_err(|e| setup(format!("setting up the connection failed: {e}")))?;
+        let received = run::receive(r, w, max_memory, || {
+            let (stream, _) = super::accept_until(listener, Instant::now() + idle)?;
+            open(stream)
+        });
+        let timed_out = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            )
+        };
+        received.map_err(|e| match e {
+            KvmRunError::Drive(
+                ref d @ (crate::drive::DriveError::Transport(ref io)
+                | crate::drive::DriveError::Migration {
+                    transport: Some(ref io),
+                    ..
+                }),
+            ) if timed_out(io) => setup(format!(
+                "the source went silent for the idle timeout ({idle:?}): {d}"
+            )),
+            other => other.into(),
+        })
+    }
+
     /// Accepts one KVM migration on `listener`: a VM with the source's layout (at most
     /// `max_memory` bytes), running the guest once the migration is over.
     pub fn receive(

@@ -705,6 +705,72 @@ fn a_throttled_guest_writes_less_and_runs_on_when_the_throttle_lifts() {
 }
 
 #[test]
+fn a_kvm_destination_refuses_a_guest_larger_than_the_hosts_available_memory() {
+    // A bare hello for a 1 TiB guest (within the limit given) from a source nobody checked:
+    // refused before any VM or memory is made.
+    let (ours, theirs) = memferry_std::transport::loopback::pair();
+    let (mut w, _r) = (ours.1, ours.0);
+    let mut table = Vec::new();
+    let regions = memferry::wire::region_table(
+        &[memferry::page::Region {
+            id: 0,
+            guest_base: 0,
+            pages: 1 << 28,
+        }],
+        &mut table,
+    );
+    let mut hello = Vec::new();
+    memferry::wire::Frame::Hello(memferry::wire::Hello {
+        version: memferry::wire::PROTOCOL_VERSION,
+        page_shift: 12,
+        channels: 1,
+        session_id: 7,
+        features: 0,
+        regions,
+    })
+    .emit(&mut hello);
+    std::io::Write::write_all(&mut w, &hello).unwrap();
+    let refused = run::receive(theirs.0, theirs.1, u64::MAX, || {
+        Err(std::io::Error::other("no more connections"))
+    });
+    let e = refused.err().expect("a 1 TiB guest is refused").to_string();
+    assert!(e.contains("available"), "{e}");
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn listen_kvm_gives_up_on_a_source_that_never_connects_or_goes_silent() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_memferry");
+    let t0 = std::time::Instant::now();
+    let out = Command::new(bin)
+        .args(["listen", "127.0.0.1:0", "--kvm", "--idle-timeout", "500ms"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no source connected"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+    // A source that connects and sends nothing.
+    let mut listener = Command::new(bin)
+        .args(["listen", "127.0.0.1:0", "--kvm", "--idle-timeout", "500ms"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(listener.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let _silent = std::net::TcpStream::connect(&addr).unwrap();
+    let status = listener.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(!status.success());
+    assert!(rest.contains("went silent"), "{rest}");
+}
+
+#[test]
 fn the_example_migrates_its_guest() {
     if !kvm_or_skip("the_example_migrates_its_guest") {
         return;

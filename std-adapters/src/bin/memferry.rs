@@ -71,7 +71,9 @@ enum Command {
         /// Give up on a connection whose opening frame (the hello, or a further connection's
         /// join) has not arrived in full this long after it connected, or on a source that does
         /// not open the further connections it announced within this long. Once the migration
-        /// runs, its own 60 s peer timeout applies.
+        /// runs, its own 60 s peer timeout applies. With --kvm: a source that does not connect
+        /// within this long, or sends nothing on a connection for this long, ends the listener
+        /// with an error.
         #[arg(long, default_value = "10s", value_parser = parse_positive_duration)]
         idle_timeout: std::time::Duration,
         /// Print a JSON summary instead of text.
@@ -1787,7 +1789,7 @@ fn main() -> ExitCode {
                 listener.local_addr().map(|a| a.to_string()).unwrap_or(addr)
             );
             if kvm {
-                return kvm_listen(&listener, max_memory, json);
+                return kvm_listen(&listener, max_memory, idle_timeout, json);
             }
             let options = demo::ListenOptions {
                 max_memory,
@@ -2094,8 +2096,13 @@ fn guest_image(_: &std::path::Path, _: &GuestArgs, _: u64, _: f64, _: Option<u32
 
 /// `memferry listen ADDR --kvm`: receive a KVM guest and run it until it finishes.
 #[cfg(target_os = "linux")]
-fn kvm_listen(listener: &TcpListener, max_memory: u64, json: bool) -> ExitCode {
-    let received = demo::kvm::receive(listener, max_memory, |peer| {
+fn kvm_listen(
+    listener: &TcpListener,
+    max_memory: u64,
+    idle: std::time::Duration,
+    json: bool,
+) -> ExitCode {
+    let received = demo::kvm::receive_within(listener, max_memory, idle, |peer| {
         eprintln!("memferry: receiving a KVM guest from {peer}")
     });
     let received = match received {
@@ -2146,7 +2153,7 @@ fn kvm_listen(listener: &TcpListener, max_memory: u64, json: bool) -> ExitCode {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn kvm_listen(_: &TcpListener, _: u64, _: bool) -> ExitCode {
+fn kvm_listen(_: &TcpListener, _: u64, _: std::time::Duration, _: bool) -> ExitCode {
     fail("a KVM guest needs Linux")
 }
 

@@ -155,12 +155,8 @@ pub fn receive_with(
     let hello_at = Instant::now();
     let layout: MemoryLayout = hello.layout.clone();
     let bytes = layout.geometry().memory_bytes();
-    if bytes > max_memory {
-        return Err(DriveError::from(MigrationError::Incompatible(format!(
-            "the source offers a guest of {bytes} bytes, more than this destination's limit of {max_memory}"
-        )))
-        .into());
-    }
+    check_guest_memory(bytes, max_memory, host_available_memory())
+        .map_err(|why| DriveError::from(MigrationError::Incompatible(why)))?;
     let mut channels = vec![(reader, buffer, writer)];
     let mut extra: Vec<Option<(BoxRead, FrameBuffer, BoxWrite)>> =
         (1..hello.channels).map(|_| None).collect();
@@ -199,6 +195,35 @@ pub fn receive_with(
     })
 }
 
+/// Memory the kernel says it can give without swapping (`MemAvailable` of `/proc/meminfo`), if
+/// it says.
+pub fn host_available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Whether a destination takes a guest of `bytes`: at most `max_memory`, and at most the
+/// memory the host has `available` (when known). The error says which limit it exceeds.
+pub fn check_guest_memory(
+    bytes: u64,
+    max_memory: u64,
+    available: Option<u64>,
+) -> Result<(), String> {
+    if bytes > max_memory {
+        return Err(format!(
+            "the source offers a guest of {bytes} bytes, more than this destination's limit of {max_memory}"
+        ));
+    }
+    match available {
+        Some(free) if bytes > free => Err(format!(
+            "the source offers a guest of {bytes} bytes, more than the {free} bytes of memory this host has available (MemAvailable)"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Waits up to `timeout` for the guest of `vcpus`'s first vCPU to end; `Ok` if it finished.
 pub fn wait_finished(host: &super::VcpuSet, timeout: Duration) -> Result<(), KvmError> {
     let first = host
@@ -213,5 +238,21 @@ pub fn wait_finished(host: &super::VcpuSet, timeout: Duration) -> Result<(), Kvm
         None => Err(KvmError::new(format!(
             "the guest did not finish within {timeout:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_must_fit_the_limit_and_the_available_memory() {
+        assert!(check_guest_memory(1 << 30, 4 << 30, Some(8 << 30)).is_ok());
+        assert!(check_guest_memory(1 << 30, 4 << 30, None).is_ok());
+        let e = check_guest_memory(8 << 30, 4 << 30, Some(64 << 30)).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+        let e = check_guest_memory(8 << 30, u64::MAX, Some(2 << 30)).unwrap_err();
+        assert!(e.contains("available"), "{e}");
+        assert!(host_available_memory().is_some_and(|m| m > 0));
     }
 }
