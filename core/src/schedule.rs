@@ -183,6 +183,13 @@ pub struct StopRules {
     /// estimate, the migration is cancelled instead and the guest runs on at the source
     /// (Cloud Hypervisor's `TimeoutStrategy::Cancel`). Default: none (always switch over).
     pub max_downtime: Option<Nanos>,
+    /// When a non-convergence rule fires on a round whose stop-and-copy set is more than 10%
+    /// above the smallest seen, go on for up to this many more rounds, stopping at the first
+    /// that comes back near that low. A guest whose dirty set swings from round to round
+    /// (real programs do, by 2× and more) then pauses near a low, not wherever the rule
+    /// happened to fire. Default 2; 0 stops at once (the pre-copy strategy uses 0 when its
+    /// policy throttles or hands over to post-copy instead of stopping).
+    pub settle_rounds: u32,
 }
 
 impl Default for StopRules {
@@ -196,6 +203,7 @@ impl Default for StopRules {
             outpaced_rounds: 2,
             outpaced_permille: 900,
             max_downtime: None,
+            settle_rounds: 2,
         }
     }
 }
@@ -245,6 +253,10 @@ pub struct Scheduler {
     outpaced_rounds: u32,
     last_dirty_rate: ByteRate,
     last_estimate: Nanos,
+    /// The smallest stop-and-copy set (pages) any round ended with.
+    smallest_downtime_pages: u64,
+    /// Extra rounds taken so far waiting for a low after a non-convergence rule fired.
+    settling: u32,
     /// Why the last decision was taken, in words (for the report).
     why: String,
 }
@@ -267,6 +279,8 @@ impl Scheduler {
             outpaced_rounds: 0,
             last_dirty_rate: ByteRate(0),
             last_estimate: Nanos::ZERO,
+            smallest_downtime_pages: u64::MAX,
+            settling: 0,
             why: String::new(),
         }
     }
@@ -379,6 +393,7 @@ impl Scheduler {
             self.outpaced_rounds = 0;
         }
         self.smallest_dirty = self.smallest_dirty.min(outcome.pending_pages);
+        self.smallest_downtime_pages = self.smallest_downtime_pages.min(outcome.downtime_pages);
 
         if self.last_estimate <= self.rules.downtime_target {
             self.why = alloc::format!(
@@ -396,25 +411,55 @@ impl Scheduler {
             self.why = alloc::format!("{} rounds, the most allowed", outcome.round);
             return Decision::StopAndCopy(StopReason::MaxRounds);
         }
-        if self.rules.outpaced_rounds > 0 && self.outpaced_rounds >= self.rules.outpaced_rounds {
-            self.why = alloc::format!(
+        let why = if self.rules.outpaced_rounds > 0
+            && self.outpaced_rounds >= self.rules.outpaced_rounds
+        {
+            Some(alloc::format!(
                 "the guest dirtied memory at {} against a link of {} for {} round(s) and the dirty set did not shrink: more rounds would only resend memory",
                 self.last_dirty_rate,
                 bandwidth,
                 self.outpaced_rounds
-            );
-            return Decision::StopAndCopy(StopReason::NotConverging);
-        }
-        if self.rules.non_convergence_rounds > 0
+            ))
+        } else if self.rules.non_convergence_rounds > 0
             && self.stalled_rounds >= self.rules.non_convergence_rounds
         {
-            self.why = alloc::format!(
+            Some(alloc::format!(
                 "the dirty set made no new low (by {}‰) for {} rounds",
                 self.rules.min_shrink_permille,
                 self.stalled_rounds
-            );
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            // Near the low: within 10% of the smallest stop-and-copy set seen.
+            let near_low = (outcome.downtime_pages as u128) * 10
+                <= (self.smallest_downtime_pages as u128) * 11;
+            if !near_low && self.settling < self.rules.settle_rounds {
+                self.settling += 1;
+                self.why = alloc::format!(
+                    "{why}; this round's set ({} pages) is above the low ({} pages): one more round ({} of at most {}) to stop nearer it",
+                    outcome.downtime_pages,
+                    self.smallest_downtime_pages,
+                    self.settling,
+                    self.rules.settle_rounds
+                );
+                self.limit = self.plan.next_limit(self.limit, self.last_dirty_rate);
+                return Decision::Continue { limit: self.limit };
+            }
+            self.why = if self.settling > 0 {
+                alloc::format!(
+                    "{why}; stopped {} round(s) later, with {} pages to copy against a low of {}",
+                    self.settling,
+                    outcome.downtime_pages,
+                    self.smallest_downtime_pages
+                )
+            } else {
+                why
+            };
             return Decision::StopAndCopy(StopReason::NotConverging);
         }
+        self.settling = 0;
         self.why.clear();
         self.limit = self.plan.next_limit(self.limit, self.last_dirty_rate);
         Decision::Continue { limit: self.limit }
@@ -509,5 +554,47 @@ mod tests {
             decisions[3],
             Decision::StopAndCopy(StopReason::NotConverging)
         );
+    }
+
+    /// A non-convergence rule that fires on a round well above the low waits (at most
+    /// `settle_rounds`) for a round near the low; without a low in reach it stops anyway.
+    #[test]
+    fn non_convergence_stops_near_the_low() {
+        let rules = StopRules {
+            non_convergence_rounds: 2,
+            outpaced_rounds: 0,
+            ..StopRules::default()
+        };
+        let run = |sets: &[u64], settle: u32| {
+            let mut s = Scheduler::new(
+                RatePlan::default(),
+                StopRules {
+                    settle_rounds: settle,
+                    ..rules
+                },
+            );
+            for (i, &pages) in sets.iter().enumerate() {
+                let d = s.end_round(
+                    outcome(i as u32 + 1, 100, 1000, pages),
+                    Nanos::ZERO,
+                    4096,
+                    None,
+                );
+                if let Decision::StopAndCopy(reason) = d {
+                    assert_eq!(reason, StopReason::NotConverging);
+                    return (i + 1, pages, String::from(s.explanation()));
+                }
+            }
+            panic!("never stopped");
+        };
+        // A swinging set: the rule fires on round 3 (30,000 pages, low 20,000).
+        let swing = [20_000, 25_000, 30_000, 21_000, 30_000, 30_000, 30_000];
+        assert_eq!(run(&swing, 0).0, 3);
+        let (round, pages, why) = run(&swing, 2);
+        assert_eq!((round, pages), (4, 21_000));
+        assert!(why.contains("stopped 1 round(s) later"), "{why}");
+        // No low within reach: it stops after the extra rounds.
+        let climbing = [20_000, 25_000, 30_000, 35_000, 40_000, 45_000];
+        assert_eq!(run(&climbing, 2).0, 5);
     }
 }

@@ -1480,18 +1480,21 @@ fn stop_rules() -> impl Strategy<Value = StopRules> {
         0u32..=5,
         0u32..=300,
         proptest::option::of(0u64..=3_000_000),
-        (0u32..=3, 500u32..=1200),
+        (0u32..=3, 500u32..=1200, 0u32..=2),
     )
         .prop_map(
-            |(target_us, max_rounds, nc, shrink, deadline_us, (outpaced, permille))| StopRules {
-                downtime_target: Nanos::from_micros(target_us),
-                max_rounds,
-                non_convergence_rounds: nc,
-                min_shrink_permille: shrink,
-                deadline: deadline_us.map(Nanos::from_micros),
-                outpaced_rounds: outpaced,
-                outpaced_permille: permille,
-                max_downtime: None,
+            |(target_us, max_rounds, nc, shrink, deadline_us, (outpaced, permille, settle))| {
+                StopRules {
+                    downtime_target: Nanos::from_micros(target_us),
+                    max_rounds,
+                    non_convergence_rounds: nc,
+                    min_shrink_permille: shrink,
+                    deadline: deadline_us.map(Nanos::from_micros),
+                    outpaced_rounds: outpaced,
+                    outpaced_permille: permille,
+                    max_downtime: None,
+                    settle_rounds: settle,
+                }
             },
         )
 }
