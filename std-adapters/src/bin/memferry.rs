@@ -606,6 +606,11 @@ struct EngineArgs {
     /// 90% of the bandwidth or more without the dirty set shrinking (0: never).
     #[arg(long, default_value_t = StopRules::default().outpaced_rounds)]
     outpaced_rounds: u32,
+    /// When a non-convergence rule fires on a round whose stop-and-copy set is more than 10%
+    /// above the smallest seen, go on for up to this many rounds to stop near that low (0: stop
+    /// at once).
+    #[arg(long, default_value_t = StopRules::default().settle_rounds)]
+    settle_rounds: u32,
     /// When the guest outpaces the link, throttle it (20%, then 10% more each time) and go on,
     /// instead of stopping the rounds (QEMU's auto-converge; the simulator models the slowed
     /// guest, a KVM guest's vCPUs sleep that share of every 10 ms, the in-process workload
@@ -800,6 +805,7 @@ impl EngineArgs {
                 non_convergence_rounds: self.non_convergence_rounds,
                 deadline: self.deadline_ms.map(Nanos::from_millis),
                 outpaced_rounds: self.outpaced_rounds,
+                settle_rounds: self.settle_rounds,
                 max_downtime: self.max_downtime_ms.map(Nanos::from_millis),
                 ..StopRules::default()
             },
