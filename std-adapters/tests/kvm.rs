@@ -819,3 +819,141 @@ fn the_example_migrates_its_guest() {
         "the final hash is the reference: {last}"
     );
 }
+
+#[test]
+fn an_asked_for_pause_parks_the_vcpus_asynchronously_and_resume_cancels_it() {
+    use memferry::memory::{PauseProgress, SourceGuest};
+    use std::time::Instant;
+    if !kvm_or_skip("an_asked_for_pause_parks_the_vcpus_asynchronously_and_resume_cancels_it") {
+        return;
+    }
+    let config = GuestConfig {
+        memory: 16 << 20,
+        seed: 80,
+        iterations: 0,
+        writes_per_sec: 0,
+        ..GuestConfig::default()
+    };
+    let (machine, mut vcpus) = SourceMachine::create(&config, DirtyLogMode::Bitmap).unwrap();
+    vcpus.start().unwrap();
+    let progress = || machine.status().unwrap().progress;
+    let t0 = Instant::now();
+    while progress() < 1 << 20 && t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut source = KvmSource::new(
+        machine.vm.fd().clone(),
+        machine.memory().unwrap(),
+        vcpus,
+        DirtyLogMode::Bitmap,
+    )
+    .unwrap();
+    let runs_on = |what: &str| {
+        let p0 = progress();
+        let t0 = Instant::now();
+        while progress() == p0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the guest does not run {what}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    runs_on("before the pause");
+    // Polled until parked, within a bound; the vCPUs are signalled, not waited for.
+    let asked = Instant::now();
+    let first = source.request_pause().unwrap();
+    let returned = asked.elapsed();
+    assert!(matches!(
+        first,
+        PauseProgress::Pending | PauseProgress::Parked
+    ));
+    let mut polls = 0u32;
+    let mut progress_now = first;
+    while progress_now == PauseProgress::Pending {
+        assert!(source.pause_pending());
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "the vCPUs did not park"
+        );
+        std::thread::sleep(Duration::from_micros(50));
+        progress_now = source.poll_pause().unwrap();
+        polls += 1;
+    }
+    let seen = asked.elapsed();
+    assert!(source.is_paused() && !source.pause_pending());
+    assert!(source.vcpus().threads()[0].is_paused());
+    let took = *source.pause_times().last().unwrap();
+    assert!(
+        took <= seen,
+        "{took:?} measured, parked seen after {seen:?}"
+    );
+    assert_eq!(
+        source.last_pause_time(),
+        Some(Nanos(took.as_nanos() as u64))
+    );
+    // Parked: memory does not change (the guest writes all the time when it runs).
+    let before = source.memory().digest().unwrap();
+    let p0 = progress();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(source.memory().digest().unwrap(), before);
+    assert_eq!(progress(), p0);
+    // Polling a completed pause says parked; the state can be read.
+    assert_eq!(source.poll_pause().unwrap(), PauseProgress::Parked);
+    assert!(!source.save_state().unwrap().is_empty());
+    source.resume().unwrap();
+    runs_on("after the resume");
+    assert_ne!(source.memory().digest().unwrap(), before);
+    // A pending pause cancelled by resume: the guest runs on, again and again.
+    let mut pending = 0;
+    for _ in 0..50 {
+        if source.request_pause().unwrap() == PauseProgress::Pending {
+            pending += 1;
+        }
+        source.resume().unwrap();
+        assert!(!source.pause_pending() && !source.is_paused());
+    }
+    runs_on("after pending pauses were cancelled");
+    assert!(
+        pending > 0,
+        "no request was pending: the vCPU parked in request_pause"
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(!source.vcpus().threads()[0].is_paused());
+    runs_on("a while after the cancels");
+    // Several asked-for pauses, then the synchronous one still works.
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let asked = Instant::now();
+        let mut p = source.request_pause().unwrap();
+        while p == PauseProgress::Pending {
+            assert!(asked.elapsed() < Duration::from_secs(2));
+            std::thread::sleep(Duration::from_micros(50));
+            p = source.poll_pause().unwrap();
+        }
+        times.push(*source.pause_times().last().unwrap());
+        let p0 = progress();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(progress(), p0);
+        source.resume().unwrap();
+        runs_on("after an asked-for pause");
+    }
+    source.pause().unwrap();
+    let sync = *source.pause_times().last().unwrap();
+    let p0 = progress();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(progress(), p0);
+    source.resume().unwrap();
+    runs_on("after the synchronous pause");
+    times.sort();
+    eprintln!(
+        "async pause: request returned in {returned:?} ({first:?}), parked after {took:?} \
+         (seen after {seen:?}, {polls} polls); 10 more: min {:?}, median {:?}, max {:?}; \
+         {pending}/50 cancelled while pending; synchronous pause {sync:?}",
+        times[0], times[5], times[9]
+    );
+    source.finish().unwrap();
+    assert!(source.vcpus().threads()[0].end().is_none());
+    // 1 + 50 cancelled + 10 + the synchronous one.
+    assert_eq!(source.resumes, 62);
+}

@@ -10,18 +10,32 @@
 //!   with vm-memory's bitmap, its cost per sync measured; logging starts when it is built and
 //!   stops in `stop()` or on drop.
 //! - [`vcpu::VcpuThread`]: a vCPU on its thread with a measured pause (signal +
-//!   `immediate_exit`), resume and state access; [`VcpuSet`] pauses, saves and restores several.
+//!   `immediate_exit`; blocking, or asked for and polled), resume and state access; [`VcpuSet`]
+//!   pauses, saves and restores several.
 //! - [`state`]: a vCPU's registers, special registers, XSAVE/FPU, XCRs and MSRs as bytes.
 //! - [`KvmSource`] and [`KvmDestination`]: the host traits over those parts.
 //!
 //! What tests and the CLI use besides: [`vm::Vm`] (a VM with memslots) and [`guest`] (the
 //! image and its reference hash); [`SourceMachine`] / [`DestinationMachine`] put them together.
 //!
-//! # Lifecycle hooks the core does not have yet
-//! The core's host traits have no start/stop of dirty logging: [`KvmSource`] starts it when it
-//! is built and stops it when the migration is over ([`KvmSource::finish`]), failed or not, and
-//! on drop. Its pause is synchronous (it returns when the vCPUs are parked) and timed
-//! ([`KvmSource::pause_times`]).
+//! # Lifecycle hooks
+//! The core's host traits have these, and [`KvmSource`] implements them so:
+//! - Dirty logging: [`DirtyLog::start_logging`] / [`DirtyLog::stop_logging`]. KVM logging starts
+//!   when the source is built ([`DirtyTracker::start`]), before the engine's first sync, so
+//!   `start_logging` keeps the default (nothing to do); `stop_logging`, which the engine calls
+//!   when the migration ends (done, failed or cancelled), stops it. [`KvmSource::finish`] (after
+//!   every migration, failed or not: it also lifts a throttle) and dropping the source stop it
+//!   too, should the engine not have run to its end.
+//! - The pause: [`SourceGuest::request_pause`] / [`SourceGuest::poll_pause`]. `request_pause`
+//!   signals every vCPU thread out of `KVM_RUN` ([`VcpuSet::request_pause`]) and returns
+//!   `Pending` at once (or `Parked` if all were parked already); the engine sends nothing and
+//!   polls `poll_pause`, which looks without waiting whether every thread has parked
+//!   ([`VcpuSet::parked_since`]), signals laggards again every [`PAUSE_REKICK`], and says
+//!   `Parked` once all have. The pause time ([`SourceGuest::last_pause_time`],
+//!   [`KvmSource::pause_times`]) is from the request to the last vCPU's park, measured on the
+//!   host. [`SourceGuest::resume`] cancels a pause still pending (after the engine's pause
+//!   timeout). The synchronous [`SourceGuest::pause`] (signal, then wait for every vCPU)
+//!   stays for callers outside the engine.
 
 pub mod dirty;
 pub mod guest;
@@ -39,7 +53,9 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::VmFd;
 use memferry::bitmap::DirtyBitmap;
 use memferry::error::HostError;
-use memferry::memory::{DestinationGuest, DirtyLog, PageRead, PageWrite, SourceGuest};
+use memferry::memory::{
+    DestinationGuest, DirtyLog, PageRead, PageWrite, PauseProgress, SourceGuest,
+};
 use memferry::page::{MemoryLayout, PageIndex, Region};
 use memferry::time::Nanos;
 
@@ -130,6 +146,30 @@ impl VcpuSet {
         Ok(t0.elapsed())
     }
 
+    /// Asks every vCPU to stop without waiting ([`VcpuThread::request_pause`]: all are
+    /// signalled, and park in parallel); true if all are stopped already.
+    pub fn request_pause(&self) -> bool {
+        // Every vCPU is asked (no short cut at the first that runs).
+        let mut all = true;
+        for t in &self.threads {
+            all &= t.request_pause();
+        }
+        all
+    }
+
+    /// Whether every vCPU has parked (or is not running), without waiting
+    /// ([`VcpuThread::parked_at`]): `Some(when the last one parked)`, no earlier than `asked`.
+    pub fn parked_since(&self, asked: Instant) -> Option<Instant> {
+        self.threads
+            .iter()
+            .try_fold(asked, |latest, t| t.parked_at().map(|at| latest.max(at)))
+    }
+
+    /// Signals again every vCPU asked to pause that has not parked ([`VcpuThread::kick`]).
+    pub fn kick(&self) {
+        self.threads.iter().for_each(VcpuThread::kick);
+    }
+
     /// Throttles every vCPU to sleep `percent` of each period ([`VcpuThread::set_throttle`]);
     /// 0 lifts the throttle.
     pub fn set_throttle(&mut self, percent: u8) -> Result<(), KvmError> {
@@ -197,6 +237,9 @@ pub struct KvmSource {
     dirty: DirtyTracker,
     vcpus: VcpuSet,
     pause_times: Vec<Duration>,
+    /// A pause asked for whose vCPUs have not all parked: when it was asked, when they were
+    /// last signalled.
+    pending_pause: Option<(Instant, Instant)>,
     /// Dirty-log samples already reported to the engine (`take_cost`).
     costed: usize,
     paused_at: Option<Instant>,
@@ -232,6 +275,7 @@ impl KvmSource {
             dirty,
             vcpus,
             pause_times: Vec::new(),
+            pending_pause: None,
             costed: 0,
             paused_at: None,
             paused: false,
@@ -271,7 +315,9 @@ impl KvmSource {
         self.dirty.samples()
     }
 
-    /// How long each pause took to park the vCPUs.
+    /// How long each pause took to park the vCPUs: for a pause asked with
+    /// [`SourceGuest::request_pause`], from the request to the moment the last vCPU thread
+    /// parked.
     pub fn pause_times(&self) -> &[Duration] {
         &self.pause_times
     }
@@ -281,7 +327,13 @@ impl KvmSource {
         self.paused_at
     }
 
-    /// Whether the guest is paused.
+    /// Whether a pause asked with [`SourceGuest::request_pause`] is still waiting for vCPUs to
+    /// park.
+    pub fn pause_pending(&self) -> bool {
+        self.pending_pause.is_some()
+    }
+
+    /// Whether the guest is paused (every vCPU parked).
     pub fn is_paused(&self) -> bool {
         self.paused
     }
@@ -335,6 +387,19 @@ impl DirtyLog for KvmSource {
     }
 }
 
+/// How often a pending pause ([`SourceGuest::request_pause`]) signals vCPUs that have not
+/// parked again (as the synchronous pause does while it waits).
+pub const PAUSE_REKICK: Duration = Duration::from_millis(5);
+
+impl KvmSource {
+    /// The vCPUs parked `took` after the pause was asked for.
+    fn parked(&mut self, took: Duration) {
+        self.pause_times.push(took);
+        self.paused = true;
+        self.dirty.set_guest_paused(true);
+    }
+}
+
 impl SourceGuest for KvmSource {
     fn last_pause_time(&self) -> Option<Nanos> {
         self.pause_times
@@ -344,14 +409,56 @@ impl SourceGuest for KvmSource {
 
     fn pause(&mut self) -> Result<(), HostError> {
         self.paused_at = Some(Instant::now());
+        self.pending_pause = None;
         let took = self.vcpus.pause()?;
-        self.pause_times.push(took);
-        self.paused = true;
-        self.dirty.set_guest_paused(true);
+        self.parked(took);
         Ok(())
     }
 
+    /// Signals every vCPU thread out of `KVM_RUN` and returns at once: `Pending` unless all
+    /// were parked already. The migration engine polls [`SourceGuest::poll_pause`].
+    fn request_pause(&mut self) -> Result<PauseProgress, HostError> {
+        let asked = Instant::now();
+        self.paused_at = Some(asked);
+        if self.vcpus.request_pause() {
+            self.pending_pause = None;
+            self.parked(asked.elapsed());
+            return Ok(PauseProgress::Parked);
+        }
+        self.pending_pause = Some((asked, asked));
+        Ok(PauseProgress::Pending)
+    }
+
+    /// Whether every vCPU has parked since [`SourceGuest::request_pause`] (without waiting);
+    /// the pause time recorded is from the request to the last vCPU's park. vCPUs not parked
+    /// are signalled again every [`PAUSE_REKICK`].
+    fn poll_pause(&mut self) -> Result<PauseProgress, HostError> {
+        let Some((asked, kicked)) = self.pending_pause else {
+            return if self.paused {
+                Ok(PauseProgress::Parked)
+            } else {
+                Err(HostError::new(
+                    "poll_pause without a pause request: the guest is not pausing",
+                ))
+            };
+        };
+        if let Some(last) = self.vcpus.parked_since(asked) {
+            self.pending_pause = None;
+            self.parked(last - asked);
+            return Ok(PauseProgress::Parked);
+        }
+        let now = Instant::now();
+        if now - kicked >= PAUSE_REKICK {
+            self.vcpus.kick();
+            self.pending_pause = Some((asked, now));
+        }
+        Ok(PauseProgress::Pending)
+    }
+
+    /// Resumes a paused guest, or cancels a pause still pending (vCPUs not parked yet run on,
+    /// parked ones are woken).
     fn resume(&mut self) -> Result<(), HostError> {
+        self.pending_pause = None;
         self.dirty.set_guest_paused(false);
         self.vcpus.resume()?;
         self.paused = false;

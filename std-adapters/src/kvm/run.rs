@@ -113,9 +113,12 @@ pub fn migrate_source_with(
         on_round,
     );
     let stopped = source.finish();
-    result?;
+    // The encoders' CPU time, measured here (the core has no clock), beside its counts.
+    let cpu = result?;
     stopped?;
-    Ok(engine.report().clone())
+    let mut report = engine.report().clone();
+    report.encodings.merge_cpu(&cpu);
+    Ok(report)
 }
 
 /// What a destination received.

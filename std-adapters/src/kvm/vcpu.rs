@@ -5,7 +5,10 @@
 //! page's `immediate_exit` (so a signal that arrives just before the thread enters `KVM_RUN`
 //! is not lost: the ioctl returns `EINTR` at once), and the thread parks on a condition
 //! variable until it is resumed. [`VcpuThread::pause`] returns when the thread is parked, and
-//! says how long that took: the pause is part of the downtime.
+//! says how long that took: the pause is part of the downtime. The same pause in two steps,
+//! for a caller that must not block: [`VcpuThread::request_pause`] signals the thread and
+//! returns at once, [`VcpuThread::parked_at`] says (without waiting) whether and when it
+//! parked, and [`VcpuThread::resume`] cancels a request the thread has not acted on yet.
 //!
 //! A throttle ([`VcpuThread::set_throttle`], QEMU's auto-converge) takes a share of every
 //! [`THROTTLE_PERIOD`] away from the guest: a timer thread kicks the vCPU out of `KVM_RUN` when
@@ -54,6 +57,8 @@ struct RunState {
     end: Option<VcpuEnd>,
     /// When the thread first entered KVM_RUN after its start or last resume.
     running_since: Option<Instant>,
+    /// When the thread last parked.
+    parked_at: Option<Instant>,
     pauses: u32,
 }
 
@@ -273,10 +278,15 @@ impl VcpuThread {
     pub fn pause(&self) -> Result<Duration, KvmError> {
         let t0 = Instant::now();
         let mut st = self.shared.state();
-        if !st.started || st.end.is_some() || st.parked {
+        if !st.started || st.end.is_some() {
             return Ok(t0.elapsed());
         }
+        // Set even when parked: a thread resumed a moment ago may not have left its park yet,
+        // and it stays there only if asked to.
         self.shared.pause_requested.store(true, Ordering::SeqCst);
+        if st.parked {
+            return Ok(t0.elapsed());
+        }
         self.shared.kick();
         let deadline = t0 + PAUSE_TIMEOUT;
         while !st.parked && st.end.is_none() {
@@ -305,7 +315,55 @@ impl VcpuThread {
         Ok(t0.elapsed())
     }
 
-    /// Lets a paused vCPU run again.
+    /// Asks the vCPU to stop and returns at once (the asynchronous half of
+    /// [`VcpuThread::pause`]): signals the thread out of `KVM_RUN`, where it parks. True if the
+    /// vCPU is stopped already (parked, not started or ended); otherwise poll
+    /// [`VcpuThread::parked_at`], and [`VcpuThread::kick`] now and then against a lost
+    /// signal. [`VcpuThread::resume`] cancels the request.
+    pub fn request_pause(&self) -> bool {
+        let st = self.shared.state();
+        if !st.started || st.end.is_some() {
+            return true;
+        }
+        // As in `pause`: set even when parked, so that a thread just resumed stays parked.
+        self.shared.pause_requested.store(true, Ordering::SeqCst);
+        if st.parked {
+            return true;
+        }
+        drop(st);
+        self.shared.kick();
+        false
+    }
+
+    /// Whether the vCPU is stopped, without waiting for its thread (a thread that holds its
+    /// state lock right now counts as not stopped yet): `Some(when it parked)` for a parked
+    /// thread, `Some(now)` for a vCPU not started or ended, `None` while it runs.
+    pub fn parked_at(&self) -> Option<Instant> {
+        let st = match self.shared.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        if !st.started || st.end.is_some() {
+            Some(Instant::now())
+        } else if st.parked {
+            Some(st.parked_at.unwrap_or_else(Instant::now))
+        } else {
+            None
+        }
+    }
+
+    /// Signals the thread out of `KVM_RUN` again if a pause is asked for and it has not parked:
+    /// insurance against a lost signal while [`VcpuThread::request_pause`] is pending.
+    pub fn kick(&self) {
+        if self.shared.pause_requested.load(Ordering::SeqCst) && self.parked_at().is_none() {
+            self.shared.kick();
+        }
+    }
+
+    /// Lets a paused vCPU run again, or cancels a pause [`VcpuThread::request_pause`] asked
+    /// for that the thread has not acted on yet (it runs on: the signal only makes its next
+    /// `KVM_RUN` return at once).
     pub fn resume(&self) -> Result<(), KvmError> {
         let mut st = self.shared.state();
         self.shared.pause_requested.store(false, Ordering::SeqCst);
@@ -436,6 +494,7 @@ fn throttle_sleep(shared: &Shared) {
 fn park(shared: &Shared) -> bool {
     let mut st = shared.state();
     st.parked = true;
+    st.parked_at = Some(Instant::now());
     shared.changed.notify_all();
     while shared.pause_requested.load(Ordering::SeqCst) && !st.stop {
         st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
