@@ -1084,7 +1084,7 @@ mod tests {
         ) -> Option<(wire::Encoding, usize)> {
             out[..page.len()].copy_from_slice(page);
             std::hint::black_box(memferry::digest::content_hash(page));
-            (index % 2 == 0).then_some((wire::Encoding::LZ4, 10))
+            index.is_multiple_of(2).then_some((wire::Encoding::LZ4, 10))
         }
     }
 
