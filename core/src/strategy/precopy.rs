@@ -5,9 +5,9 @@
 //! With a writable-working-set predictor, pages predicted hot are held back from the round
 //! (they would only be dirtied again) and always sent by the final round at the latest. A
 //! predictor never costs downtime: it holds nothing until its guesses proved right in shadow
-//! (what it would have held, against the next dirty-log sync), at most an eighth of a round
-//! or twice the largest hold a round proved right, and nothing more once held pages mostly
-//! stay clean; held pages the
+//! (what it would have held, against the next dirty-log sync); then at most an eighth of a
+//! round, twice as much after a round proves it right, half as much after a half-right one,
+//! and nothing once held pages mostly stay clean; held pages the
 //! guest did not write again go in the next round or a short release round, never in the
 //! pause. The
 //! predictor is any [`Predictor`]: one of [`crate::track`]'s, chosen by [`PredictorKind`], or
@@ -104,10 +104,11 @@ pub struct PreCopy {
     shadow_redirtied: u64,
     /// The predictor has held pages back at least once.
     ever_held: bool,
-    /// The largest hold (pages) a round proved right: most were written again. Trust grows
-    /// with proof: a hold may be at most twice the largest proven one (or an eighth of the
-    /// round).
-    proven_hold: u64,
+    /// The most pages a hold may have, once a round judged one (before: an eighth of the
+    /// round). Trust follows proof: a hold most of whose pages were written again lets the
+    /// next be twice as large; one of which a quarter to a half were lets it be half as
+    /// large; fewer, and the predictor stops.
+    hold_cap: Option<u64>,
     /// A stop rule fired while pages held back were still unsent: this round sends them
     /// while the guest runs, and stop-and-copy follows for this reason.
     releasing: Option<StopReason>,
@@ -158,7 +159,7 @@ impl PreCopy {
             shadow_held: 0,
             shadow_redirtied: 0,
             ever_held: false,
-            proven_hold: 0,
+            hold_cap: None,
             releasing: None,
             throttle: 0,
             release: DirtyBitmap::new(0),
@@ -324,12 +325,16 @@ impl Strategy for PreCopy {
             0
         };
         // A predictor whose held pages mostly stay clean is wrong on this workload: it only
-        // delays pages to the end. It stops holding back for the rest of the migration.
+        // delays pages to the end. Half right, it may hold half as much next round; mostly
+        // wrong (or shrunk to nothing), it stops holding back for the rest of the migration.
         if self.trust == Trust::Right && held_back >= JUDGED_HOLD_BACK {
-            if redirtied * 2 < held_back {
-                self.trust = Trust::Wrong;
+            if redirtied * 2 >= held_back {
+                let grown = held_back.saturating_mul(2);
+                self.hold_cap = Some(self.hold_cap.map_or(grown, |cap| cap.max(grown)));
+            } else if redirtied * 4 >= held_back && held_back / 2 >= JUDGED_HOLD_BACK {
+                self.hold_cap = Some(held_back / 2);
             } else {
-                self.proven_hold = self.proven_hold.max(held_back);
+                self.trust = Trust::Wrong;
             }
         }
         // Before it holds anything, its guesses are judged in shadow: a wrong guess would
@@ -403,11 +408,16 @@ impl Strategy for PreCopy {
         // Next round sends what is pending, less what is predicted hot.
         core::mem::swap(cx.send, &mut self.dirty);
         self.dirty.clear();
-        let decision = match decision {
-            schedule::Decision::Continue { .. } if self.switchover_requested => {
+        let decision = match (decision, releasing) {
+            (schedule::Decision::Continue { .. }, _) if self.switchover_requested => {
                 schedule::Decision::StopAndCopy(StopReason::Requested)
             }
-            d => d,
+            // The release round was the last before the pause: more rounds, holding nothing,
+            // would only let the pending set grow back (a rule waiting for a low, say).
+            (schedule::Decision::Continue { .. }, Some(reason)) => {
+                schedule::Decision::StopAndCopy(reason)
+            }
+            (d, _) => d,
         };
         // Cancel rather than pause for longer than the largest downtime accepted (Cloud
         // Hypervisor's TimeoutStrategy::Cancel): the guest runs on here, nothing lost.
@@ -485,12 +495,12 @@ impl Strategy for PreCopy {
                     self.held.intersect_with(&self.hot);
                     // Right in shadow (on round 1's shorter samples, say) is not yet right on
                     // rounds, and right on 40 pages is not right on 4,000: a hold is at most an
-                    // eighth of the round or twice the largest hold a round proved right, so a
-                    // wrong guess costs little (a recorded SQLite run: proven on 38 pages, it
-                    // then held 2,490 of which 14 were written again).
-                    let cap = (cx.send.count_ones() / 8)
-                        .max(JUDGED_HOLD_BACK)
-                        .max(self.proven_hold.saturating_mul(2));
+                    // eighth of the round until a round judged one, then what `hold_cap` says,
+                    // so a wrong guess costs little (a recorded SQLite run: proven on 38 pages,
+                    // it then held 2,490 of which 14 were written again).
+                    let cap = self
+                        .hold_cap
+                        .unwrap_or_else(|| (cx.send.count_ones() / 8).max(JUDGED_HOLD_BACK));
                     self.held.keep_first_ones(cap);
                     cx.send.difference_with(&self.held);
                     self.ever_held |= self.held.count_ones() > 0;

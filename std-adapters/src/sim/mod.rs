@@ -1275,8 +1275,7 @@ mod tests {
                 } else {
                     1.0
                 };
-                let close = p * swing * 1.02 + 2e5;
-                let allowed = close;
+                let allowed = p * swing * 1.02 + 2e5;
                 proptest::prop_assert!(
                     d <= allowed,
                     "{predictor}: downtime {} vs plain {} ({:?})",
@@ -1284,6 +1283,11 @@ mod tests {
                     plain.report.downtime,
                     base.workload
                 );
+                // Total time and bytes are not bounded here: on random workloads a predictor's
+                // different trajectory can postpone the non-convergence rules (a wrong hold in
+                // round 2 shrank the pending set below plain's, a 25 MiB phases guest then ran
+                // 8 rounds against 4: downtime 66 vs 80 ms, total 563 vs 332 ms). The results
+                // page (scripts/results.sh) checks them on the built-in workloads and traces.
             }
         }
     }
