@@ -193,7 +193,11 @@ pub fn migrate_with(
         let sample = sample_pages(host, 256);
         crate::codec::calibrate(
             &sample,
-            if link.is_unlimited() { 0 } else { link.0 },
+            if link.is_unlimited() {
+                options.link_estimate.map_or(0, |rate| rate.0)
+            } else {
+                link.0
+            },
             channels.len() as u32,
         )
     });
@@ -311,6 +315,10 @@ pub struct SourceOptions {
     /// Take dirty pages from the kernel (userfaultfd write-protect + `PAGEMAP_SCAN`) instead
     /// of the workload's own marks (`--dirty-log kernel`).
     pub kernel_dirty_log: bool,
+    /// What an unlimited link really carries (bytes per second), measured
+    /// ([`crate::transport::probe_rate`]): the adaptive codec weighs its encoders against it
+    /// when no `--bandwidth` is set. `None`: unknown, every encoder is allowed.
+    pub link_estimate: Option<ByteRate>,
 }
 
 /// Receives one migration from (`reader`, `writer`): reads the hello, maps a guest of the size
@@ -924,6 +932,25 @@ pub fn run_demo_with(
         .check_channels(channels)
         .map_err(JobError::Setup)?;
     let mut source = prepare_source(guest, seed)?;
+    // An unlimited link is as fast as the transport: measure it (128 MiB, ~50 ms on loopback
+    // TCP) so the adaptive codec does not compress slower than it carries.
+    let mut probed;
+    let options = if link.is_unlimited()
+        && options.link_estimate.is_none()
+        && options.codec.choice == crate::codec::CodecChoice::Adaptive
+    {
+        let ends = match transport {
+            TransportKind::Tcp => tcp::pair(),
+            TransportKind::Loopback => Ok(loopback::pair()),
+        };
+        probed = options.clone();
+        probed.link_estimate = ends
+            .and_then(|ends| crate::transport::probe_rate(ends, 128 << 20))
+            .ok();
+        &probed
+    } else {
+        options
+    };
     let reuse = Arc::new(std::sync::Mutex::new(crate::image::KeepStats::default()));
     let kept_image = content.as_ref().is_some_and(|p| !p.is_dir());
     let dest_reuse = reuse.clone();

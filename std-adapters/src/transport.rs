@@ -148,6 +148,52 @@ pub mod loopback {
     }
 }
 
+/// How fast a connection carries data one way in 1 MiB writes (the size the driver writes):
+/// `bytes` written into `ends.0`'s writer and read in full from `ends.1`'s reader, timed from
+/// the first write to the last byte read. What an unlimited link (loopback TCP, the in-process
+/// loopback) really carries, for the adaptive codec to weigh its encoders against: a
+/// compressor slower than the link slows the migration however much it saves.
+#[allow(clippy::type_complexity)]
+pub fn probe_rate(
+    ends: ((BoxRead, BoxWrite), (BoxRead, BoxWrite)),
+    bytes: u64,
+) -> io::Result<ByteRate> {
+    const CHUNK: usize = 1 << 20;
+    let ((_near_reader, mut writer), (mut reader, _far_writer)) = ends;
+    let started = Instant::now();
+    let reading = std::thread::spawn(move || -> io::Result<Instant> {
+        let mut buf = vec![0u8; CHUNK];
+        let mut left = bytes;
+        while left > 0 {
+            let want = left.min(CHUNK as u64) as usize;
+            match reader.read(&mut buf[..want])? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => left -= n as u64,
+            }
+        }
+        Ok(Instant::now())
+    });
+    let chunk = vec![0x5au8; CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        writer.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    writer.flush()?;
+    let done = reading
+        .join()
+        .map_err(|_| io::Error::other("the probe's reader panicked"))??;
+    Ok(ByteRate::measured(
+        bytes,
+        memferry::time::Nanos(
+            done.duration_since(started)
+                .as_nanos()
+                .min(u64::MAX as u128) as u64,
+        ),
+    ))
+}
+
 /// TCP streams.
 pub mod tcp {
     use super::*;
@@ -158,6 +204,15 @@ pub mod tcp {
         stream.set_nodelay(true)?;
         let reader = stream.try_clone()?;
         Ok((Box::new(reader), Box::new(stream)))
+    }
+
+    /// Two connected endpoints over TCP on 127.0.0.1, each a (reader, writer) pair.
+    #[allow(clippy::type_complexity)]
+    pub fn pair() -> io::Result<((BoxRead, BoxWrite), (BoxRead, BoxWrite))> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let near = connect(listener.local_addr()?)?;
+        let (r, w, _) = accept(&listener)?;
+        Ok((near, (r, w)))
     }
 
     /// Connects to `addr`.
@@ -311,5 +366,18 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// The probe carries every byte over both kinds of connection and reports a rate; a rate
+    /// limiter in the way shows in it (so the figure is the link's, not a constant).
+    #[test]
+    fn probe_measures_what_a_connection_carries() {
+        let tcp = probe_rate(tcp::pair().unwrap(), 8 << 20).unwrap();
+        let memory = probe_rate(loopback::pair(), 8 << 20).unwrap();
+        assert!(tcp.0 > 0 && memory.0 > 0, "{tcp:?} {memory:?}");
+        let ((near_r, near_w), far) = loopback::pair();
+        let limited: BoxWrite = Box::new(RateLimited::new(near_w, ByteRate(20 << 20)));
+        let slow = probe_rate(((near_r, limited), far), 8 << 20).unwrap();
+        assert!(slow.0 < 40 << 20, "a 20 MiB/s link probed at {slow:?}");
     }
 }

@@ -695,6 +695,7 @@ impl MigrationArgs {
                 ..memferry_std::codec::CodecOptions::default()
             },
             kernel_dirty_log: self.kernel_dirty_log,
+            link_estimate: None,
         }
     }
 }
