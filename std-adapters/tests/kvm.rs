@@ -641,34 +641,40 @@ fn record_kvm_writes_a_trace_of_the_guests_dirty_log_that_the_simulator_replays(
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn a_throttled_guest_writes_less_and_runs_on_when_the_throttle_lifts() {
-    use memferry::memory::SourceGuest;
-    if !kvm_or_skip("a_throttled_guest_writes_less_and_runs_on_when_the_throttle_lifts") {
-        return;
-    }
+/// A 16 MiB guest running its workload past its first touches of memory (slow under shadow
+/// paging), as a source with the classic dirty log: for the pause and throttle tests.
+fn running_source(seed: u64) -> (SourceMachine, KvmSource) {
     let config = GuestConfig {
         memory: 16 << 20,
-        seed: 70,
+        seed,
         iterations: 0,
         writes_per_sec: 0,
         ..GuestConfig::default()
     };
     let (machine, mut vcpus) = SourceMachine::create(&config, DirtyLogMode::Bitmap).unwrap();
     vcpus.start().unwrap();
-    let progress = || machine.status().unwrap().progress;
-    // Past the first touches of memory (slow under shadow paging).
     let t0 = std::time::Instant::now();
-    while progress() < 1 << 20 && t0.elapsed() < Duration::from_secs(60) {
+    while machine.status().unwrap().progress < 1 << 20 && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let mut source = KvmSource::new(
+    let source = KvmSource::new(
         machine.vm.fd().clone(),
         machine.memory().unwrap(),
         vcpus,
         DirtyLogMode::Bitmap,
     )
     .unwrap();
+    (machine, source)
+}
+
+#[test]
+fn a_throttled_guest_writes_less_and_runs_on_when_the_throttle_lifts() {
+    use memferry::memory::SourceGuest;
+    if !kvm_or_skip("a_throttled_guest_writes_less_and_runs_on_when_the_throttle_lifts") {
+        return;
+    }
+    let (machine, mut source) = running_source(70);
+    let progress = || machine.status().unwrap().progress;
     // Writes per second over a window (guest progress, not wall speed).
     let rate = |window: Duration| {
         let (p0, t0) = (progress(), std::time::Instant::now());
@@ -827,27 +833,8 @@ fn an_asked_for_pause_parks_the_vcpus_asynchronously_and_resume_cancels_it() {
     if !kvm_or_skip("an_asked_for_pause_parks_the_vcpus_asynchronously_and_resume_cancels_it") {
         return;
     }
-    let config = GuestConfig {
-        memory: 16 << 20,
-        seed: 80,
-        iterations: 0,
-        writes_per_sec: 0,
-        ..GuestConfig::default()
-    };
-    let (machine, mut vcpus) = SourceMachine::create(&config, DirtyLogMode::Bitmap).unwrap();
-    vcpus.start().unwrap();
+    let (machine, mut source) = running_source(80);
     let progress = || machine.status().unwrap().progress;
-    let t0 = Instant::now();
-    while progress() < 1 << 20 && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut source = KvmSource::new(
-        machine.vm.fd().clone(),
-        machine.memory().unwrap(),
-        vcpus,
-        DirtyLogMode::Bitmap,
-    )
-    .unwrap();
     let runs_on = |what: &str| {
         let p0 = progress();
         let t0 = Instant::now();
