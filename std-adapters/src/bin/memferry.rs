@@ -2197,7 +2197,7 @@ mod tests {
             .get_arguments()
             .filter_map(|a| a.get_long().map(String::from))
             .collect();
-        assert_eq!(engine.len(), 12, "{engine:?}");
+        assert_eq!(engine.len(), 13, "{engine:?}");
         for command in ["demo", "send", "simulate"] {
             let have = flags(command);
             for flag in &engine {
