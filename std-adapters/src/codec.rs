@@ -235,7 +235,9 @@ impl PageDecoder for ZstdDecoder {
 /// Measures, on `pages` (a sample of the guest's memory, each one page), how fast this machine
 /// compresses with LZ4, encodes XBZRLE deltas and hashes content, per thread: the figures the
 /// adaptive codec weighs against the link (`link`, bytes per second; 0 when unknown) over
-/// `threads` encoding threads.
+/// `threads` encoding threads, and what LZ4 and XBZRLE make of those pages (output per 1000
+/// bytes). The link is taken to work on its own ([`Rates::shared_cpu`] false): a caller whose
+/// link runs on the same CPUs (loopback) says so.
 pub fn calibrate(pages: &[Vec<u8>], link: u64, threads: u32) -> Rates {
     let Some(page_size) = pages.first().map(Vec::len) else {
         return Rates {
@@ -250,10 +252,13 @@ pub fn calibrate(pages: &[Vec<u8>], link: u64, threads: u32) -> Rates {
     };
     let mut out = vec![0u8; page_size];
 
+    // Output per 1000 bytes of input (a page that does not shrink goes raw: its size).
+    let ratio = |out_bytes: u64| ((out_bytes * 1000).div_ceil(bytes.max(1))).max(1) as u32;
     let mut lz4 = Lz4Compressor::default();
+    let mut lz4_out = 0u64;
     let began = Instant::now();
     for page in pages {
-        std::hint::black_box(lz4.compress(page, &mut out));
+        lz4_out += std::hint::black_box(lz4.compress(page, &mut out)).unwrap_or(page_size) as u64;
     }
     let lz4_rate = rate(began.elapsed());
 
@@ -269,9 +274,11 @@ pub fn calibrate(pages: &[Vec<u8>], link: u64, threads: u32) -> Rates {
         let at = (i * 97) % page_size;
         page[at] ^= 0x5a;
     }
+    let mut delta_out = 0u64;
     let began = Instant::now();
     for (i, page) in changed.iter().enumerate() {
-        std::hint::black_box(delta.encode(i as u64, page, &mut out));
+        let encoded = std::hint::black_box(delta.encode(i as u64, page, &mut out));
+        delta_out += encoded.map_or(page_size, |(_, n)| n) as u64;
     }
     let delta_rate = rate(began.elapsed());
 
@@ -288,6 +295,9 @@ pub fn calibrate(pages: &[Vec<u8>], link: u64, threads: u32) -> Rates {
         lz4: lz4_rate,
         delta: delta_rate,
         hash: hash_rate,
+        shared_cpu: false,
+        lz4_ratio_permille: ratio(lz4_out),
+        delta_ratio_permille: ratio(delta_out),
     }
 }
 

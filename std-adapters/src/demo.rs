@@ -191,7 +191,7 @@ pub fn migrate_with(
     // The adaptive codec weighs each encoder against the link, measured on this guest's pages.
     let rates = (options.codec.choice == crate::codec::CodecChoice::Adaptive).then(|| {
         let sample = sample_pages(host, 256);
-        crate::codec::calibrate(
+        let mut rates = crate::codec::calibrate(
             &sample,
             if link.is_unlimited() {
                 options.link_estimate.map_or(0, |rate| rate.0)
@@ -199,7 +199,11 @@ pub fn migrate_with(
                 link.0
             },
             channels.len() as u32,
-        )
+        );
+        // A probed unlimited link is this host's loopback: its transfers take the CPUs the
+        // encoders need.
+        rates.shared_cpu = link.is_unlimited() && options.link_estimate.is_some();
+        rates
     });
     let encoders = drive::encoders_for(channels.len(), || {
         options

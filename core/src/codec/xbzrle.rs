@@ -593,6 +593,13 @@ impl DeltaEncoder {
         }
     }
 
+    /// Drops any cached copy of page `index`: cheaper than [`DeltaEncoder::record`] (no copy)
+    /// for an owner that will not send deltas for now, and safe (a later delta of the page
+    /// first needs a new base).
+    pub fn forget(&mut self, index: u64) {
+        self.cache.remove(index);
+    }
+
     /// Tries a delta of `page` against the cached version into `out` (its whole length is the
     /// limit), and updates the cache to `page` in every case. Returns the payload length.
     pub fn encode_delta(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<usize> {

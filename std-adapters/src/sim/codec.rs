@@ -176,6 +176,7 @@ impl CodecModel {
             lz4: self.rates.lz4_compress.0,
             delta: self.rates.delta_encode.0,
             hash: self.rates.hash.0,
+            ..Rates::default()
         }
     }
 }
