@@ -119,6 +119,10 @@ pub struct PreCopyModel {
     pub outpaced_rounds: u32,
     /// The share (thousandths) of the bandwidth a dirty rate must reach to count as outpacing.
     pub outpaced_permille: u32,
+    /// When a non-convergence rule fires on a round more than 10% above the smallest set seen,
+    /// go on for up to this many rounds to stop near it (the scheduler's
+    /// [`StopRules::settle_rounds`]).
+    pub settle_rounds: u32,
     /// Bytes the transport holds in flight (0 in Clark's series). The source pauses only once
     /// they have drained, and the guest writes meanwhile: a round's estimate counts the pages
     /// it would dirty during the drain at the round's rate (as the engine's does), and the
@@ -196,6 +200,7 @@ impl PreCopyModel {
             deadline: None,
             outpaced_rounds: 0,
             outpaced_permille: 1000,
+            settle_rounds: 0,
             in_flight: 0,
         }
         .with_stop_rules(&StopRules::default())
@@ -210,6 +215,7 @@ impl PreCopyModel {
         self.deadline = rules.deadline;
         self.outpaced_rounds = rules.outpaced_rounds;
         self.outpaced_permille = rules.outpaced_permille;
+        self.settle_rounds = rules.settle_rounds;
         self
     }
 
@@ -339,6 +345,8 @@ impl PreCopyModel {
         let mut smallest_dirty = u64::MAX;
         let mut stalled_rounds = 0u32;
         let mut outpaced_rounds = 0u32;
+        let mut smallest_pending = u64::MAX;
+        let mut settling = 0u32;
         let mut round = 0u32;
         // The last round's start, length, drain and dirt.
         let mut last: (Nanos, Nanos, Nanos, u64);
@@ -391,6 +399,7 @@ impl PreCopyModel {
                 outpaced_rounds = 0;
             }
             smallest_dirty = smallest_dirty.min(pending);
+            smallest_pending = smallest_pending.min(pending);
             to_send = dirty_wire;
             last = (start, duration, drain, dirty);
 
@@ -403,11 +412,19 @@ impl PreCopyModel {
             if round >= max_rounds {
                 break StopReason::MaxRounds;
             }
-            if self.outpaced_rounds > 0 && outpaced_rounds >= self.outpaced_rounds {
-                break StopReason::NotConverging;
-            }
-            if self.non_convergence_rounds > 0 && stalled_rounds >= self.non_convergence_rounds {
-                break StopReason::NotConverging;
+            let fired = (self.outpaced_rounds > 0 && outpaced_rounds >= self.outpaced_rounds)
+                || (self.non_convergence_rounds > 0
+                    && stalled_rounds >= self.non_convergence_rounds);
+            if fired {
+                // As the scheduler: on a peak, wait up to `settle_rounds` for a round near
+                // the low.
+                let near_low = (pending as u128) * 10 <= (smallest_pending as u128) * 11;
+                if near_low || settling >= self.settle_rounds {
+                    break StopReason::NotConverging;
+                }
+                settling += 1;
+            } else {
+                settling = 0;
             }
         };
         // The pause waits for the drain; what the guest wrote meanwhile joins the last set.

@@ -47,6 +47,7 @@ prop_compose! {
         deadline in proptest::option::of((0u64..100_000_000_000).prop_map(Nanos)),
         outpaced_rounds in 0u32..4,
         outpaced_permille in 500u32..1200,
+        settle_rounds in 0u32..3,
         in_flight in prop_oneof![Just(0u64), 0u64..1 << 24],
     ) -> PreCopyModel {
         PreCopyModel {
@@ -61,6 +62,7 @@ prop_compose! {
             deadline,
             outpaced_rounds,
             outpaced_permille,
+            settle_rounds,
             in_flight,
         }
     }
