@@ -1740,34 +1740,13 @@ pub fn table(c: &Comparison) -> String {
         }
         row.push(spread_text(&r.paper000_total_time_ms, 1.0, 1));
     }
-    let widths: Vec<usize> = (0..headers.len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
     let mut out = format!("{}: {}\n", c.preset, c.description);
     if let Some(claim) = &c.claim {
         out.push_str(&format!("claim: {}\n", claim.text));
     }
     out.push_str(&setup_text(c));
     out.push('\n');
-    for (n, r) in rows.iter().enumerate() {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-        if n == 0 {
-            out.push_str(
-                &widths
-                    .iter()
-                    .map(|w| "-".repeat(*w))
-                    .collect::<Vec<_>>()
-                    .join("  "),
-            );
-            out.push('\n');
-        }
-    }
+    push_table(&mut out, &rows);
     if let Some(baseline) = c.baseline.as_deref() {
         out.push_str(&format!(
             "\nchange against {baseline} (median over seeds):\n"
@@ -1857,12 +1836,20 @@ fn content_table(c: &Comparison) -> String {
         ]);
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
     let mut out = String::from(
         "\ncontent (payload bytes saved against raw pages per mechanism; CPU time of the codec, modelled):\n",
     );
+    push_table(&mut out, &rows);
+    out
+}
+
+/// Appends `rows` (the first one the header) as columns padded to their widest cell, two
+/// spaces apart, with a rule of dashes under the header.
+fn push_table(out: &mut String, rows: &[Vec<String>]) {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
     for (n, r) in rows.iter().enumerate() {
         let line: Vec<String> = r
             .iter()
@@ -1872,17 +1859,11 @@ fn content_table(c: &Comparison) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
         if n == 0 {
-            out.push_str(
-                &widths
-                    .iter()
-                    .map(|w| "-".repeat(*w))
-                    .collect::<Vec<_>>()
-                    .join("  "),
-            );
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            out.push_str(&rule.join("  "));
             out.push('\n');
         }
     }
-    out
 }
 
 /// A CSV field: quoted when it holds a comma, a quote or a line break.

@@ -290,6 +290,14 @@ fn io_error(context: String) -> impl FnOnce(io::Error) -> ImageError {
     move |source| ImageError::Io { context, source }
 }
 
+/// The length of the open file `file`, found at `path` (for the error).
+fn file_len(file: &File, path: &Path) -> Result<u64, ImageError> {
+    file.metadata().map(|m| m.len()).map_err(io_error(format!(
+        "reading the length of {}",
+        path.display()
+    )))
+}
+
 /// What [`Image::open_with`] accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -883,13 +891,7 @@ impl Image {
                             )));
                         }
                     }
-                    let file_len = file
-                        .metadata()
-                        .map_err(io_error(format!(
-                            "reading the length of {}",
-                            path.display()
-                        )))?
-                        .len();
+                    let file_len = file_len(&file, path)?;
                     if file_len != committed.header.file_len() {
                         return Err(ImageError::ForeignJournal(format!(
                             "{} is a committed journal for an image of {} bytes, but {} has {}",
@@ -939,13 +941,7 @@ impl Image {
             Err(e) if e.kind() == io::ErrorKind::NotFound => parsed?,
             Err(e) => return Err(io_error(format!("opening {}", journal.display()))(e)),
         };
-        let len = file
-            .metadata()
-            .map_err(io_error(format!(
-                "reading the length of {}",
-                path.display()
-            )))?
-            .len();
+        let len = file_len(&file, path)?;
         if len != header.file_len() {
             return Err(ImageError::WrongLength {
                 actual: len,
@@ -1455,13 +1451,7 @@ where
 
 /// Reads and parses the header of an open image file.
 fn read_header(file: &File, path: &Path, limits: &Limits) -> Result<Header, ImageError> {
-    let len = file
-        .metadata()
-        .map_err(io_error(format!(
-            "reading the length of {}",
-            path.display()
-        )))?
-        .len();
+    let len = file_len(file, path)?;
     let mut fixed = vec![0u8; (len.min(FIXED_HEADER_LEN as u64)) as usize];
     read_exact_at(file, &mut fixed, 0, &|| {
         format!("reading {}", path.display())
@@ -1497,13 +1487,7 @@ fn check_journal(
     limits: &Limits,
 ) -> Result<Option<Committed>, ImageError> {
     let jpath = journal_path(image_path);
-    let len = journal
-        .metadata()
-        .map_err(io_error(format!(
-            "reading the length of {}",
-            jpath.display()
-        )))?
-        .len();
+    let len = file_len(journal, &jpath)?;
     let min = (JOURNAL_HEADER_LEN + FIXED_HEADER_LEN + REGION_ENTRY_LEN + COMMIT_TAIL_LEN) as u64;
     if len < min {
         return Ok(None);
@@ -2121,13 +2105,7 @@ fn read_keep_map(image: &Image) -> Result<Option<KeepMap>, ImageError> {
     let pages = image.header.page_count;
     let bad = |why: String| ImageError::Corrupt(format!("keep map {}: {why}", path.display()));
     let expected = keep_map_len(pages).ok_or_else(|| bad("the image is too large".into()))?;
-    let actual = file
-        .metadata()
-        .map_err(io_error(format!(
-            "reading the length of {}",
-            path.display()
-        )))?
-        .len();
+    let actual = file_len(&file, &path)?;
     if actual != expected {
         return Err(bad(format!(
             "{actual} bytes, an image of {pages} pages needs {expected}"

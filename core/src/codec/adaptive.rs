@@ -354,27 +354,26 @@ impl PageEncoder for Adaptive {
 
         // 2. Sent in an earlier round: try a delta. The cache follows the page in every case.
         let mut best: Option<(Encoding, usize)> = None;
-        if let Some(delta) = self.delta.as_mut() {
-            if self.enabled.delta && delta.has_base(index) {
-                if let Some(n) = delta.encode_delta(index, page, out) {
-                    let (e, n) = match self.lz4.as_mut() {
-                        Some(lz4) if self.enabled.lz4 => {
-                            DeltaLz4Encoder::squeeze(lz4, &mut self.scratch, out, n)
-                        }
-                        _ => (Encoding::XBZRLE, n),
-                    };
-                    if n <= page.len() / 4 {
-                        self.stats.delta += 1;
-                        return Some((e, n));
+        let delta = self
+            .delta
+            .as_mut()
+            .filter(|d| self.enabled.delta && d.has_base(index));
+        if let Some(delta) = delta {
+            if let Some(n) = delta.encode_delta(index, page, out) {
+                let (e, n) = match self.lz4.as_mut() {
+                    Some(lz4) if self.enabled.lz4 => {
+                        DeltaLz4Encoder::squeeze(lz4, &mut self.scratch, out, n)
                     }
-                    best = Some((e, n));
+                    _ => (Encoding::XBZRLE, n),
+                };
+                if n <= page.len() / 4 {
+                    self.stats.delta += 1;
+                    return Some((e, n));
                 }
-            } else if self.enabled.delta {
-                delta.record(index, page);
-            } else {
-                // Deltas are off (slower than they save): no page copy into the cache.
-                delta.forget(index);
+                best = Some((e, n));
             }
+        } else {
+            self.follow_delta(index, page);
         }
 
         // 3. By content.
