@@ -226,6 +226,9 @@ pub struct RoundOutcome {
     /// strategy may send its held pages in a release round first). The downtime estimate
     /// counts these; convergence is judged on all pending pages.
     pub downtime_pages: u64,
+    /// Pages the round sent with a payload (not as zero pages): with `bytes`, what a dirty
+    /// page costs on the wire once a codec shrinks pages. 0: not measured (raw pages assumed).
+    pub payload_pages: u64,
 }
 
 /// The scheduler's verdict at the end of a round.
@@ -259,7 +262,14 @@ pub struct Scheduler {
     settling: u32,
     /// Why the last decision was taken, in words (for the report).
     why: String,
+    /// Wire bytes a dirty page costs, measured on the last round that sent enough pages with
+    /// a payload ([`MIN_COST_PAGES`]); `None` until then (a raw page is assumed).
+    page_cost: Option<u64>,
 }
+
+/// A round must send at least this many pages with a payload for its bytes per page to be
+/// taken as what a dirty page costs.
+const MIN_COST_PAGES: u64 = 64;
 
 /// Rounds shorter than this or smaller than [`MIN_SAMPLE_BYTES`] give a noisy bandwidth sample;
 /// the previous estimate is kept instead.
@@ -282,6 +292,7 @@ impl Scheduler {
             smallest_downtime_pages: u64::MAX,
             settling: 0,
             why: String::new(),
+            page_cost: None,
         }
     }
 
@@ -341,8 +352,14 @@ impl Scheduler {
         self.last_estimate
     }
 
+    /// Wire bytes one dirty page costs, as last measured (`None`: a raw page).
+    pub fn page_cost(&self) -> Option<u64> {
+        self.page_cost
+    }
+
     /// Records a finished round and decides what comes next. `elapsed` is the time since the
-    /// migration started; `page_wire_bytes` is what one dirty page costs on the wire;
+    /// migration started; `page_wire_bytes` is what one raw dirty page costs on the wire (a
+    /// codec's pages cost what the rounds measure, [`RoundOutcome::payload_pages`], never more);
     /// `link_rate` is the delivery-based estimate ([`DeliveryEstimator::rate`]), used in place
     /// of the round's own bytes over duration when the transport reports deliveries.
     pub fn end_round(
@@ -364,6 +381,18 @@ impl Scheduler {
             }
         }
         let bandwidth = self.bandwidth.unwrap_or(ByteRate::UNLIMITED);
+        // A page a codec shrinks costs its encoded size, in the same unit as the bandwidth:
+        // counting it raw against a rate of encoded bytes would overstate the downtime by the
+        // compression ratio (20x on a mostly idle guest) and call a converging guest outpaced.
+        if outcome.payload_pages >= MIN_COST_PAGES {
+            self.page_cost = Some(
+                outcome
+                    .bytes
+                    .div_ceil(outcome.payload_pages)
+                    .clamp(1, page_wire_bytes.max(1)),
+            );
+        }
+        let page_wire_bytes = self.page_cost.unwrap_or(page_wire_bytes);
         let dirty_bytes = outcome.dirty_pages.saturating_mul(page_wire_bytes);
         self.last_dirty_rate = if outcome.duration == Nanos::ZERO {
             ByteRate(if dirty_bytes == 0 { 0 } else { u64::MAX - 1 })
@@ -478,6 +507,7 @@ mod tests {
             dirty_pages,
             pending_pages: dirty_pages,
             downtime_pages: dirty_pages,
+            payload_pages: 0,
         }
     }
 
@@ -508,6 +538,47 @@ mod tests {
         let d = s.end_round(outcome(1, 100, 1000, 1000), Nanos::from_secs(1), 4096, None);
         assert_eq!(d, Decision::StopAndCopy(StopReason::DowntimeTarget));
         assert!(s.estimated_downtime() < Nanos::from_millis(50));
+    }
+
+    #[test]
+    fn a_page_a_codec_shrinks_costs_its_encoded_size() {
+        let rules = StopRules {
+            downtime_target: Nanos::from_millis(20),
+            ..StopRules::default()
+        };
+        // 10,000 pages sent in 10 ms as 1 MB: 100 bytes each, 100 MB/s of encoded bytes.
+        let round = |dirty, payload_pages| RoundOutcome {
+            round: 2,
+            bytes: 1_000_000,
+            duration: Nanos::from_millis(10),
+            dirty_pages: dirty,
+            pending_pages: dirty,
+            downtime_pages: dirty,
+            payload_pages,
+        };
+        // Counted raw, 2,000 dirty pages would take 82 ms: no stop, and a guest dirtying
+        // 800 MB/s of raw pages against 100 MB/s looks outpaced.
+        let mut raw = Scheduler::new(RatePlan::default(), rules);
+        assert!(matches!(
+            raw.end_round(round(2000, 0), Nanos::from_secs(1), 4096, None),
+            Decision::Continue { .. }
+        ));
+        assert!(raw.estimated_downtime() > Nanos::from_millis(80));
+        assert_eq!(raw.page_cost(), None);
+        // At 100 bytes a page they take 2 ms: stop-and-copy.
+        let mut shrunk = Scheduler::new(RatePlan::default(), rules);
+        assert_eq!(
+            shrunk.end_round(round(2000, 10_000), Nanos::from_secs(1), 4096, None),
+            Decision::StopAndCopy(StopReason::DowntimeTarget)
+        );
+        assert_eq!(shrunk.page_cost(), Some(100));
+        assert_eq!(shrunk.estimated_downtime(), Nanos::from_millis(2));
+        // A page never costs more than raw, and a round of few pages does not measure.
+        let mut few = Scheduler::new(RatePlan::default(), rules);
+        few.end_round(round(2000, 10), Nanos::from_secs(1), 4096, None);
+        assert_eq!(few.page_cost(), None);
+        few.end_round(round(2000, 100), Nanos::from_secs(1), 4096, None);
+        assert_eq!(few.page_cost(), Some(4096));
     }
 
     #[test]

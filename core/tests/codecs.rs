@@ -286,7 +286,7 @@ proptest! {
     /// Multi-round migrations with every encoder: the destination equals the source after
     /// every round.
     #[test]
-    fn migrations_converge(seed: u64, rounds in 2usize..6, encoder in 0usize..7) {
+    fn migrations_converge(seed: u64, rounds in 2usize..6, encoder in 0usize..8) {
         migrate(seed, rounds, encoder)?;
         // (counts checked in migrations_use_each_encoding)
     }
@@ -601,15 +601,30 @@ fn classes_and_rates() {
         shared_cpu: true,
         lz4_ratio_permille: 950,
         delta_ratio_permille: 40,
+        duplicate_permille: 0,
     };
     assert_eq!(
         Enabled::from_rates(&shared),
         Enabled {
-            dedup: true,
+            dedup: false,
             delta: false,
             lz4: false
-        }
+        },
+        "no duplicate measured yet: hashing every page does not pay on a shared CPU"
     );
+    // Hashing at 6.9 GB/s pays for a 1.49 GB/s link once more than 21.6% of pages are
+    // duplicates.
+    for (permille, pays) in [(50, false), (200, false), (230, true), (900, true)] {
+        assert_eq!(
+            Enabled::from_rates(&Rates {
+                duplicate_permille: permille,
+                ..shared
+            })
+            .dedup,
+            pays,
+            "{permille} per 1000 duplicates"
+        );
+    }
     assert!(
         Enabled::from_rates(&Rates {
             shared_cpu: false,
@@ -694,6 +709,28 @@ fn make_encoder(which: usize, seed: u64) -> Box<dyn PageEncoder> {
             Some(DeltaEncoder::new(cache()).cache_first_round(true)),
             true,
         )),
+        7 => {
+            // A shared CPU where hashing every page pays only above a third of duplicates,
+            // judged every 4 lookups: dedup goes from sampling to full and back mid-migration.
+            let mut a = Adaptive::new(
+                Some(DedupEncoder::new(DedupIndex::new(seed, 6))),
+                Some(DeltaEncoder::new(cache())),
+                true,
+            )
+            .judge_dedup_every(4);
+            a.set_rates(&Rates {
+                link: 1000,
+                threads: 1,
+                lz4: 1_000_000,
+                delta: 1_000_000,
+                hash: 3000,
+                shared_cpu: true,
+                lz4_ratio_permille: 500,
+                delta_ratio_permille: 50,
+                duplicate_permille: 0,
+            });
+            Box::new(a)
+        }
         _ => {
             let mut a = Adaptive::new(
                 Some(DedupEncoder::new(DedupIndex::new(seed, 6))),
@@ -798,7 +835,80 @@ fn migrations_use_each_encoding() {
     assert!(d[3] + d[4] > 0, "delta+lz4 encoder: no deltas");
     assert!(total(4)[5] > 0, "dedup encoder: no references");
     assert!(total(1)[2] > 0, "lz4 encoder: no lz4");
+    assert!(total(7)[5] > 0, "adaptive judging dedup: no references");
     let _ = delta_lz4;
+}
+
+/// Pages whose content is never repeated, `n` of them from `seed`.
+fn distinct_pages(seed: u64, n: usize) -> Vec<Vec<u8>> {
+    (0..n as u64)
+        .map(|i| random_page(seed.wrapping_mul(1_000_003) ^ i, PAGE))
+        .collect()
+}
+
+/// On a shared CPU the adaptive codec hashes one page in 16 until it has measured enough
+/// duplicates for hashing every page to pay, and goes back to sampling when they stop.
+#[test]
+fn adaptive_dedup_hashes_every_page_only_while_duplicates_pay_for_it() {
+    let mut a = Adaptive::new(
+        Some(DedupEncoder::new(DedupIndex::new(9, 1 << 16))),
+        None,
+        false,
+    )
+    .judge_dedup_every(64);
+    a.set_rates(&Rates {
+        link: 1_000_000_000,
+        threads: 1,
+        hash: 10_000_000_000,
+        shared_cpu: true,
+        ..Rates::default()
+    });
+    assert!(!a.enabled().dedup, "no duplicate measured: sampling");
+    let mut out = vec![0u8; PAGE];
+    // 4096 distinct pages: about 15 in 16 are not hashed, none is a reference.
+    let distinct = distinct_pages(1, 4096);
+    for (i, p) in distinct.iter().enumerate() {
+        assert_eq!(a.encode(i as u64, p, &mut out), None);
+    }
+    let s = a.stats();
+    assert!(
+        (3600..4000).contains(&s.unhashed),
+        "{} of 4096 pages not hashed",
+        s.unhashed
+    );
+    assert!(!a.enabled().dedup);
+    // The guest copies those pages elsewhere: the sampled ones are found (their originals were
+    // hashed), the share measured on the sample (100%) makes full hashing pay.
+    let mut references = 0;
+    for (i, p) in distinct.iter().enumerate() {
+        let got = a.encode(10_000 + i as u64, p, &mut out);
+        references += matches!(got, Some((Encoding::REFERENCE, _))) as usize;
+    }
+    assert!(a.enabled().dedup, "duplicates measured, dedup still off");
+    assert_eq!(a.rates().duplicate_permille, 1000);
+    assert_eq!(a.stats().dedup_switches, 1);
+    assert_eq!(
+        references,
+        4096 - s.unhashed as usize,
+        "each sampled copy is a reference"
+    );
+    // Copied again: every page hashed since the switch (after about 64 · 16 pages) is found,
+    // with the sampled ones before it.
+    let mut again = 0;
+    for (i, p) in distinct.iter().enumerate() {
+        let got = a.encode(30_000 + i as u64, p, &mut out);
+        again += matches!(got, Some((Encoding::REFERENCE, _))) as usize;
+    }
+    assert!(again > 4096 - 1300, "{again} references of 4096 copies");
+    // New content again: back to sampling within a window.
+    for (i, p) in distinct_pages(2, 2048).iter().enumerate() {
+        assert_eq!(a.encode(20_000 + i as u64, p, &mut out), None);
+    }
+    assert!(
+        !a.enabled().dedup,
+        "no duplicates any more, dedup still hashing every page"
+    );
+    assert_eq!(a.stats().dedup_switches, 2);
 }
 
 #[test]

@@ -232,6 +232,49 @@ impl PageDecoder for ZstdDecoder {
     }
 }
 
+/// `count` pages spread evenly over guest memory of `pages` pages of `page_size` bytes, read
+/// through `memory` (pages that cannot be read are left out): the sample [`calibrate`] measures.
+pub fn sample_memory(
+    memory: &dyn memferry::plan::SharedPageRead,
+    pages: u64,
+    page_size: usize,
+    count: u64,
+) -> Vec<Vec<u8>> {
+    let step = (pages / count.max(1)).max(1);
+    let mut buf = vec![0u8; page_size];
+    (0..pages)
+        .step_by(step as usize)
+        .take(count as usize)
+        .filter_map(|page| {
+            memory
+                .read_page_shared(memferry::page::PageIndex(page), &mut buf)
+                .ok()
+                .map(|()| buf.clone())
+        })
+        .collect()
+}
+
+/// The rates the adaptive codec weighs, measured on `sample` ([`calibrate`]) for `threads`
+/// encoding threads, against `link`; an unlimited link is this host's own transport, whose
+/// rate `probed` gives ([`crate::transport::probe_rate`]) and whose transfers take the CPUs the
+/// encoders need ([`Rates::shared_cpu`]). Unlimited and not probed: the link is unknown and
+/// every encoder is allowed.
+pub fn adaptive_rates(
+    sample: &[Vec<u8>],
+    link: memferry::time::ByteRate,
+    probed: Option<memferry::time::ByteRate>,
+    threads: u32,
+) -> Rates {
+    let rate = if link.is_unlimited() {
+        probed.map_or(0, |r| r.0)
+    } else {
+        link.0
+    };
+    let mut rates = calibrate(sample, rate, threads);
+    rates.shared_cpu = link.is_unlimited() && probed.is_some();
+    rates
+}
+
 /// Measures, on `pages` (a sample of the guest's memory, each one page), how fast this machine
 /// compresses with LZ4, encodes XBZRLE deltas and hashes content, per thread: the figures the
 /// adaptive codec weighs against the link (`link`, bytes per second; 0 when unknown) over
@@ -298,6 +341,9 @@ pub fn calibrate(pages: &[Vec<u8>], link: u64, threads: u32) -> Rates {
         shared_cpu: false,
         lz4_ratio_permille: ratio(lz4_out),
         delta_ratio_permille: ratio(delta_out),
+        // Duplicates are too rare in a sample of a few hundred pages to count: the adaptive
+        // codec measures them as it runs.
+        duplicate_permille: 0,
     }
 }
 

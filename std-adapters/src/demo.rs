@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use memferry::bitmap::AtomicDirtyBitmap;
 use memferry::error::MigrationError;
-use memferry::page::{Geometry, MemoryLayout, PageIndex, PageSize, Region};
+use memferry::page::{Geometry, MemoryLayout, PageSize, Region};
 use memferry::receive::{Destination, DestinationConfig, FirstCopyWins};
 
 use crate::codec::CodecOptions;
@@ -190,20 +190,14 @@ pub fn migrate_with(
     let page_size = layout.page_size().bytes();
     // The adaptive codec weighs each encoder against the link, measured on this guest's pages.
     let rates = (options.codec.choice == crate::codec::CodecChoice::Adaptive).then(|| {
-        let sample = sample_pages(host, 256);
-        let mut rates = crate::codec::calibrate(
-            &sample,
-            if link.is_unlimited() {
-                options.link_estimate.map_or(0, |rate| rate.0)
-            } else {
-                link.0
-            },
-            channels.len() as u32,
+        let geometry = host.region().geometry();
+        let sample = crate::codec::sample_memory(
+            host.region().as_ref(),
+            geometry.page_count(),
+            geometry.page_size().bytes(),
+            CALIBRATION_PAGES,
         );
-        // A probed unlimited link is this host's loopback: its transfers take the CPUs the
-        // encoders need.
-        rates.shared_cpu = link.is_unlimited() && options.link_estimate.is_some();
-        rates
+        crate::codec::adaptive_rates(&sample, link, options.link_estimate, channels.len() as u32)
     });
     let encoders = drive::encoders_for(channels.len(), || {
         options
@@ -248,18 +242,18 @@ fn rate_limited(channels: Vec<(BoxRead, BoxWrite)>, link: ByteRate) -> Vec<(BoxR
 }
 
 /// Up to `count` pages spread over the guest, for calibrating encoders on real content.
-fn sample_pages(host: &mut SourceHost, count: u64) -> Vec<Vec<u8>> {
-    let geometry = host.region().geometry();
-    let pages = geometry.page_count();
-    let step = (pages / count.max(1)).max(1);
-    let mut sample = Vec::new();
-    let mut buf = vec![0u8; geometry.page_size().bytes()];
-    for page in (0..pages).step_by(step as usize).take(count as usize) {
-        if host.region().read_page(PageIndex(page), &mut buf).is_ok() {
-            sample.push(buf.clone());
-        }
-    }
-    sample
+/// Pages of the guest the adaptive codec's calibration measures.
+const CALIBRATION_PAGES: u64 = 256;
+
+/// The rate of `transport` on this host (128 MiB, ~50 ms on loopback TCP), for the adaptive
+/// codec on an unlimited link; `None` if it cannot be measured.
+fn probe_link(transport: TransportKind) -> Option<ByteRate> {
+    let ends = match transport {
+        TransportKind::Tcp => tcp::pair(),
+        TransportKind::Loopback => Ok(loopback::pair()),
+    };
+    ends.and_then(|ends| crate::transport::probe_rate(ends, 128 << 20))
+        .ok()
 }
 
 /// A random id for a migration (so a stray connection of another one is refused).
@@ -943,14 +937,8 @@ pub fn run_demo_with(
         && options.link_estimate.is_none()
         && options.codec.choice == crate::codec::CodecChoice::Adaptive
     {
-        let ends = match transport {
-            TransportKind::Tcp => tcp::pair(),
-            TransportKind::Loopback => Ok(loopback::pair()),
-        };
         probed = options.clone();
-        probed.link_estimate = ends
-            .and_then(|ends| crate::transport::probe_rate(ends, 128 << 20))
-            .ok();
+        probed.link_estimate = probe_link(transport);
         &probed
     } else {
         options
@@ -1124,13 +1112,40 @@ pub mod kvm {
         codec: &crate::codec::CodecOptions,
         on_round: impl FnMut(&RoundReport),
     ) -> Result<MigrationReport, JobError> {
+        send_over(guest, config, channels, link, None, codec, on_round)
+    }
+
+    /// [`send`] over this host's own transport, unlimited, whose rate `probed` says: the
+    /// adaptive codec weighs its encoders against it and the CPUs it shares with them
+    /// ([`crate::codec::adaptive_rates`]).
+    pub fn send_over(
+        guest: &mut KvmGuest,
+        config: PreCopyConfig,
+        channels: Vec<(BoxRead, BoxWrite)>,
+        link: ByteRate,
+        probed: Option<ByteRate>,
+        codec: &crate::codec::CodecOptions,
+        on_round: impl FnMut(&RoundReport),
+    ) -> Result<MigrationReport, JobError> {
         codec
             .choice
             .check_channels(channels.len() as u16)
             .map_err(JobError::Setup)?;
         let channels = super::rate_limited(channels, link);
-        let page_size = guest.source.layout().page_size().bytes();
-        let encoder_for = |session: u64| codec.encoder(session, page_size, None);
+        let layout = guest.source.layout().clone();
+        let page_size = layout.page_size().bytes();
+        // The adaptive codec weighs each encoder against the link, measured on this guest's
+        // pages.
+        let rates = (codec.choice == crate::codec::CodecChoice::Adaptive).then(|| {
+            let sample = crate::codec::sample_memory(
+                guest.source.shared_memory().as_ref(),
+                layout.page_count(),
+                page_size,
+                super::CALIBRATION_PAGES,
+            );
+            crate::codec::adaptive_rates(&sample, link, probed, channels.len() as u32)
+        });
+        let encoder_for = |session: u64| codec.encoder(session, page_size, rates.as_ref());
         Ok(run::migrate_source_with(
             &mut guest.source,
             config,
@@ -1247,6 +1262,10 @@ pub mod kvm {
         codec: &crate::codec::CodecOptions,
         on_round: impl FnMut(&RoundReport),
     ) -> Result<KvmDemoOutcome, JobError> {
+        // An unlimited link is this host's transport: measured for the adaptive codec first.
+        let probed = (link.is_unlimited() && codec.choice == crate::codec::CodecChoice::Adaptive)
+            .then(|| super::probe_link(transport))
+            .flatten();
         let mut guest = start_guest_from(kernel, config, mode, 1 << 16)?;
         let finite = config.iterations > 0;
         let channels = channels.max(1);
@@ -1303,7 +1322,7 @@ pub mod kvm {
                 );
             }
         }
-        let sent = send(&mut guest, engine, ends, link, codec, on_round);
+        let sent = send_over(&mut guest, engine, ends, link, probed, codec, on_round);
         let received = destination
             .join()
             .map_err(|_| setup("the destination thread panicked"))?;

@@ -25,6 +25,16 @@
 //! 3. few distinct words or low entropy: LZ4; high entropy: raw.
 //!
 //! Each step runs only if [`encoder_pays`] allows that encoder under the measured [`Rates`].
+//! Step 3 classifies a page only while LZ4 is on (otherwise the page goes raw whatever its class).
+//!
+//! # Dedup is judged on what it finds
+//! Hashing every page pays only if enough pages are duplicates: on a shared CPU, if
+//! `H·threads·d > L` for the hash rate `H` and the share `d` of pages sent as references. `d` is
+//! measured as the migration runs: while full dedup is off, a content-defined sample of one page
+//! in 16 ([`super::dedup::in_sample`]) is still hashed and looked up (a hit still goes as a
+//! reference). The share is measured on that sample in both modes (a sampled page's twin was
+//! sampled too, so it is in the index even if it was sent while dedup was off), and every
+//! [`DEDUP_WINDOW`] sampled lookups the rule is applied again to the share found.
 //!
 //! # CPU against the link
 //! With the encoder on `threads` threads turning page bytes at `E` bytes/s into `r` times as many
@@ -43,7 +53,7 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-use super::dedup::DedupEncoder;
+use super::dedup::{in_sample, DedupEncoder, SAMPLE_SHIFT};
 use super::lz4::{DeltaLz4Encoder, Lz4Compressor};
 use super::xbzrle::DeltaEncoder;
 use super::zero::is_zero_page;
@@ -75,6 +85,9 @@ pub const WORD_SAMPLE: usize = 32;
 pub const LOW_ENTROPY_BITS: u32 = 6;
 /// Bytes sampled for the entropy estimate (16 runs of 32 bytes spread over the page).
 pub const BYTE_SAMPLE: usize = 512;
+/// Lookups of sampled pages between two judgments of whether hashing every page pays (about
+/// 4096 pages at one in 16).
+pub const DEDUP_WINDOW: u32 = 256;
 
 /// Classifies `page`; `recently_sent` says whether the delta cache holds an earlier version.
 pub fn classify(page: &[u8], recently_sent: bool) -> PageClass {
@@ -201,6 +214,9 @@ pub struct Rates {
     pub lz4_ratio_permille: u32,
     /// XBZRLE's output per 1000 bytes of a page sent again (0: unmeasured).
     pub delta_ratio_permille: u32,
+    /// Pages per 1000 whose content was sent before (dedup hits; 0: unmeasured or none).
+    /// [`Adaptive`] measures it as it runs.
+    pub duplicate_permille: u32,
 }
 
 /// Which of its encoders [`Adaptive`] uses now.
@@ -225,13 +241,29 @@ impl Enabled {
             }
         };
         Enabled {
-            // A reference saves a whole page, but only for duplicates: hashing is judged by
-            // speed alone.
-            dedup: encoder_pays(rates.hash, rates.threads, rates.link),
+            dedup: dedup_pays(rates),
             delta: pays(rates.delta, rates.delta_ratio_permille),
             lz4: pays(rates.lz4, rates.lz4_ratio_permille),
         }
     }
+}
+
+/// Whether hashing every page for dedup pays under `rates`. On a link of its own, when the hash
+/// keeps up with the link (its cost is CPU only). On a shared CPU, when the bytes references
+/// save take longer to send than hashing every page takes (`H·threads·d > L`): with no duplicate
+/// measured yet ([`Rates::duplicate_permille`] 0), it does not.
+pub fn dedup_pays(rates: &Rates) -> bool {
+    if !rates.shared_cpu {
+        return encoder_pays(rates.hash, rates.threads, rates.link);
+    }
+    if rates.duplicate_permille == 0 {
+        return rates.hash == 0 || rates.link == 0;
+    }
+    // A reference is 24 bytes instead of a page: it saves nearly the whole page.
+    let ratio = 1000u32
+        .saturating_sub(rates.duplicate_permille.min(1000))
+        .max(1);
+    encoder_pays_on_shared_cpu(rates.hash, rates.threads, ratio, rates.link)
 }
 
 /// Pages [`Adaptive`] sent per choice.
@@ -251,6 +283,10 @@ pub struct AdaptiveStats {
     pub low_entropy: u64,
     /// See `few_words`.
     pub high_entropy: u64,
+    /// Pages not hashed for dedup (outside the sample while full dedup was off).
+    pub unhashed: u64,
+    /// Times the dedup judgment changed (full hashing on or off).
+    pub dedup_switches: u64,
 }
 
 /// An encoder that picks, page by page, among dedup, XBZRLE and LZ4 (any may be left out), by
@@ -262,6 +298,11 @@ pub struct Adaptive {
     delta: Option<DeltaEncoder>,
     lz4: Option<Lz4Compressor>,
     enabled: Enabled,
+    rates: Rates,
+    /// Dedup lookups and hits since the last judgment.
+    window_lookups: u32,
+    window_hits: u32,
+    dedup_window: u32,
     scratch: Vec<u8>,
     stats: AdaptiveStats,
 }
@@ -278,6 +319,10 @@ impl Adaptive {
                 delta: true,
                 lz4: true,
             },
+            rates: Rates::default(),
+            window_lookups: 0,
+            window_hits: 0,
+            dedup_window: DEDUP_WINDOW,
             scratch: Vec::new(),
             stats: AdaptiveStats::default(),
         }
@@ -285,7 +330,38 @@ impl Adaptive {
 
     /// Applies measured rates: encoders slower than the link are not used.
     pub fn set_rates(&mut self, rates: &Rates) {
+        self.rates = *rates;
         self.enabled = Enabled::from_rates(rates);
+    }
+
+    /// Judges dedup every `lookups` sampled lookups instead of [`DEDUP_WINDOW`] (at least 1).
+    pub fn judge_dedup_every(mut self, lookups: u32) -> Self {
+        self.dedup_window = lookups.max(1);
+        self
+    }
+
+    /// The rates in use, with the duplicate share measured so far.
+    pub fn rates(&self) -> Rates {
+        self.rates
+    }
+
+    /// Counts one lookup of a sampled page; at the end of a window, judges dedup again on the share of hits.
+    fn count_lookup(&mut self, hit: bool) {
+        self.window_lookups += 1;
+        self.window_hits += hit as u32;
+        if self.window_lookups < self.dedup_window {
+            return;
+        }
+        let share = (self.window_hits as u64 * 1000 / self.window_lookups as u64) as u32;
+        // A window without a hit still counts as measured: 1 per 1000 at most.
+        self.rates.duplicate_permille = share.max(1);
+        self.window_lookups = 0;
+        self.window_hits = 0;
+        let on = dedup_pays(&self.rates);
+        if on != self.enabled.dedup {
+            self.stats.dedup_switches += 1;
+            self.enabled.dedup = on;
+        }
     }
 
     /// The encoders in use.
@@ -337,14 +413,23 @@ impl PageEncoder for Adaptive {
         let limit = out.len().min(page.len().saturating_sub(1));
         let out = &mut out[..limit];
 
-        // 1. Content sent before: a reference. Otherwise the index records this page.
+        // 1. Content sent before: a reference. Otherwise the index records this page. While
+        //    full dedup does not pay, only a sample of pages is hashed, to measure whether it
+        //    would.
+        //    The share of duplicates is measured on the sample in both modes: a sampled page's
+        //    twin was sampled too, so it is always in the index.
         if let Some(dedup) = self.dedup.as_mut() {
-            let found = if self.enabled.dedup {
+            let sampled = in_sample(page, SAMPLE_SHIFT);
+            let found = if self.enabled.dedup || sampled {
                 dedup.encode_reference(index, page, out)
             } else {
-                dedup.record(index, page);
+                dedup.forget(index);
+                self.stats.unhashed += 1;
                 None
             };
+            if sampled {
+                self.count_lookup(found.is_some());
+            }
             if let Some(n) = found {
                 self.follow_delta(index, page);
                 self.stats.reference += 1;
@@ -376,7 +461,14 @@ impl PageEncoder for Adaptive {
             self.follow_delta(index, page);
         }
 
-        // 3. By content.
+        // 3. By content, when LZ4 may run (else the page goes raw whatever its class).
+        if !self.enabled.lz4 || self.lz4.is_none() {
+            match best {
+                Some(_) => self.stats.delta += 1,
+                None => self.stats.raw += 1,
+            }
+            return best;
+        }
         let class = classify_content(page);
         match class {
             PageClass::FewWords => self.stats.few_words += 1,

@@ -47,6 +47,35 @@ use crate::wire::Encoding;
 /// Length of a reference payload.
 pub const REFERENCE_LEN: usize = 24;
 
+/// While full dedup does not pay, one page in `1 << SAMPLE_SHIFT` ([`in_sample`]) is still
+/// hashed and looked up: enough to measure how many pages are duplicates, at a sixteenth of the
+/// hashing.
+pub const SAMPLE_SHIFT: u32 = 4;
+
+/// Words [`in_sample`] reads.
+const SAMPLE_WORDS: usize = 8;
+
+/// Whether `page` is in the content-defined sample of about one page in `1 << shift`. Decided by
+/// eight of its words spread over the page, so pages with equal content are in or out together
+/// and the share of duplicates in the sample is the share among all pages. (Pages that agree on
+/// those eight words, such as sparse pages zero there, are in or out as a class.)
+#[inline]
+pub fn in_sample(page: &[u8], shift: u32) -> bool {
+    let words = page.len() / 8;
+    if shift == 0 || words == 0 {
+        return true;
+    }
+    let step = (words / SAMPLE_WORDS).max(1);
+    let mut x = 0u64;
+    for w in page.chunks_exact(8).step_by(step).take(SAMPLE_WORDS) {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        x = (x ^ u64::from_le_bytes(a)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^= x >> 29;
+    }
+    x >> (64 - shift.min(63)) == 0
+}
+
 /// The content hash under one seed: xxh3-128 with the secret derived from the seed once.
 #[derive(Clone)]
 pub struct ContentHasher {
@@ -358,6 +387,12 @@ impl DedupEncoder {
                 None
             }
         }
+    }
+
+    /// Page `index` is sent with content the index is not told about (not hashed): what the
+    /// index held for it is stale.
+    pub fn forget(&mut self, index: u64) {
+        self.index.forget(index);
     }
 
     /// Notes that `page` was sent for `index` by other means.

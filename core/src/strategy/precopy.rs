@@ -389,6 +389,7 @@ impl Strategy for PreCopy {
                 dirty_pages,
                 pending_pages: dirty_pages + unsent_held + backlog_pages,
                 downtime_pages: downtime_pages + backlog_pages,
+                payload_pages: r.pages.saturating_sub(r.zero_pages),
             },
             cx.elapsed,
             cx.page_wire_bytes,
