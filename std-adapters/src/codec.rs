@@ -232,25 +232,29 @@ impl PageDecoder for ZstdDecoder {
     }
 }
 
-/// `count` pages spread evenly over guest memory of `pages` pages of `page_size` bytes, read
-/// through `memory` (pages that cannot be read are left out): the sample [`calibrate`] measures.
+/// Up to `count` non-zero pages of guest memory of `pages` pages of `page_size` bytes, read
+/// through `memory` at `4 · count` places spread evenly over it: the sample [`calibrate`]
+/// measures. Zero pages are left out (they go as headers and never reach an encoder; a mostly
+/// idle guest would otherwise make LZ4 look 100 times better than it is on the pages it gets),
+/// and so are pages that cannot be read.
 pub fn sample_memory(
     memory: &dyn memferry::plan::SharedPageRead,
     pages: u64,
     page_size: usize,
     count: u64,
 ) -> Vec<Vec<u8>> {
-    let step = (pages / count.max(1)).max(1);
+    let step = (pages / count.saturating_mul(4).max(1)).max(1);
     let mut buf = vec![0u8; page_size];
     (0..pages)
         .step_by(step as usize)
-        .take(count as usize)
         .filter_map(|page| {
             memory
                 .read_page_shared(memferry::page::PageIndex(page), &mut buf)
                 .ok()
+                .filter(|()| !memferry::codec::is_zero_page(&buf))
                 .map(|()| buf.clone())
         })
+        .take(count as usize)
         .collect()
 }
 
@@ -421,6 +425,40 @@ mod tests {
             panic!("level 99 accepted")
         };
         assert!(e.contains("outside"), "{e}");
+    }
+
+    /// Guest memory where one page in `every` holds text, the rest zero.
+    struct Sparse {
+        every: u64,
+    }
+
+    impl memferry::plan::SharedPageRead for Sparse {
+        fn read_page_shared(
+            &self,
+            page: memferry::page::PageIndex,
+            buf: &mut [u8],
+        ) -> Result<(), memferry::error::HostError> {
+            if page.0 % self.every == 0 {
+                buf.copy_from_slice(&text_page(page.0));
+            } else {
+                buf.fill(0);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_calibration_sample_leaves_zero_pages_out() {
+        // 1 page in 40 holds text: 4 * 64 places sampled over 65,536 pages find some.
+        let sample = sample_memory(&Sparse { every: 40 }, 1 << 16, 4096, 64);
+        assert!(!sample.is_empty(), "no page found");
+        assert!(sample.iter().all(|p| !memferry::codec::is_zero_page(p)));
+        assert!(sample.len() <= 64);
+        // All zero: an empty sample, and calibrating it measures nothing.
+        let none = sample_memory(&Sparse { every: u64::MAX }, 1 << 10, 4096, 64);
+        assert_eq!(none.len(), 1, "page 0 is the only text page");
+        let rates = calibrate(&[], 1_000_000, 1);
+        assert_eq!((rates.lz4, rates.lz4_ratio_permille), (0, 0));
     }
 
     #[test]
