@@ -231,6 +231,8 @@ pub struct Destination<P: PagePolicy = NewestWins> {
     stale_covered: u64,
     verdict: Option<Verdict>,
     pages_received: u64,
+    /// `pages_received` by encoding, with the entries' payload bytes.
+    encodings: crate::report::EncodingUse,
     stale_pages: u64,
     bytes_received: u64,
     /// `FEATURE_APPLIED` was agreed: report `bytes_received` (`Applied`) as it grows.
@@ -290,6 +292,7 @@ impl<P: PagePolicy> Destination<P> {
             stale_covered: 0,
             verdict: None,
             pages_received: 0,
+            encodings: crate::report::EncodingUse::default(),
             stale_pages: 0,
             bytes_received: 0,
             report_applied: false,
@@ -322,6 +325,13 @@ impl<P: PagePolicy> Destination<P> {
     /// Page copies applied or skipped as stale (re-sends included).
     pub fn pages_received(&self) -> u64 {
         self.pages_received
+    }
+
+    /// [`Destination::pages_received`] by the encoding they arrived in, with their payload
+    /// bytes (entry headers left out), the way the source's report counts what it sent.
+    /// `cpu_nanos` stays 0: the core reads no clock (a driver with one may time decoders).
+    pub fn encodings_received(&self) -> crate::report::EncodingUse {
+        self.encodings
     }
 
     /// Copies skipped because a newer one had already arrived on another channel.
@@ -1203,6 +1213,7 @@ impl<P: PagePolicy> Destination<P> {
         }
         let page_size = self.layout.page_size().bytes();
         self.pages_received += 1;
+        self.encodings.add(encoding, payload.len() as u64);
         // Check the payload before the policy sees the copy: a bad copy is an error even if
         // it would have been stale.
         let data: &[u8] = match encoding {

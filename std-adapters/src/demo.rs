@@ -361,16 +361,10 @@ pub fn serve_channels(
     max_memory: u64,
     accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
 ) -> Result<DestinationHost, JobError> {
-    serve_with(
-        reader,
-        writer,
-        max_memory,
-        None,
-        None,
-        None,
-        accept_more,
-        || Ok(()),
-    )
+    serve_with(reader, writer, max_memory, None, None, accept_more, || {
+        Ok(())
+    })
+    .map(|received| received.host)
 }
 
 /// Accepts one migration on `listener`: waits for a source to connect (as long as it takes),
@@ -391,6 +385,16 @@ pub fn serve_listener(
     options: &ListenOptions,
     on_connection: impl FnOnce(SocketAddr),
 ) -> Result<DestinationHost, JobError> {
+    receive_listener(listener, options, on_connection).map(|received| received.host)
+}
+
+/// [`serve_listener`], returning with the guest what this side saw of the migration
+/// ([`Received`]: pages per encoding, decoding CPU time, what a kept image offered).
+pub fn receive_listener(
+    listener: &TcpListener,
+    options: &ListenOptions,
+    on_connection: impl FnOnce(SocketAddr),
+) -> Result<Received, JobError> {
     if options.idle_timeout.is_zero() {
         return Err(JobError::Setup("the idle timeout must be positive".into()));
     }
@@ -434,7 +438,6 @@ pub fn serve_listener(
         options.max_memory,
         Some(options.idle_timeout),
         options.content.as_deref(),
-        None,
         accept_more,
         handshake_done,
     )
@@ -487,27 +490,69 @@ fn accept_until(
     Ok((stream, peer))
 }
 
+/// What a destination saw of the migration it received (issue 17's accounting, the
+/// destination's side): pages and bytes per encoding, the CPU time its decoders spent, and how
+/// long it took.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ReceiveStats {
+    /// Page copies received per encoding (re-sends and stale copies included), their payload
+    /// bytes, and the CPU time spent decoding them (`cpu_nanos`: an estimate from 1 call in
+    /// [`drive::TIME_ONE_IN`] timed, [`drive::DecodeTimes`]; 0 for raw, zero and reference
+    /// pages, which no decoder handles; for known pages, reading them from the store or image).
+    pub encodings: memferry::report::EncodingUse,
+    /// Bytes of frames received, headers included.
+    pub bytes_received: u64,
+    /// From the hello's arrival to the end of the migration.
+    pub elapsed: Duration,
+    /// Hash-first: how long reading and hashing the offered content for the announcement took
+    /// (before round 1); zero when no content was announced.
+    pub content_index: Duration,
+}
+
+impl ReceiveStats {
+    /// CPU time spent decoding, every encoding's together, in nanoseconds.
+    pub fn decode_cpu_nanos(&self) -> u64 {
+        self.encodings.cpu_nanos()
+    }
+
+    /// Page copies received, every encoding's together.
+    pub fn pages_received(&self) -> u64 {
+        self.encodings.slots().iter().map(|(_, s)| s.pages).sum()
+    }
+}
+
+/// A migration a destination received: the guest, and what it saw.
+pub struct Received {
+    /// The guest's memory and device state.
+    pub host: DestinationHost,
+    /// Pages per encoding, decoding CPU time, bytes and time.
+    pub stats: ReceiveStats,
+    /// When the content offered was a kept image (`memferry save`): what its keep rules kept
+    /// and dropped (paper 003), as of the migration's end.
+    pub reuse: Option<crate::image::KeepStats>,
+}
+
 /// The handshake and the migration, for any transport. `idle` is the idle timeout the reads
 /// and `accept_more` enforce, if any (for the messages); `handshake_done` is called once every
-/// connection has opened, before memory is mapped and the engine runs. When `content` is a kept
-/// image, `reuse` receives what its keep rules kept and dropped.
-#[allow(clippy::too_many_arguments)]
+/// connection has opened, before memory is mapped and the engine runs. `content`: a page-store
+/// directory, or an image file offered with its keep rules (then [`Received::reuse`] says what
+/// they kept and dropped).
 fn serve_with(
     mut reader: BoxRead,
     mut writer: BoxWrite,
     max_memory: u64,
     idle: Option<Duration>,
     content: Option<&std::path::Path>,
-    reuse: Option<Arc<std::sync::Mutex<crate::image::KeepStats>>>,
     mut accept_more: impl FnMut() -> std::io::Result<(BoxRead, BoxWrite)>,
     handshake_done: impl FnOnce() -> std::io::Result<()>,
-) -> Result<DestinationHost, JobError> {
+) -> Result<Received, JobError> {
     let config = DestinationConfig::default();
     let mut buffer = FrameBuffer::new();
     let offer = read_opening(&mut reader, &mut buffer, "hello", idle, |frame| {
         check_hello(frame, max_memory, config.max_channels)
     })
     .map_err(|refused| refused.answer(&mut writer))?;
+    let hello_at = Instant::now();
     // The extra connections announce their channel in their first frame.
     let mut extra: Vec<Option<(BoxRead, FrameBuffer, BoxWrite)>> =
         (1..offer.channels).map(|_| None).collect();
@@ -569,45 +614,99 @@ fn serve_with(
         )
         .answer(&mut writer)
     })?;
-    let mut channels = vec![(reader, buffer, writer)];
-    channels.extend(extra.into_iter().flatten());
-    let clock = Clock::new();
     // First copy wins: pre-copy is served the same, and a source that hands over to post-copy
     // (hybrid) finds a destination that never overwrites a page its running guest wrote.
     let page_size = offer.layout.page_size().bytes();
     let mut destination = Destination::with_policy(offer.layout, config, FirstCopyWins::default());
-    for decoder in crate::codec::destination_decoders() {
+    // Every decoder timed (the core has no clock): registered before the hello, they stand in
+    // for the engine's own.
+    let times = drive::DecodeTimes::new();
+    for decoder in drive::timed_destination_decoders(&times) {
         destination = destination.with_decoder(decoder);
     }
+    let mut reuse = None;
     if let Some(path) = content {
-        // A directory is a shared page store; a file, an image this host kept (a VM that
-        // left it, returning).
-        let content: Box<dyn memferry::hashfirst::ContentSource> = if path.is_dir() {
-            Box::new(crate::store::PageStore::open(path, page_size).map_err(|e| {
-                JobError::Setup(format!(
-                    "cannot open the page store {}: {e}",
-                    path.display()
-                ))
-            })?)
-        } else {
-            // Offered with the keep rules its keep map recorded (paper 003).
-            Box::new(
-                crate::image::KeptImage::open_with(
-                    path,
-                    crate::image::Limits::default(),
-                    None,
-                    reuse.unwrap_or_default(),
-                )
-                .map_err(|e| {
-                    JobError::Setup(format!("cannot open the image {}: {e}", path.display()))
-                })?,
-            )
-        };
-        destination = destination.with_content(content);
+        let (source, stats) = open_content(path, page_size)
+            .map_err(|why| Refused::new(AbortCode::HostFailure, why).answer(&mut writer))?;
+        reuse = stats;
+        destination = destination.with_content(times.timed_content(source));
     }
+    let mut channels = vec![(reader, buffer, writer)];
+    channels.extend(extra.into_iter().flatten());
+    let clock = Clock::new();
     drive::run_destination(&mut destination, &mut host, channels, &clock)?;
     host.verdict = destination.verdict();
-    Ok(host)
+    let mut encodings = destination.encodings_received();
+    let bytes_received = destination.bytes_received();
+    // The timed decoders publish their last counts as they go.
+    drop(destination);
+    encodings.merge_cpu(&times.totals());
+    let stats = ReceiveStats {
+        encodings,
+        bytes_received,
+        elapsed: hello_at.elapsed(),
+        content_index: Duration::from_nanos(times.index_nanos()),
+    };
+    let reuse = reuse.map(|r| r.lock().map(|s| *s).unwrap_or_default());
+    Ok(Received { host, stats, reuse })
+}
+
+/// What a kept image's keep rules kept and dropped, filled in as the migration reads it.
+type ReuseHandle = Arc<std::sync::Mutex<crate::image::KeepStats>>;
+
+/// The content a destination offers (hash-first) at `path`: a directory is a shared page store;
+/// a file, an image this host kept (a VM that left it, returning), offered with the keep rules
+/// its keep map recorded (paper 003), with the handle its figures are counted into.
+fn open_content(
+    path: &std::path::Path,
+    page_size: usize,
+) -> Result<
+    (
+        Box<dyn memferry::hashfirst::ContentSource>,
+        Option<ReuseHandle>,
+    ),
+    String,
+> {
+    if path.is_dir() {
+        let store = crate::store::PageStore::open(path, page_size)
+            .map_err(|e| format!("cannot open the page store {}: {e}", path.display()))?;
+        return Ok((Box::new(store), None));
+    }
+    let stats = ReuseHandle::default();
+    let image = crate::image::KeptImage::open_with(
+        path,
+        crate::image::Limits::default(),
+        None,
+        stats.clone(),
+    )
+    .map_err(|e| format!("cannot open the image {}: {e}", path.display()))?;
+    if image.image().page_size() != page_size {
+        return Err(format!(
+            "the image {} has pages of {} bytes; the source's guest has pages of {page_size}",
+            path.display(),
+            image.image().page_size()
+        ));
+    }
+    Ok((Box::new(image), Some(stats)))
+}
+
+/// Checks that `path` is content a listener can offer (`--content`): a page-store directory,
+/// or an image file that opens. For a clear error before a source connects; the page size is
+/// checked when the source's hello says it.
+pub fn check_content(path: &std::path::Path) -> Result<(), JobError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| JobError::Setup(format!("--content {}: {e}", path.display())))?;
+    if meta.is_dir() {
+        return Ok(());
+    }
+    crate::image::KeptImage::open(path, crate::image::Limits::default())
+        .map(drop)
+        .map_err(|e| {
+            JobError::Setup(format!(
+                "--content {}: neither a page-store directory nor an image that opens: {e}",
+                path.display()
+            ))
+        })
 }
 
 /// What a hello offers, checked against this listener's limits.
@@ -872,6 +971,8 @@ pub struct DemoOutcome {
     /// When the destination was offered a kept image (`content`): what its keep rules kept
     /// and dropped (paper 003).
     pub reuse: Option<crate::image::KeepStats>,
+    /// What the destination saw: pages per encoding and its decoders' CPU time.
+    pub received: ReceiveStats,
 }
 
 /// Migrates a fresh guest from a source thread to a destination thread in this process.
@@ -943,9 +1044,6 @@ pub fn run_demo_with(
     } else {
         options
     };
-    let reuse = Arc::new(std::sync::Mutex::new(crate::image::KeepStats::default()));
-    let kept_image = content.as_ref().is_some_and(|p| !p.is_dir());
-    let dest_reuse = reuse.clone();
     let (ends, dest_thread) = match transport {
         TransportKind::Tcp => {
             let listener = TcpListener::bind("127.0.0.1:0")
@@ -963,7 +1061,6 @@ pub fn run_demo_with(
                     u64::MAX,
                     None,
                     content.as_deref(),
-                    Some(dest_reuse),
                     || tcp::accept(&listener).map(|(r, w, _)| (r, w)),
                     || Ok(()),
                 )
@@ -994,7 +1091,6 @@ pub fn run_demo_with(
                     u64::MAX,
                     None,
                     content.as_deref(),
-                    Some(dest_reuse),
                     move || {
                         far.next().ok_or_else(|| {
                             std::io::Error::new(std::io::ErrorKind::NotFound, "no more connections")
@@ -1012,13 +1108,13 @@ pub fn run_demo_with(
         .map_err(|_| JobError::Setup("the destination thread panicked".into()))?;
     // The source's failure explains the destination's, so report it first.
     let report = sent?;
-    let destination = received?;
-    let reuse = kept_image.then(|| reuse.lock().map(|s| *s).unwrap_or_default());
+    let received = received?;
     Ok(DemoOutcome {
         report,
         source,
-        destination,
-        reuse,
+        destination: received.host,
+        reuse: received.reuse,
+        received: received.stats,
     })
 }
 

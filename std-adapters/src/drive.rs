@@ -29,9 +29,10 @@ use std::sync::mpsc::{self, Receiver as EventQueue, RecvTimeoutError, SyncSender
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use memferry::codec::PageEncoder;
+use memferry::codec::{PageDecoder, PageEncoder};
 use memferry::drive::{self, DriveFailure, Link, LinkEvent};
 use memferry::error::{HostError, MigrationError};
+use memferry::hashfirst::ContentSource;
 use memferry::memory::{DestinationGuest, PageWrite, SourceHost};
 use memferry::page::{MemoryLayout, PageSize, Region};
 use memferry::plan::{PagePlan, PlanOutcome, SharedPageRead};
@@ -234,9 +235,9 @@ fn spawn_writer(
     events: impl EventSink,
     memory: Option<SharedMemory>,
     mut encoder: Option<Box<dyn PageEncoder>>,
-) -> SyncSender<Job> {
+) -> (SyncSender<Job>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::sync_channel::<Job>(BUFFERS_PER_CHANNEL);
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("memferry-write-{channel}"))
         .spawn(move || {
             let mut scratch = Vec::new();
@@ -277,7 +278,7 @@ fn spawn_writer(
             }
         })
         .expect("spawning a writer thread");
-    tx
+    (tx, thread)
 }
 
 /// The [`Link`] of real connections: a reader and a writer thread per channel, a real clock.
@@ -288,6 +289,9 @@ struct ThreadLink {
     clock: Clock,
     events: EventQueue<Event>,
     writers: Vec<SyncSender<Job>>,
+    /// The writer threads, waited for when the link is dropped if they encode pages (their
+    /// timed encoders publish their last counts as the threads end).
+    writer_threads: Vec<std::thread::JoinHandle<()>>,
     /// Where each channel's reader takes its buffers back.
     recyclers: Vec<mpsc::Sender<Vec<u8>>>,
     /// The writer threads read and encode pages themselves.
@@ -305,6 +309,32 @@ struct ThreadLink {
     reader_closed: Vec<bool>,
     /// Events taken from the queue early (while a failed write waited for its reader), in order.
     deferred: VecDeque<LinkEvent<io::Error>>,
+}
+
+/// How long a dropped link waits for writer threads that encode pages to end (they do at once
+/// when idle; one still writing to a peer that went away may not).
+const WRITER_EXIT_WAIT: Duration = Duration::from_millis(500);
+
+impl Drop for ThreadLink {
+    fn drop(&mut self) {
+        if !self.encodes {
+            return;
+        }
+        // Closing the job queues ends the writer threads, which drop their encoders: timed
+        // ones publish their last counts then ([`EncodeTimes`]), so wait for that, briefly.
+        self.writers.clear();
+        let deadline = Instant::now() + WRITER_EXIT_WAIT;
+        while self.writer_threads.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+            // No writer may block on a full event queue meanwhile.
+            while self.events.try_recv().is_ok() {}
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for thread in std::mem::take(&mut self.writer_threads) {
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
+        }
+    }
 }
 
 /// How long a failed write waits for its connection's reader: a peer that hangs up after it
@@ -359,6 +389,7 @@ impl ThreadLink {
             }
         };
         let mut writers = Vec::new();
+        let mut writer_threads = Vec::new();
         let mut recyclers = Vec::new();
         let mut free = Vec::new();
         let mut acks = Vec::new();
@@ -372,23 +403,17 @@ impl ThreadLink {
             match (&events_tx, &events_sync) {
                 (Some(tx), _) => {
                     recyclers.push(spawn_reader(ch, reader, tx.clone()));
-                    writers.push(spawn_writer(
-                        ch,
-                        writer,
-                        tx.clone(),
-                        memory.clone(),
-                        encoders.next(),
-                    ));
+                    let (w, thread) =
+                        spawn_writer(ch, writer, tx.clone(), memory.clone(), encoders.next());
+                    writers.push(w);
+                    writer_threads.push(thread);
                 }
                 (_, Some(tx)) => {
                     recyclers.push(spawn_reader(ch, reader, tx.clone()));
-                    writers.push(spawn_writer(
-                        ch,
-                        writer,
-                        tx.clone(),
-                        memory.clone(),
-                        encoders.next(),
-                    ));
+                    let (w, thread) =
+                        spawn_writer(ch, writer, tx.clone(), memory.clone(), encoders.next());
+                    writers.push(w);
+                    writer_threads.push(thread);
                 }
                 _ => unreachable!("one of the two queues exists"),
             }
@@ -402,6 +427,7 @@ impl ThreadLink {
             clock,
             events,
             writers,
+            writer_threads,
             recyclers,
             encodes,
             free,
@@ -695,10 +721,18 @@ where
     let times = EncodeTimes::new();
     let mut encoders: Vec<_> = encoders.into_iter().map(|e| times.timed(e)).collect();
     if channels.len() == 1 {
-        if let Some(encoder) = encoders.pop() {
+        let timed = encoders.pop();
+        let timed_some = timed.is_some();
+        if let Some(encoder) = timed {
             engine.set_encoder(encoder);
         }
-        run_source(engine, host, channels, clock, on_round)?;
+        let result = run_source(engine, host, channels, clock, on_round);
+        if timed_some {
+            // The timed encoder publishes its last counts when dropped: swap it out (the
+            // migration is over, the engine encodes nothing more).
+            engine.set_encoder(Box::new(memferry::codec::Raw));
+        }
+        result?;
         return Ok(times.totals());
     }
     if !encoders.is_empty() {
@@ -720,8 +754,9 @@ where
 /// under 1% of LZ4 or zstd.
 pub const TIME_ONE_IN: u64 = 64;
 
-/// One encoder's counts: per encoding slot ([`EncodingUse::slot_of`]), pages, pages timed and
-/// their nanoseconds. Written by the one thread that runs the encoder, read after the run.
+/// One timed coder's counts: per encoding slot ([`EncodingUse::slot_of`]), pages, pages timed
+/// and their nanoseconds. Written by the one thread that runs the coder (at most every
+/// [`TIME_ONE_IN`] calls, and when it is dropped), read after the run.
 #[derive(Default)]
 struct TimeShard {
     pages: [AtomicU64; 8],
@@ -729,46 +764,33 @@ struct TimeShard {
     nanos: [AtomicU64; 8],
 }
 
-/// The CPU time a source's encoders spend, per encoding they produce (raw: attempts that did
-/// not pay), measured with the real clock: the std side of the report's
-/// `encodings.*.cpu_nanos`, which the clock-less core leaves 0.
-///
-/// Each encoder is wrapped ([`EncodeTimes::timed`]); the wrappers may run on any threads (one
-/// per channel) and count into shards of their own, merged by [`EncodeTimes::totals`]. The
-/// clock is read around 1 call in [`TIME_ONE_IN`] (and around the next call after one that
-/// produced an encoding not timed yet), and each encoding's time is its timed calls' time
-/// scaled to all its pages: an estimate, unbiased as long as the sampled calls are like the
-/// others, that costs a few nanoseconds a page instead of a third of the fastest encoding.
+/// Shards of timed coders, and the estimate of their CPU time per encoding.
 #[derive(Default)]
-pub struct EncodeTimes {
+struct TimeTally {
     shards: Mutex<Vec<Arc<TimeShard>>>,
 }
 
-impl EncodeTimes {
-    /// No encoders yet.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// `encoder`, timed into this tally.
-    pub fn timed(&self, encoder: Box<dyn PageEncoder>) -> Box<dyn PageEncoder> {
+impl TimeTally {
+    /// Counts for one more coder.
+    fn sampler(&self) -> Sampler {
         let shard = Arc::new(TimeShard::default());
         if let Ok(mut shards) = self.shards.lock() {
             shards.push(shard.clone());
         }
-        Box::new(TimedEncoder {
-            inner: encoder,
+        Sampler {
             shard,
             calls: 0,
             pages: [0; 8],
             timed: [0; 8],
             nanos: [0; 8],
             time_next: true,
-        })
+        }
     }
 
-    /// CPU time per encoding so far (only `cpu_nanos` is set), every encoder's together.
-    pub fn totals(&self) -> EncodingUse {
+    /// CPU time per encoding so far (only `cpu_nanos` is set), every coder's together: each
+    /// encoding's timed calls scaled to all its pages; an encoding none of whose calls was
+    /// timed gets the mean of all timed calls.
+    fn totals(&self) -> EncodingUse {
         let mut pages = [0u64; 8];
         let mut timed = [0u64; 8];
         let mut nanos = [0u64; 8];
@@ -781,7 +803,6 @@ impl EncodeTimes {
                 }
             }
         }
-        // An encoding none of whose calls was timed gets the mean of all timed calls.
         let all_timed: u64 = timed.iter().sum();
         let mean = nanos
             .iter()
@@ -810,10 +831,11 @@ impl EncodeTimes {
     }
 }
 
-/// An encoder whose calls [`EncodeTimes`] counts and samples. Its counts are its own; each
-/// call publishes the ones it changed to its shard with plain stores (no locked instruction).
-struct TimedEncoder {
-    inner: Box<dyn PageEncoder>,
+/// One coder's own counts, kept by the thread that runs it: the clock is read around 1 call in
+/// [`TIME_ONE_IN`] (and around the next call after one that produced an encoding not timed
+/// yet). The counts go to the shared shard with plain relaxed stores every [`TIME_ONE_IN`]
+/// calls and when the sampler is dropped: no store at all on the other calls.
+struct Sampler {
     shard: Arc<TimeShard>,
     calls: u64,
     pages: [u64; 8],
@@ -821,6 +843,90 @@ struct TimedEncoder {
     nanos: [u64; 8],
     /// Time the next call (an encoding appeared that no timed call produced yet).
     time_next: bool,
+}
+
+impl Sampler {
+    /// Counts a call; the clock's reading if this one is timed.
+    #[inline]
+    fn begin(&mut self) -> Option<Instant> {
+        self.calls = self.calls.wrapping_add(1);
+        (self.time_next || self.calls.is_multiple_of(TIME_ONE_IN)).then(Instant::now)
+    }
+
+    /// Ends the call [`Sampler::begin`] counted: it produced a page of encoding `slot`.
+    #[inline]
+    fn end(&mut self, slot: usize, started: Option<Instant>) {
+        let slot = slot & 7;
+        self.pages[slot] += 1;
+        if let Some(started) = started {
+            self.timed[slot] += 1;
+            self.nanos[slot] += (started.elapsed().as_nanos() as u64).max(1);
+            self.time_next = false;
+        } else if self.timed[slot] == 0 {
+            self.time_next = true;
+        }
+        if self.calls.is_multiple_of(TIME_ONE_IN) {
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        for i in 0..8 {
+            self.shard.pages[i].store(self.pages[i], Ordering::Relaxed);
+            self.shard.timed[i].store(self.timed[i], Ordering::Relaxed);
+            self.shard.nanos[i].store(self.nanos[i], Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.publish();
+    }
+}
+
+/// The CPU time a source's encoders spend, per encoding they produce (raw: attempts that did
+/// not pay), measured with the real clock: the std side of the report's
+/// `encodings.*.cpu_nanos`, which the clock-less core leaves 0.
+///
+/// Each encoder is wrapped ([`EncodeTimes::timed`]); the wrappers may run on any threads (one
+/// per channel) and count into shards of their own, merged by [`EncodeTimes::totals`]. The
+/// clock is read around 1 call in [`TIME_ONE_IN`] (and around the next call after one that
+/// produced an encoding not timed yet), and each encoding's time is its timed calls' time
+/// scaled to all its pages: an estimate, unbiased as long as the sampled calls are like the
+/// others, that costs a few nanoseconds a page instead of a third of the fastest encoding.
+/// A wrapper publishes its counts every [`TIME_ONE_IN`] calls and when it is dropped: read the
+/// totals once the encoders are gone (as [`run_source_encoding`] does).
+#[derive(Default)]
+pub struct EncodeTimes {
+    tally: TimeTally,
+}
+
+impl EncodeTimes {
+    /// No encoders yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `encoder`, timed into this tally.
+    pub fn timed(&self, encoder: Box<dyn PageEncoder>) -> Box<dyn PageEncoder> {
+        Box::new(TimedEncoder {
+            inner: encoder,
+            sampler: self.tally.sampler(),
+        })
+    }
+
+    /// CPU time per encoding so far (only `cpu_nanos` is set), every encoder's together; the
+    /// last calls of an encoder still running may not be in it yet.
+    pub fn totals(&self) -> EncodingUse {
+        self.tally.totals()
+    }
+}
+
+/// An encoder whose calls [`EncodeTimes`] counts and samples.
+struct TimedEncoder {
+    inner: Box<dyn PageEncoder>,
+    sampler: Sampler,
 }
 
 impl PageEncoder for TimedEncoder {
@@ -834,27 +940,10 @@ impl PageEncoder for TimedEncoder {
         page: &[u8],
         out: &mut [u8],
     ) -> Option<(wire::Encoding, usize)> {
-        self.calls = self.calls.wrapping_add(1);
-        let timing = self.time_next || self.calls.is_multiple_of(TIME_ONE_IN);
-        let (result, nanos) = if timing {
-            let start = Instant::now();
-            let result = self.inner.encode(index, page, out);
-            (result, start.elapsed().as_nanos() as u64)
-        } else {
-            (self.inner.encode(index, page, out), 0)
-        };
-        let slot = EncodingUse::slot_of(result.map_or(wire::Encoding::RAW, |(e, _)| e)) & 7;
-        self.pages[slot] += 1;
-        self.shard.pages[slot].store(self.pages[slot], Ordering::Relaxed);
-        if timing {
-            self.timed[slot] += 1;
-            self.nanos[slot] += nanos.max(1);
-            self.shard.timed[slot].store(self.timed[slot], Ordering::Relaxed);
-            self.shard.nanos[slot].store(self.nanos[slot], Ordering::Relaxed);
-            self.time_next = false;
-        } else if self.timed[slot] == 0 {
-            self.time_next = true;
-        }
+        let started = self.sampler.begin();
+        let result = self.inner.encode(index, page, out);
+        let slot = EncodingUse::slot_of(result.map_or(wire::Encoding::RAW, |(e, _)| e));
+        self.sampler.end(slot, started);
         result
     }
 
@@ -864,6 +953,151 @@ impl PageEncoder for TimedEncoder {
 
     fn sent_zero(&mut self, index: u64) {
         self.inner.sent_zero(index);
+    }
+}
+
+/// The CPU time a destination spends decoding pages, per encoding, measured with the real
+/// clock as [`EncodeTimes`] measures encoders (1 call in [`TIME_ONE_IN`] timed, scaled to all
+/// pages; counts published every [`TIME_ONE_IN`] calls and when a wrapper is dropped, so read
+/// the totals once the destination holding the wrappers is gone).
+///
+/// What is timed: the decoders ([`DecodeTimes::timed`]: LZ4, XBZRLE delta, delta + LZ4, zstd,
+/// [`destination_decoders`]), and for hash-first the reading of known content from the store
+/// or image ([`DecodeTimes::timed_content`]; the engine's check of its hash is not in it). Raw
+/// and zero pages are not decoded (their cost is the write into guest memory), and references
+/// are resolved by the engine: those slots stay 0.
+#[derive(Default)]
+pub struct DecodeTimes {
+    tally: TimeTally,
+    /// Nanoseconds the content index took to build (reading and hashing every page of the
+    /// store or image for the announcement), if content was offered and announced.
+    index_nanos: Arc<AtomicU64>,
+}
+
+impl DecodeTimes {
+    /// No decoders yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `decoder`, timed into this tally (under the slot of the encoding it decodes).
+    pub fn timed(&self, decoder: Box<dyn PageDecoder>) -> Box<dyn PageDecoder> {
+        let slot = EncodingUse::slot_of(decoder.encoding());
+        Box::new(TimedDecoder {
+            inner: decoder,
+            slot,
+            sampler: self.tally.sampler(),
+        })
+    }
+
+    /// `content` (hash-first), its reads of known pages timed into this tally's `known` slot.
+    /// The engine reads every page once in order to build its index before the migration's
+    /// first round (its first `page_count` reads): those are timed as the index's build
+    /// ([`DecodeTimes::index_nanos`]), not as known pages.
+    pub fn timed_content(&self, content: Box<dyn ContentSource>) -> Box<dyn ContentSource> {
+        Box::new(TimedContent {
+            index_reads: content.page_count(),
+            inner: content,
+            index_started: None,
+            index_nanos: self.index_nanos.clone(),
+            sampler: self.tally.sampler(),
+        })
+    }
+
+    /// CPU time per encoding so far (only `cpu_nanos` is set), every decoder's together.
+    pub fn totals(&self) -> EncodingUse {
+        self.tally.totals()
+    }
+
+    /// How long the content index took to build (wall time from its first read to its last),
+    /// in nanoseconds; 0 when no content was announced.
+    pub fn index_nanos(&self) -> u64 {
+        self.index_nanos.load(Ordering::Relaxed)
+    }
+}
+
+/// Every decoder a destination registers beyond the engine's own (zstd, with the `zstd`
+/// feature: `codec::destination_decoders`) and the engine's content decoders (LZ4, XBZRLE
+/// delta, delta + LZ4), each timed into `times`. Registered before the hello, they take the
+/// place of the copies the engine adds once the source offers content codecs; like zstd's, they
+/// decode what arrives even when it did not (every decoder refuses a payload that is not one
+/// page, into the scratch page only).
+pub fn timed_destination_decoders(times: &DecodeTimes) -> Vec<Box<dyn PageDecoder>> {
+    let core: [Box<dyn PageDecoder>; 3] = [
+        Box::new(memferry::codec::lz4::Lz4Decoder),
+        Box::new(memferry::codec::xbzrle::DeltaDecoder),
+        Box::new(memferry::codec::lz4::DeltaLz4Decoder::default()),
+    ];
+    #[cfg(feature = "zstd")]
+    let more = crate::codec::destination_decoders();
+    #[cfg(not(feature = "zstd"))]
+    let more = Vec::new();
+    core.into_iter()
+        .chain(more)
+        .map(|d| times.timed(d))
+        .collect()
+}
+
+/// A decoder whose calls [`DecodeTimes`] counts and samples.
+struct TimedDecoder {
+    inner: Box<dyn PageDecoder>,
+    slot: usize,
+    sampler: Sampler,
+}
+
+impl PageDecoder for TimedDecoder {
+    fn encoding(&self) -> wire::Encoding {
+        self.inner.encoding()
+    }
+
+    fn decode(
+        &mut self,
+        index: u64,
+        payload: &[u8],
+        scratch: &mut [u8],
+    ) -> Result<(), &'static str> {
+        let started = self.sampler.begin();
+        let result = self.inner.decode(index, payload, scratch);
+        self.sampler.end(self.slot, started);
+        result
+    }
+
+    fn needs_current_page(&self) -> bool {
+        self.inner.needs_current_page()
+    }
+}
+
+/// Content whose reads [`DecodeTimes`] times: the first `index_reads` build the index, the
+/// rest resolve known pages.
+struct TimedContent {
+    inner: Box<dyn ContentSource>,
+    index_reads: u64,
+    index_started: Option<Instant>,
+    index_nanos: Arc<AtomicU64>,
+    sampler: Sampler,
+}
+
+impl ContentSource for TimedContent {
+    fn page_count(&self) -> u64 {
+        self.inner.page_count()
+    }
+
+    fn read_content(&mut self, index: u64, buf: &mut [u8]) -> Result<(), HostError> {
+        if self.index_reads > 0 {
+            let started = *self.index_started.get_or_insert_with(Instant::now);
+            let result = self.inner.read_content(index, buf);
+            self.index_reads -= 1;
+            if self.index_reads == 0 {
+                let nanos = started.elapsed().as_nanos() as u64;
+                self.index_nanos.store(nanos.max(1), Ordering::Relaxed);
+            }
+            return result;
+        }
+        let started = self.sampler.begin();
+        let result = self.inner.read_content(index, buf);
+        self.sampler
+            .end(EncodingUse::slot_of(wire::Encoding::KNOWN), started);
+        result
     }
 }
 
@@ -1106,6 +1340,8 @@ mod tests {
                 }
             });
         });
+        // Counts go out every TIME_ONE_IN calls and when an encoder is dropped.
+        drop((a, b));
         let t = times.totals();
         assert!(t.lz4.cpu_nanos > 0 && t.raw.cpu_nanos > 0, "{t:?}");
         for (name, slot) in t.slots() {
@@ -1113,7 +1349,87 @@ mod tests {
                 assert_eq!(slot.cpu_nanos, 0, "{name}");
             }
         }
-        assert_eq!(a.name(), "alternate");
         assert_eq!(EncodeTimes::new().totals(), EncodingUse::default());
+    }
+
+    #[test]
+    fn counts_are_published_in_batches_and_when_dropped() {
+        let times = EncodeTimes::new();
+        let mut a = times.timed(Box::new(Alternate));
+        assert_eq!(a.name(), "alternate");
+        let page = vec![7u8; 4096];
+        let mut out = vec![0u8; 4096];
+        // Fewer calls than a batch: nothing published yet, no store on the way.
+        for i in 0..TIME_ONE_IN - 1 {
+            a.encode(i * 2, &page, &mut out);
+        }
+        assert_eq!(times.totals(), EncodingUse::default());
+        // The batch's last call publishes.
+        a.encode(0, &page, &mut out);
+        let batch = times.totals().lz4.cpu_nanos;
+        assert!(batch > 0);
+        // Calls after it are out until the encoder is dropped; then all of them count (the
+        // estimate scales the timed calls' time to every page).
+        for i in 0..TIME_ONE_IN / 2 {
+            a.encode(i * 2, &page, &mut out);
+        }
+        assert_eq!(times.totals().lz4.cpu_nanos, batch);
+        drop(a);
+        let all = times.totals().lz4;
+        assert!(all.cpu_nanos > batch, "{all:?} vs {batch}");
+    }
+
+    /// Content of `pages` distinct pages, counting its reads.
+    struct Pages(u64);
+
+    impl ContentSource for Pages {
+        fn page_count(&self) -> u64 {
+            self.0
+        }
+        fn read_content(&mut self, index: u64, buf: &mut [u8]) -> Result<(), HostError> {
+            buf.fill(index as u8 | 1);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn decode_times_go_to_the_decoded_encodings_and_known_reads_after_the_index() {
+        let times = DecodeTimes::new();
+        let mut decoders = timed_destination_decoders(&times);
+        let lz4 = decoders
+            .iter_mut()
+            .find(|d| d.encoding() == wire::Encoding::LZ4)
+            .expect("an LZ4 decoder");
+        let page = vec![3u8; 4096];
+        let mut compressed = vec![0u8; 4096];
+        let n = memferry::codec::lz4::Lz4Compressor::default()
+            .compress(&page, &mut compressed)
+            .expect("a page of one byte compresses");
+        let mut scratch = vec![0u8; 4096];
+        for i in 0..200 {
+            lz4.decode(i, &compressed[..n], &mut scratch).unwrap();
+        }
+        assert_eq!(scratch, page);
+        // A bad payload is timed too, and still an error.
+        assert!(lz4.decode(0, &compressed[..n / 2], &mut scratch).is_err());
+        assert!(decoders.iter().any(|d| d.needs_current_page()));
+        let mut content = times.timed_content(Box::new(Pages(10)));
+        let mut buf = vec![0u8; 4096];
+        for i in 0..10 {
+            content.read_content(i, &mut buf).unwrap();
+        }
+        drop(decoders);
+        // The index's reads are its build, not known pages.
+        assert!(times.index_nanos() > 0);
+        assert_eq!(times.totals().known.cpu_nanos, 0);
+        content.read_content(4, &mut buf).unwrap();
+        drop(content);
+        let t = times.totals();
+        assert!(t.lz4.cpu_nanos > 0 && t.known.cpu_nanos > 0, "{t:?}");
+        for (name, slot) in t.slots() {
+            if !matches!(name, "lz4" | "known") {
+                assert_eq!(slot.cpu_nanos, 0, "{name}");
+            }
+        }
     }
 }

@@ -83,10 +83,13 @@ enum Command {
         /// run the guest once it has arrived, until it finishes.
         #[arg(long)]
         kvm: bool,
-        /// A shared page store (a directory both hosts reach, `memferry store add`): its pages
-        /// are announced to the source, which sends pages found there as 16-byte hashes; this
-        /// side copies them from the store (hash-first).
-        #[arg(long, value_name = "DIR")]
+        /// Content this host already holds, announced to the source, which sends pages found
+        /// there as 16-byte hashes; this side copies them from it (hash-first). A directory is
+        /// a shared page store (both hosts reach it, `memferry store add`); a file is an image
+        /// (`memferry save`: a VM returning to the host that kept its image), offered with the
+        /// keep rules `save --keep` recorded (paper 003), and the summary says what they kept
+        /// and dropped (`reuse`).
+        #[arg(long, value_name = "PATH")]
         content: Option<std::path::PathBuf>,
     },
     /// Save the in-process guest to an image file (a fixed offset per page, sparse), live: a
@@ -839,6 +842,61 @@ fn parse_keep_rules(s: &str) -> Result<memferry_std::image::KeepRules, String> {
 fn keep_json(k: &memferry_std::image::KeepStats) -> serde_json::Value {
     serde_json::json!({"rules": k.rules.name(), "pages": k.pages, "kept": k.kept, "zero": k.zero,
         "dropped_hot": k.dropped_hot, "dropped_updated": k.dropped_updated})
+}
+
+/// The destination's figures in `--json` (`demo`'s `destination`, `listen`'s summary).
+fn destination_json(r: &demo::ReceiveStats) -> output::DestinationJson {
+    output::DestinationJson::new(&r.encodings, r.bytes_received, r.elapsed, r.content_index)
+}
+
+/// `memferry listen`'s summary of what it received: the guest, pages and bytes per encoding,
+/// decoding CPU time, time from the hello to the end, and what a kept image offered.
+fn print_received(received: &demo::Received, json: bool) {
+    let host = &received.host;
+    let stats = &received.stats;
+    let g = host.region().geometry();
+    if json {
+        let mut view = serde_json::json!({
+            "verified": host.verdict == Some(memferry::wire::Verdict::Match),
+            "memory_bytes": g.memory_bytes(),
+            "page_size": g.page_size().bytes(),
+            "device_state_bytes": host.device_state().map_or(0, |s| s.len()),
+            "encodings": stats.encodings,
+            "known_pages": stats.encodings.known.pages,
+        });
+        if let (Some(o), Ok(serde_json::Value::Object(more))) = (
+            view.as_object_mut(),
+            serde_json::to_value(destination_json(stats)),
+        ) {
+            o.extend(more);
+            if let Some(reuse) = &received.reuse {
+                o.insert("reuse".into(), keep_json(reuse));
+            }
+        }
+        println!("{view}");
+        return;
+    }
+    println!(
+        "received {} and the device state; digest {}",
+        output::human_bytes(g.memory_bytes()),
+        match host.verdict {
+            Some(memferry::wire::Verdict::Match) => "verified",
+            Some(_) => "not checked",
+            None => "not sent by the source",
+        }
+    );
+    print!(
+        "{}",
+        output::received_lines(
+            &stats.encodings,
+            stats.bytes_received,
+            stats.elapsed,
+            stats.content_index
+        )
+    );
+    if let Some(reuse) = &received.reuse {
+        println!("reuse (kept image)       {}", reuse.describe());
+    }
 }
 
 /// `memferry save`: a live save of the in-process guest, then incremental ones, and the keep
@@ -1630,10 +1688,21 @@ fn main() -> ExitCode {
                             if let Some(reuse) = &outcome.reuse {
                                 o.insert("reuse".into(), keep_json(reuse));
                             }
+                            o.insert(
+                                "destination".into(),
+                                serde_json::to_value(destination_json(&outcome.received))
+                                    .expect("the destination's figures serialise"),
+                            );
                         }
                         println!("{view}");
                     } else {
-                        print_report(&outcome.report, workload, false);
+                        print!(
+                            "{}",
+                            output::table_with_decoding(
+                                &outcome.report,
+                                Some(&outcome.received.encodings)
+                            )
+                        );
                         if let Some(reuse) = &outcome.reuse {
                             println!("reuse (kept image)       {}", reuse.describe());
                         }
@@ -1787,6 +1856,14 @@ fn main() -> ExitCode {
             kvm,
             content,
         } => {
+            if let Some(path) = &content {
+                if kvm {
+                    return fail("--content is not taken with --kvm (the KVM receiver offers no content yet)");
+                }
+                if let Err(e) = demo::check_content(path) {
+                    return fail(e);
+                }
+            }
             let listener = match TcpListener::bind(&addr) {
                 Ok(l) => l,
                 Err(e) => return fail(format!("cannot listen on {addr}: {e}")),
@@ -1803,28 +1880,12 @@ fn main() -> ExitCode {
                 idle_timeout,
                 content,
             };
-            let received = demo::serve_listener(&listener, &options, |peer| {
+            let received = demo::receive_listener(&listener, &options, |peer| {
                 eprintln!("memferry: receiving from {peer}")
             });
             match received {
-                Ok(host) => {
-                    let g = host.region().geometry();
-                    if json {
-                        println!(
-                            "{}",
-                            serde_json::json!({"verified": host.verdict == Some(memferry::wire::Verdict::Match), "memory_bytes": g.memory_bytes(), "page_size": g.page_size().bytes(), "device_state_bytes": host.device_state().map_or(0, |s| s.len())})
-                        );
-                    } else {
-                        println!(
-                            "received {} and the device state; digest {}",
-                            output::human_bytes(g.memory_bytes()),
-                            match host.verdict {
-                                Some(memferry::wire::Verdict::Match) => "verified",
-                                Some(_) => "not checked",
-                                None => "not sent by the source",
-                            }
-                        );
-                    }
+                Ok(received) => {
+                    print_received(&received, json);
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
