@@ -101,7 +101,18 @@ pub struct SessionConfig {
     /// The longest a pause may stay pending ([`crate::memory::SourceGuest::request_pause`]
     /// returned `Pending`) before the migration fails and the guest resumes. Default 10 s.
     pub pause_timeout: Nanos,
+    /// Each page always goes on the same channel: pages are dealt in blocks of
+    /// [`AFFINITY_BLOCK_PAGES`], block `b` to channel `b % channels`. A driver that encodes
+    /// each channel with its own stateful encoder (XBZRLE delta, dedup, adaptive: one per
+    /// channel, [`Source::poll_plan`]) needs it: each encoder then sees every version of its
+    /// pages, and the destination gets them in order (a delta must not overtake its base on
+    /// another connection). Default off: pages go to whichever channel has room.
+    pub channel_affinity: bool,
 }
+
+/// With [`SessionConfig::channel_affinity`]: pages per block dealt to one channel (256 KiB of
+/// 4 KiB pages: small enough that a hot region spreads over the channels).
+pub const AFFINITY_BLOCK_PAGES: u64 = 64;
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -116,6 +127,7 @@ impl Default for SessionConfig {
             stall_timeout: Nanos::from_secs(10),
             hash_first: true,
             pause_timeout: Nanos::from_secs(10),
+            channel_affinity: false,
         }
     }
 }
@@ -185,6 +197,10 @@ struct ChannelTx {
     sent: usize,
     /// Page entries this channel sent in the current round.
     pages_in_round: u64,
+    /// With channel affinity: where this channel's walk of the round stands, and whether it
+    /// has reached the end.
+    cursor: u64,
+    walked: bool,
 }
 
 impl ChannelTx {
@@ -289,6 +305,16 @@ impl Source<PreCopy> {
 }
 
 impl<S: Strategy> Source<S> {
+    /// Turns [`SessionConfig::channel_affinity`] on or off. Only before the first round (a
+    /// driver that finds its per-channel encoders keep state, [`PageEncoder::keeps_state`],
+    /// calls it before it starts); later calls are ignored. Returns whether it is now on.
+    pub fn set_channel_affinity(&mut self, on: bool) -> bool {
+        if self.round == 0 {
+            self.config.channel_affinity = on;
+        }
+        self.config.channel_affinity
+    }
+
     /// A migration of a guest of `layout`, run by `strategy`.
     pub fn new(layout: MemoryLayout, config: SessionConfig, strategy: S) -> Self {
         let pages = layout.page_count();
@@ -347,7 +373,12 @@ impl<S: Strategy> Source<S> {
     }
 
     /// Encodes pages with `encoder` (after the zero check) instead of sending them raw. The
-    /// destination must have a decoder for every encoding it produces.
+    /// destination must have a decoder for every encoding it produces. This one encoder serves
+    /// every channel that [`Source::poll_transmit`] fills. An encoder that keeps state
+    /// ([`PageEncoder::keeps_state`]) must not serve several channels this way (a delta or a
+    /// reference could overtake, on another connection, what it builds on): give it one
+    /// channel, or give each channel its own encoder ([`Source::poll_plan`]) with
+    /// [`SessionConfig::channel_affinity`].
     pub fn with_encoder(mut self, encoder: Box<dyn PageEncoder>) -> Self {
         self.set_encoder(encoder);
         self
@@ -1180,6 +1211,8 @@ impl<S: Strategy> Source<S> {
         self.rate_wake = None;
         for ch in &mut self.channels {
             ch.pages_in_round = 0;
+            ch.cursor = 0;
+            ch.walked = false;
         }
         if let Some(encoder) = self.encoder.as_mut() {
             encoder.begin_generation(self.round);
@@ -1459,8 +1492,8 @@ impl<S: Strategy> Source<S> {
         if self.post_copy {
             written += self.send_urgent(ch, &mut buf[..room], host)?;
         }
-        let mut next = self.send.iter_ones_from(self.cursor).next();
-        while let Some(page) = next {
+        let mut next = self.next_to_send(ch, self.walk_position(ch));
+        while next.is_some() {
             let Some(mut writer) =
                 PagesWriter::new(&mut buf[written..room], self.round, self.checksum)
             else {
@@ -1468,8 +1501,6 @@ impl<S: Strategy> Source<S> {
             };
             let mut entries = 0u64;
             let mut zeros = 0u64;
-            let mut pages = self.send.iter_ones_from(page);
-            next = pages.next();
             while let Some(p) = next {
                 let encoded = Self::encode_one(
                     &mut writer,
@@ -1489,7 +1520,7 @@ impl<S: Strategy> Source<S> {
                     encoded.encoding,
                     (encoded.wire_bytes - wire::PAGE_ENTRY_LEN) as u64,
                 );
-                next = pages.next();
+                next = self.next_to_send(ch, p + 1);
             }
             let len = writer.finish();
             if len == 0 {
@@ -1502,10 +1533,77 @@ impl<S: Strategy> Source<S> {
             self.channels[ch].pages_in_round += entries;
         }
         match next {
-            Some(p) => self.cursor = p,
-            None => self.finish_walk(now, host)?,
+            Some(p) => self.set_walk_position(ch, p),
+            None => {
+                self.set_walk_position(ch, self.layout.page_count());
+                if self.walk_ends(ch) {
+                    self.finish_walk(now, host)?;
+                }
+            }
         }
         Ok(written)
+    }
+
+    /// The channel page `page` goes on under channel affinity.
+    fn affine_channel(&self, page: u64) -> usize {
+        ((page / AFFINITY_BLOCK_PAGES) % self.channels.len() as u64) as usize
+    }
+
+    /// Where channel `ch`'s walk of the round stands (the round's one walk without affinity).
+    fn walk_position(&self, ch: usize) -> u64 {
+        if self.config.channel_affinity {
+            self.channels[ch].cursor
+        } else {
+            self.cursor
+        }
+    }
+
+    fn set_walk_position(&mut self, ch: usize, page: u64) {
+        if self.config.channel_affinity {
+            self.channels[ch].cursor = page;
+        } else {
+            self.cursor = page;
+        }
+    }
+
+    /// Channel `ch`'s walk reached the end: whether the round's walk is over (every channel's,
+    /// under affinity).
+    fn walk_ends(&mut self, ch: usize) -> bool {
+        if !self.config.channel_affinity {
+            return true;
+        }
+        self.channels[ch].walked = true;
+        self.channels.iter().all(|c| c.walked)
+    }
+
+    /// Whether the round's walk has gone past `page` (it is sent, or waits for the next round).
+    fn walked_past(&self, page: u64) -> bool {
+        let ch = if self.config.channel_affinity {
+            self.affine_channel(page)
+        } else {
+            0
+        };
+        page < self.walk_position(ch)
+    }
+
+    /// The first page at or after `from` that the round sends on channel `ch`.
+    fn next_to_send(&self, ch: usize, from: u64) -> Option<u64> {
+        let mut at = from;
+        loop {
+            let p = self.send.iter_ones_from(at).next()?;
+            if !self.config.channel_affinity {
+                return Some(p);
+            }
+            let owner = self.affine_channel(p);
+            if owner == ch {
+                return Some(p);
+            }
+            // Skip to the next block dealt to `ch`.
+            let n = self.channels.len();
+            let block = p / AFFINITY_BLOCK_PAGES;
+            let ahead = ((ch + n - owner) % n) as u64;
+            at = (block + ahead) * AFFINITY_BLOCK_PAGES;
+        }
     }
 
     /// Before a batch of the current round: lets the strategy sample the dirty log, then says
@@ -1594,7 +1692,7 @@ impl<S: Strategy> Source<S> {
             return Some(p);
         }
         while let Some(p) = self.strategy.next_urgent_page() {
-            if p >= self.cursor && p < self.layout.page_count() && self.send.get(p) {
+            if !self.walked_past(p) && p < self.layout.page_count() && self.send.get(p) {
                 return Some(p);
             }
         }
@@ -1677,21 +1775,23 @@ impl<S: Strategy> Source<S> {
                 pages.push(p);
             }
         }
-        let mut walk = self.send.iter_ones_from(self.cursor);
-        let mut next = walk.next();
+        let mut next = self.next_to_send(ch, self.walk_position(ch));
         while let Some(p) = next {
             if pages.len() as u64 == most {
                 break;
             }
             pages.push(p);
-            next = walk.next();
+            next = self.next_to_send(ch, p + 1);
         }
+        let walk_over = next.is_none() && self.walk_ends(ch);
         match next {
-            Some(p) => self.cursor = p,
+            Some(p) => self.set_walk_position(ch, p),
             None => {
-                self.cursor = self.layout.page_count();
+                self.set_walk_position(ch, self.layout.page_count());
                 if pages.is_empty() {
-                    self.finish_walk(now, host)?;
+                    if walk_over {
+                        self.finish_walk(now, host)?;
+                    }
                     return Ok(None);
                 }
             }
@@ -1705,7 +1805,7 @@ impl<S: Strategy> Source<S> {
         self.round_report.pages += count;
         self.round_report.bytes += planned_bytes as u64;
         self.channels[ch].pages_in_round += count;
-        if next.is_none() {
+        if walk_over {
             self.finish_walk(now, host)?;
         }
         Ok(Some(PagePlan {

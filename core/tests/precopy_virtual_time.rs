@@ -2756,6 +2756,11 @@ struct MultiScenario {
     channels: u16,
     max_delay: Nanos,
     room: usize,
+    /// One content encoder per channel ([`content_encoder`]), pages planned and encoded per
+    /// channel ([`Source::poll_plan`]), as the std driver does; `None`: raw, `poll_transmit`.
+    codec: Option<usize>,
+    /// [`SessionConfig::channel_affinity`].
+    affinity: bool,
 }
 
 fn multi_scenario() -> impl Strategy<Value = MultiScenario> {
@@ -2795,6 +2800,8 @@ fn multi_scenario() -> impl Strategy<Value = MultiScenario> {
                     channels,
                     max_delay: Nanos::from_micros(delay_us),
                     room,
+                    codec: None,
+                    affinity: false,
                 }
             },
         )
@@ -2810,11 +2817,24 @@ fn run_multi(ms: &MultiScenario) -> (Source, Destination, SourceHost, DestHost) 
         layout,
         SessionConfig {
             channels: ms.channels,
-            session_id: sc.seed ^ 0xfeed,
+            session_id: if ms.codec.is_some() {
+                CODEC_SESSION
+            } else {
+                sc.seed ^ 0xfeed
+            },
+            channel_affinity: ms.affinity,
             ..SessionConfig::default()
         },
         PreCopy::new(sc.config),
     );
+    // Per-channel encoders: the engine's own only announces the content codecs.
+    let mut encoders: Option<Vec<Box<dyn memferry::codec::PageEncoder>>> = ms
+        .codec
+        .map(|which| (0..n).map(|_| content_encoder(which)).collect());
+    if encoders.is_some() {
+        source.set_encoder(Box::new(memferry::codec::Raw));
+    }
+    let mut scratch = Vec::new();
     let mut dest = Destination::new(dest_layout, DestinationConfig::default());
     let mut guest = SourceHost::new(sc);
     let mut target = DestHost::new(sc.dest_pages);
@@ -2843,11 +2863,33 @@ fn run_multi(ms: &MultiScenario) -> (Source, Destination, SourceHost, DestHost) 
         let mut sent_any = false;
         for ch in 0..n {
             for _ in 0..4 {
-                let k = source
-                    .poll_transmit(now, ch as u16, &mut buf, &mut guest)
-                    .unwrap_or_else(|e| {
-                        panic!("source failed: {e} (destination {:?})", dest.failure())
-                    });
+                let k = match encoders.as_mut() {
+                    None => source.poll_transmit(now, ch as u16, &mut buf, &mut guest),
+                    Some(encoders) => {
+                        match source.poll_plan(now, ch as u16, &mut buf, &mut guest) {
+                            Ok(memferry::session::Transmit::Plan(plan)) => {
+                                assert_eq!(plan.channel(), ch as u16);
+                                let outcome = plan
+                                    .encode(
+                                        &guest,
+                                        Some(encoders[ch].as_mut()),
+                                        &mut scratch,
+                                        &mut buf,
+                                    )
+                                    .expect("reading the test guest");
+                                let k = outcome.bytes;
+                                source.on_encoded(outcome);
+                                Ok(k)
+                            }
+                            Ok(memferry::session::Transmit::Bytes(k)) => Ok(k),
+                            Ok(other) => panic!("unexpected output {other:?}"),
+                            Err(e) => Err(e),
+                        }
+                    }
+                }
+                .unwrap_or_else(|e| {
+                    panic!("source failed: {e} (destination {:?})", dest.failure())
+                });
                 assert!(k <= buf.len());
                 if k == 0 {
                     break;
@@ -2954,11 +2996,81 @@ fn out_of_order_channels_really_deliver_stale_copies() {
         channels: 4,
         max_delay: Nanos::from_millis(50),
         room: wire::page_frame_len(PAGE),
+        codec: None,
+        affinity: false,
     };
     let (source, dest, guest, target) = run_multi(&ms);
     assert_eq!(source.status(), SourceStatus::Done);
     assert!(dest.stale_pages() > 0, "no copy arrived after a newer one");
     assert_eq!(&target.mem, guest.snapshot.as_ref().unwrap());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Stateful codecs (delta, delta + LZ4, dedup, adaptive) with one encoder per channel, the
+    /// channels each in order but delayed independently: with channel affinity every version of
+    /// a page goes through the same encoder and connection, and the destination equals the
+    /// source at switchover.
+    #[test]
+    fn stateful_codecs_over_several_channels_with_affinity_keep_the_destination_exact(
+        ms in multi_scenario(),
+        which in 1usize..5,
+        channels in 2u16..=4,
+    ) {
+        let ms = MultiScenario { channels, codec: Some(which), affinity: true, ..ms };
+        let (source, dest, guest, target) = run_multi(&ms);
+        prop_assert_eq!(source.status(), SourceStatus::Done);
+        prop_assert_eq!(dest.status(), DestinationStatus::Complete);
+        let r = source.report();
+        prop_assert_eq!(r.verified, Some(true));
+        let snapshot = guest.snapshot.as_ref().unwrap();
+        if let Some(page) = first_diff_page(&target.mem, snapshot) {
+            return Err(TestCaseError::fail(format!(
+                "destination page {page} differs from the source at switchover"
+            )));
+        }
+        let pages: u64 = r.encodings.slots().iter().map(|(_, s)| s.pages).sum();
+        prop_assert_eq!(pages, r.pages_sent);
+    }
+}
+
+/// The scenario of the affinity test below: a busy guest over four channels delayed up to
+/// 20 ms, ten rounds, XBZRLE deltas (encoder 1) per channel.
+fn busy_delta_channels(affinity: bool) -> MultiScenario {
+    let mut sc = busy_scenario(256);
+    // Ten rounds that resend the hot set: deltas from round 3 on.
+    sc.config.stop.max_rounds = 10;
+    MultiScenario {
+        sc,
+        channels: 4,
+        max_delay: Nanos::from_millis(20),
+        room: wire::page_frame_len(PAGE),
+        codec: Some(1),
+        affinity,
+    }
+}
+
+/// Affinity is what makes per-channel deltas right: without it the same busy migration sends a
+/// page's versions through different encoders and connections, and the destination ends up
+/// wrong (or refuses a delta); with it, exact, and deltas really went out.
+#[test]
+fn per_channel_deltas_need_channel_affinity() {
+    let (source, _, guest, target) = run_multi(&busy_delta_channels(true));
+    assert_eq!(source.status(), SourceStatus::Done);
+    assert_eq!(&target.mem, guest.snapshot.as_ref().unwrap());
+    assert!(source.report().encodings.delta.pages > 0, "no delta sent");
+
+    // The run without affinity is expected to fail (the destination refuses a delta, and the
+    // test loop panics with its reason, which the test output shows).
+    let without = std::panic::catch_unwind(|| {
+        let (source, _, guest, target) = run_multi(&busy_delta_channels(false));
+        source.report().verified == Some(true) && &target.mem == guest.snapshot.as_ref().unwrap()
+    });
+    assert!(
+        !matches!(without, Ok(true)),
+        "without affinity the per-channel deltas still gave an exact destination: the affinity test proves nothing"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

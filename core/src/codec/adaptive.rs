@@ -409,6 +409,10 @@ impl PageEncoder for Adaptive {
         "adaptive"
     }
 
+    fn keeps_state(&self) -> bool {
+        self.dedup.is_some() || self.delta.is_some()
+    }
+
     fn encode(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<(Encoding, usize)> {
         let limit = out.len().min(page.len().saturating_sub(1));
         let out = &mut out[..limit];

@@ -407,6 +407,10 @@ impl PageEncoder for DedupEncoder {
         "dedup"
     }
 
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
     fn encode(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<(Encoding, usize)> {
         let n = self.encode_reference(index, page, out)?;
         Some((Encoding::REFERENCE, n))

@@ -194,6 +194,10 @@ impl PageEncoder for DeltaLz4Encoder {
         "xbzrle+lz4"
     }
 
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
     fn encode(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<(Encoding, usize)> {
         let limit = out.len().min(page.len().saturating_sub(1));
         let n = self.delta.encode_delta(index, page, &mut out[..limit])?;

@@ -74,6 +74,14 @@ pub trait PageEncoder: Send {
     fn sent_zero(&mut self, index: u64) {
         let _ = index;
     }
+
+    /// Whether the encoder keeps a picture of what the destination holds (a delta cache, a
+    /// dedup index): then every version of a page must go through this same encoder, in order,
+    /// and over one connection. With one such encoder per channel, the session must deal pages
+    /// to channels by [`crate::session::SessionConfig::channel_affinity`]. Default: no.
+    fn keeps_state(&self) -> bool {
+        false
+    }
 }
 
 /// Turns a payload back into a page.

@@ -632,6 +632,10 @@ impl PageEncoder for DeltaEncoder {
         "xbzrle"
     }
 
+    fn keeps_state(&self) -> bool {
+        true
+    }
+
     fn encode(&mut self, index: u64, page: &[u8], out: &mut [u8]) -> Option<(Encoding, usize)> {
         // Strictly shorter than the page, or the page goes raw anyway.
         let limit = out.len().min(page.len().saturating_sub(1));
