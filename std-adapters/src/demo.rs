@@ -4,7 +4,9 @@
 //! - [`prepare_source`]: maps and fills a guest, and starts a workload writing into it.
 //! - [`migrate`]: runs the pre-copy source over a transport until the destination verified it.
 //! - [`serve`]: accepts one migration on a destination, sized by the source's hello;
-//!   [`serve_listener`]: the same on a TCP listener open to strangers (limits and timeouts).
+//!   [`serve_listener`]: the same on a TCP listener open to strangers (limits and timeouts);
+//!   [`receive_listener`] returns with the guest what the destination saw ([`Received`]: pages
+//!   per encoding, decoding CPU time, what a kept image offered).
 //! - [`run_demo`]: both sides in one process, over TCP on 127.0.0.1 or an in-process loopback.
 
 use std::borrow::Cow;

@@ -15,7 +15,8 @@
 //!   size the guest and order the channels before it builds the destination.
 //! - [`EncodeTimes`]: the CPU time of the source's encoders per encoding they produced, which
 //!   [`run_source_encoding`] measures (the core has no clock) for the report's
-//!   `encodings.*.cpu_nanos`.
+//!   `encodings.*.cpu_nanos`; [`DecodeTimes`]: the same for a destination's decoders
+//!   ([`timed_destination_decoders`]) and the known content it reads.
 //!
 //! Errors keep their first cause: an engine error is returned as it is; a transport failure
 //! cancels the engine (a paused source guest resumes before the commit point) and is returned
@@ -962,7 +963,7 @@ impl PageEncoder for TimedEncoder {
 /// the totals once the destination holding the wrappers is gone).
 ///
 /// What is timed: the decoders ([`DecodeTimes::timed`]: LZ4, XBZRLE delta, delta + LZ4, zstd,
-/// [`destination_decoders`]), and for hash-first the reading of known content from the store
+/// [`timed_destination_decoders`]), and for hash-first the reading of known content from the store
 /// or image ([`DecodeTimes::timed_content`]; the engine's check of its hash is not in it). Raw
 /// and zero pages are not decoded (their cost is the write into guest memory), and references
 /// are resolved by the engine: those slots stay 0.
