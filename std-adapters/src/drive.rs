@@ -955,6 +955,10 @@ impl PageEncoder for TimedEncoder {
     fn sent_zero(&mut self, index: u64) {
         self.inner.sent_zero(index);
     }
+
+    fn keeps_state(&self) -> bool {
+        self.inner.keeps_state()
+    }
 }
 
 /// The CPU time a destination spends decoding pages, per encoding, measured with the real
@@ -1358,6 +1362,12 @@ mod tests {
         let times = EncodeTimes::new();
         let mut a = times.timed(Box::new(Alternate));
         assert_eq!(a.name(), "alternate");
+        // What the engine asks of the encoder is the wrapped one's answer.
+        assert!(!a.keeps_state());
+        let delta = memferry::codec::xbzrle::DeltaEncoder::new(
+            memferry::codec::xbzrle::XbzrleCache::new(1 << 20, 4096),
+        );
+        assert!(times.timed(Box::new(delta)).keeps_state());
         let page = vec![7u8; 4096];
         let mut out = vec![0u8; 4096];
         // Fewer calls than a batch: nothing published yet, no store on the way.
