@@ -7,10 +7,12 @@
 //! `FEATURE_CONTENT` is agreed. zstd is added here with its own encoding number
 //! ([`ZSTD`]); a destination decodes it when built with [`destination_decoders`].
 //!
-//! Stateful codecs (delta, adaptive) keep a picture of what the destination holds, so a page's
-//! delta must follow the copy it builds on over the same connection: they need one channel
-//! ([`CodecChoice::check_channels`]). LZ4 and zstd are stateless and run on every channel's
-//! writer thread.
+//! Every codec runs on every channel's writer thread, one encoder per channel. Stateful codecs
+//! (delta, adaptive) keep a picture of what the destination holds, so a page's delta must follow
+//! the copy it builds on over the same connection: over several channels the session deals each
+//! page always to the same channel (`SessionConfig::channel_affinity`, which the driver turns
+//! on when its encoders keep state), and each channel's encoder gets its share of the delta
+//! cache and dedup index ([`CodecOptions::per_channel`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -68,16 +70,18 @@ impl CodecChoice {
         }
     }
 
-    /// Whether the codec keeps state about what the destination holds (one channel only).
+    /// Whether the codec keeps state about what the destination holds (over several channels,
+    /// pages then keep to one channel each).
     pub fn stateful(self) -> bool {
         matches!(self, CodecChoice::Delta | CodecChoice::Adaptive)
     }
 
-    /// A clear error if the codec cannot run over `channels` connections.
+    /// A clear error if the codec cannot run over `channels` connections: every codec runs on
+    /// 1 to 255 (stateful ones with each page kept to one channel).
     pub fn check_channels(self, channels: u16) -> Result<(), String> {
-        if self.stateful() && channels > 1 {
+        if channels == 0 {
             return Err(format!(
-                "--codec {} needs one channel: a page's delta or reference must follow the copy it builds on over the same connection (lz4 and zstd run on any number)",
+                "--codec {} needs at least one channel",
                 self.name()
             ));
         }
@@ -127,6 +131,18 @@ impl Default for CodecOptions {
 }
 
 impl CodecOptions {
+    /// The options for each of `channels` encoders: a stateful codec's delta cache and dedup
+    /// index are split among them (each channel's encoder holds only its own pages), so the
+    /// memory they take is what the options say whatever the channel count.
+    pub fn per_channel(&self, channels: u16) -> CodecOptions {
+        let n = channels.max(1) as usize;
+        CodecOptions {
+            delta_cache_bytes: self.delta_cache_bytes / n,
+            dedup_entries: self.dedup_entries.div_ceil(n),
+            ..*self
+        }
+    }
+
     /// The encoder for one channel of a migration with session id `session_id` (the dedup
     /// hash's seed: the destination checks references with it), or `None` for raw pages.
     /// `rates`: measured encoder and link figures for the adaptive codec ([`calibrate`]).
@@ -404,7 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn choices_parse_and_stateful_ones_need_one_channel() {
+    fn choices_parse_and_run_on_any_channel_count() {
         for c in CodecChoice::ALL {
             assert_eq!(c.name().parse::<CodecChoice>().unwrap(), c);
         }
@@ -412,10 +428,17 @@ mod tests {
             .parse::<CodecChoice>()
             .unwrap_err()
             .contains("none, lz4"));
-        assert!(CodecChoice::Delta.check_channels(2).is_err());
-        assert!(CodecChoice::Adaptive.check_channels(4).is_err());
-        assert!(CodecChoice::Lz4.check_channels(4).is_ok());
-        assert!(CodecChoice::Delta.check_channels(1).is_ok());
+        for c in CodecChoice::ALL {
+            assert!(c.check_channels(1).is_ok() && c.check_channels(4).is_ok());
+            assert!(c.check_channels(0).is_err());
+        }
+        let split = CodecOptions::default().per_channel(4);
+        assert_eq!(split.delta_cache_bytes, (64 << 20) / 4);
+        assert_eq!(split.dedup_entries, (1 << 20) / 4);
+        assert_eq!(
+            CodecOptions::default().per_channel(0),
+            CodecOptions::default()
+        );
         let opts = CodecOptions {
             choice: CodecChoice::Zstd,
             zstd_level: 99,
@@ -438,7 +461,7 @@ mod tests {
             page: memferry::page::PageIndex,
             buf: &mut [u8],
         ) -> Result<(), memferry::error::HostError> {
-            if page.0 % self.every == 0 {
+            if page.0.is_multiple_of(self.every) {
                 buf.copy_from_slice(&text_page(page.0));
             } else {
                 buf.fill(0);

@@ -201,9 +201,10 @@ pub fn migrate_with(
         );
         crate::codec::adaptive_rates(&sample, link, options.link_estimate, channels.len() as u32)
     });
+    // One encoder per channel, each with its share of the delta cache and dedup index.
+    let per_channel = options.codec.per_channel(channels.len() as u16);
     let encoders = drive::encoders_for(channels.len(), || {
-        options
-            .codec
+        per_channel
             .encoder(session.session_id, page_size, rates.as_ref())
             .map_err(JobError::Setup)
     })?;
@@ -1243,7 +1244,8 @@ pub mod kvm {
             );
             crate::codec::adaptive_rates(&sample, link, probed, channels.len() as u32)
         });
-        let encoder_for = |session: u64| codec.encoder(session, page_size, rates.as_ref());
+        let per_channel = codec.per_channel(channels.len() as u16);
+        let encoder_for = |session: u64| per_channel.encoder(session, page_size, rates.as_ref());
         Ok(run::migrate_source_with(
             &mut guest.source,
             config,

@@ -740,6 +740,11 @@ where
         // The engine offers the codec's features; the writer threads encode.
         engine.set_encoder(Box::new(memferry::codec::Raw));
     }
+    if encoders.iter().any(|e| e.keeps_state()) {
+        // Each channel's encoder must see every version of its pages, in order on its
+        // connection: pages keep to one channel each.
+        engine.set_channel_affinity(true);
+    }
     run_source_with_encoders(engine, host, memory, channels, encoders, clock, on_round)?;
     Ok(times.totals())
 }

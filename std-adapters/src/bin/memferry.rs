@@ -670,10 +670,11 @@ struct MigrationArgs {
     /// No per-round progress on stderr.
     #[arg(long)]
     quiet: bool,
-    /// Page codec: none, lz4, zstd (any channel count), delta (XBZRLE against the copy sent
-    /// in an earlier round, LZ4 on the delta when shorter) or adaptive (per page: a reference
-    /// to content sent before, a delta, LZ4 or raw, and only encoders that keep up with the
-    /// link); delta and adaptive need --channels 1.
+    /// Page codec: none, lz4, zstd, delta (XBZRLE against the copy sent in an earlier round,
+    /// LZ4 on the delta when shorter) or adaptive (per page: a reference to content sent
+    /// before, a delta, LZ4 or raw, and only encoders that pay for themselves). Every codec
+    /// runs one encoder per channel; with delta and adaptive each page keeps to one channel,
+    /// and the delta cache and dedup index are split among the channels.
     #[arg(long, default_value = "none")]
     codec: memferry_std::codec::CodecChoice,
     /// Bytes of earlier page versions the source keeps for deltas.
