@@ -1270,6 +1270,14 @@ impl<P: PagePolicy> Destination<P> {
                 &self.scratch
             }
             other => {
+                // Every other encoding is a content codec: only once both sides agreed to them
+                // (`FEATURE_CONTENT`), whatever decoders the caller registered beforehand.
+                if self.reference_hasher.is_none() {
+                    return Err(MigrationError::BadPagePayload {
+                        page: index,
+                        reason: "a content encoding the source did not negotiate",
+                    });
+                }
                 let Some(decoder) = self.decoders.iter_mut().find(|d| d.encoding() == other) else {
                     return Err(MigrationError::BadPagePayload {
                         page: index,

@@ -2324,6 +2324,39 @@ fn expect_rejected_on(
     host
 }
 
+/// A content encoding (LZ4 here) is decoded only once the hello agreed to content codecs, even
+/// if the caller registered a decoder for it before the hello (as the std destination does to
+/// time its decoders): without `FEATURE_CONTENT` the page is refused, not written.
+#[test]
+fn content_encodings_need_the_feature_whatever_decoders_are_registered() {
+    let page: Vec<u8> = (0..PAGE).map(|i| (i / 64) as u8).collect();
+    let mut packed = vec![0u8; PAGE];
+    let n = memferry::codec::lz4::Lz4Compressor::default()
+        .compress(&page, &mut packed)
+        .expect("a compressible page");
+    let frame = pages_frame(1, &[(0, Encoding::LZ4, &packed[..n])]);
+    for features in [wire::FEATURE_CHECKSUM, wire::FEATURE_CHECKSUM | wire::FEATURE_CONTENT] {
+        let layout = MemoryLayout::single(Geometry::new(PageSize::DEFAULT, 2).unwrap());
+        let mut rx = Destination::new(layout, DestinationConfig::default())
+            .with_decoder(Box::new(memferry::codec::lz4::Lz4Decoder));
+        let mut host = DestHost::new(2);
+        let hello = hello_with(PROTOCOL_VERSION, 12, 1, features, &one_region(2));
+        rx.handle_input(Nanos::ZERO, 0, &hello, &mut host).unwrap();
+        let got = rx.handle_input(Nanos::ZERO, 0, &frame, &mut host);
+        if features & wire::FEATURE_CONTENT != 0 {
+            got.unwrap();
+            assert_eq!(&host.mem[..PAGE], &page[..]);
+        } else {
+            let err = got.unwrap_err();
+            assert!(
+                matches!(err, MigrationError::BadPagePayload { page: 0, reason } if reason.contains("did not negotiate")),
+                "{err:?}"
+            );
+            assert_eq!(host.page_writes, 0);
+        }
+    }
+}
+
 fn expect_rejected(
     pages: u64,
     parts: &[Vec<u8>],
