@@ -2335,7 +2335,10 @@ fn content_encodings_need_the_feature_whatever_decoders_are_registered() {
         .compress(&page, &mut packed)
         .expect("a compressible page");
     let frame = pages_frame(1, &[(0, Encoding::LZ4, &packed[..n])]);
-    for features in [wire::FEATURE_CHECKSUM, wire::FEATURE_CHECKSUM | wire::FEATURE_CONTENT] {
+    for features in [
+        wire::FEATURE_CHECKSUM,
+        wire::FEATURE_CHECKSUM | wire::FEATURE_CONTENT,
+    ] {
         let layout = MemoryLayout::single(Geometry::new(PageSize::DEFAULT, 2).unwrap());
         let mut rx = Destination::new(layout, DestinationConfig::default())
             .with_decoder(Box::new(memferry::codec::lz4::Lz4Decoder));
