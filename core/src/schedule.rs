@@ -262,8 +262,9 @@ pub struct Scheduler {
     settling: u32,
     /// Why the last decision was taken, in words (for the report).
     why: String,
-    /// Wire bytes a dirty page costs, measured on the last round that sent enough pages with
-    /// a payload ([`MIN_COST_PAGES`]); `None` until then (a raw page is assumed).
+    /// Wire bytes a dirty page costs, measured on the last round after the first that sent
+    /// enough pages with a payload ([`MIN_COST_PAGES`]); `None` until then (a raw page is
+    /// assumed).
     page_cost: Option<u64>,
 }
 
@@ -384,7 +385,10 @@ impl Scheduler {
         // A page a codec shrinks costs its encoded size, in the same unit as the bandwidth:
         // counting it raw against a rate of encoded bytes would overstate the downtime by the
         // compression ratio (20x on a mostly idle guest) and call a converging guest outpaced.
-        if outcome.payload_pages >= MIN_COST_PAGES {
+        // Round 1 says little about later rounds: it sends content the destination already
+        // holds as 16-byte hashes (hash-first) and has no earlier copy to send deltas against.
+        // From round 2 on, a round's pages are dirty pages, as the downtime's are.
+        if outcome.round >= 2 && outcome.payload_pages >= MIN_COST_PAGES {
             self.page_cost = Some(
                 outcome
                     .bytes
@@ -573,6 +577,18 @@ mod tests {
         );
         assert_eq!(shrunk.page_cost(), Some(100));
         assert_eq!(shrunk.estimated_downtime(), Nanos::from_millis(2));
+        // Round 1 does not measure (hash-first pages, no deltas yet).
+        let mut first = Scheduler::new(RatePlan::default(), rules);
+        first.end_round(
+            RoundOutcome {
+                round: 1,
+                ..round(2000, 10_000)
+            },
+            Nanos::from_secs(1),
+            4096,
+            None,
+        );
+        assert_eq!(first.page_cost(), None);
         // A page never costs more than raw, and a round of few pages does not measure.
         let mut few = Scheduler::new(RatePlan::default(), rules);
         few.end_round(round(2000, 10), Nanos::from_secs(1), 4096, None);
