@@ -49,6 +49,13 @@ const LO: u64 = 0x0101_0101_0101_0101;
 const HI: u64 = 0x8080_8080_8080_8080;
 
 #[inline(always)]
+fn half(s: &[u8], at: usize) -> u128 {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&s[at..at + 16]);
+    u128::from_le_bytes(a)
+}
+
+#[inline(always)]
 fn word(s: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&s[at..at + 8]);
@@ -65,22 +72,15 @@ fn skip_equal(old: &[u8], new: &[u8], i: usize) -> usize {
     let mut oc = o.chunks_exact(32);
     let mut nc = n.chunks_exact(32);
     for (a, b) in (&mut oc).zip(&mut nc) {
-        let x0 = word(a, 0) ^ word(b, 0);
-        let x1 = word(a, 8) ^ word(b, 8);
-        let x2 = word(a, 16) ^ word(b, 16);
-        let x3 = word(a, 24) ^ word(b, 24);
-        if (x0 | x1 | x2 | x3) != 0 {
-            // Little-endian loads: the lowest set bit is in the first differing byte.
-            return at
-                + if x0 != 0 {
-                    (x0.trailing_zeros() / 8) as usize
-                } else if x1 != 0 {
-                    8 + (x1.trailing_zeros() / 8) as usize
-                } else if x2 != 0 {
-                    16 + (x2.trailing_zeros() / 8) as usize
-                } else {
-                    24 + (x3.trailing_zeros() / 8) as usize
-                };
+        let lo = half(a, 0) ^ half(b, 0);
+        let hi = half(a, 16) ^ half(b, 16);
+        if (lo | hi) != 0 {
+            // Little-endian loads: the lowest set bit is in the first differing byte. Both
+            // halves' counts are taken and one is selected (a conditional move, not a branch:
+            // where a run ends is random, and a chain of tests mispredicted once a run).
+            let (tl, th) = (lo.trailing_zeros(), 128 + hi.trailing_zeros());
+            let bit = if lo != 0 { tl } else { th };
+            return at + (bit / 8) as usize;
         }
         at += 32;
     }
