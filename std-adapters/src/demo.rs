@@ -493,36 +493,7 @@ fn accept_until(
     Ok((stream, peer))
 }
 
-/// What a destination saw of the migration it received (issue 17's accounting, the
-/// destination's side): pages and bytes per encoding, the CPU time its decoders spent, and how
-/// long it took.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct ReceiveStats {
-    /// Page copies received per encoding (re-sends and stale copies included), their payload
-    /// bytes, and the CPU time spent decoding them (`cpu_nanos`: an estimate from 1 call in
-    /// [`drive::TIME_ONE_IN`] timed, [`drive::DecodeTimes`]; 0 for raw, zero and reference
-    /// pages, which no decoder handles; for known pages, reading them from the store or image).
-    pub encodings: memferry::report::EncodingUse,
-    /// Bytes of frames received, headers included.
-    pub bytes_received: u64,
-    /// From the hello's arrival to the end of the migration.
-    pub elapsed: Duration,
-    /// Hash-first: how long reading and hashing the offered content for the announcement took
-    /// (before round 1); zero when no content was announced.
-    pub content_index: Duration,
-}
-
-impl ReceiveStats {
-    /// CPU time spent decoding, every encoding's together, in nanoseconds.
-    pub fn decode_cpu_nanos(&self) -> u64 {
-        self.encodings.cpu_nanos()
-    }
-
-    /// Page copies received, every encoding's together.
-    pub fn pages_received(&self) -> u64 {
-        self.encodings.slots().iter().map(|(_, s)| s.pages).sum()
-    }
-}
+pub use crate::drive::ReceiveStats;
 
 /// A migration a destination received: the guest, and what it saw.
 pub struct Received {

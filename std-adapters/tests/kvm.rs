@@ -462,7 +462,9 @@ fn listen_kvm_and_send_kvm_migrate_a_guest_between_two_processes() {
         "0",
     ];
     let sent = Command::new(bin)
-        .args(["send", &addr, "--kvm", "--json", "--quiet"])
+        .args([
+            "send", &addr, "--kvm", "--json", "--quiet", "--codec", "lz4",
+        ])
         .args(args)
         .output()
         .unwrap();
@@ -478,6 +480,31 @@ fn listen_kvm_and_send_kvm_migrate_a_guest_between_two_processes() {
     assert!(out.status.success());
     let received: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(received["finished"], true);
+    // What the listener counted per encoding is what the source sent, and it timed its LZ4
+    // decoder.
+    let slots = [
+        "raw",
+        "zero",
+        "lz4",
+        "delta",
+        "delta_lz4",
+        "reference",
+        "known",
+        "other",
+    ];
+    let count = |v: &serde_json::Value, slot: &str| v["encodings"][slot]["pages"].as_u64().unwrap();
+    for slot in slots {
+        assert_eq!(count(&received, slot), count(&report, slot), "{slot}");
+    }
+    let total: u64 = slots.iter().map(|s| count(&received, s)).sum();
+    assert_eq!(received["pages_received"].as_u64(), Some(total));
+    assert_eq!(report["pages_sent"].as_u64(), Some(total));
+    assert!(
+        count(&received, "lz4") > 0,
+        "no LZ4 page: {}",
+        received["encodings"]
+    );
+    assert!(received["decode"]["lz4"]["cpu_nanos"].as_u64().unwrap() > 0);
     let config = GuestConfig {
         memory: 64 << 20,
         seed: 5,

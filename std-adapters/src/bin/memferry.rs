@@ -2191,25 +2191,43 @@ fn kvm_listen(
         std::time::Duration::from_secs(24 * 3600),
     );
     let status = received.machine.status();
+    let stats = &received.stats;
     if json {
-        println!(
+        let mut view = serde_json::json!({
+            "verified": verified,
+            "guest": "kvm",
+            "memory_bytes": layout.geometry().memory_bytes(),
+            "regions": layout.regions().len(),
+            "zero_pages_skipped": received.host.zero_pages_skipped(),
+            "finished": finished.is_ok(),
+            "final_hash": status.map(|s| format!("{:#018x}", s.hash)),
+            "writes": status.map(|s| s.progress),
+            "encodings": stats.encodings,
+            "known_pages": stats.encodings.known.pages,
+        });
+        if let (Some(o), Ok(serde_json::Value::Object(more))) = (
+            view.as_object_mut(),
+            serde_json::to_value(destination_json(stats)),
+        ) {
+            o.extend(more);
+        }
+        println!("{view}");
+    } else {
+        print!(
             "{}",
-            serde_json::json!({
-                "verified": verified,
-                "guest": "kvm",
-                "memory_bytes": layout.geometry().memory_bytes(),
-                "regions": layout.regions().len(),
-                "zero_pages_skipped": received.host.zero_pages_skipped(),
-                "finished": finished.is_ok(),
-                "final_hash": status.map(|s| format!("{:#018x}", s.hash)),
-                "writes": status.map(|s| s.progress),
-            })
+            output::received_lines(
+                &stats.encodings,
+                stats.bytes_received,
+                stats.elapsed,
+                stats.content_index
+            )
         );
-    } else if let (Ok(()), Some(s)) = (&finished, status) {
-        println!(
-            "the guest finished here after {} writes in all; final hash {:#018x}",
-            s.progress, s.hash
-        );
+        if let (Ok(()), Some(s)) = (&finished, status) {
+            println!(
+                "the guest finished here after {} writes in all; final hash {:#018x}",
+                s.progress, s.hash
+            );
+        }
     }
     match finished {
         Ok(()) if verified => ExitCode::SUCCESS,

@@ -131,6 +131,9 @@ pub struct Received {
     pub verdict: Option<Verdict>,
     /// When the hello arrived.
     pub hello_at: Instant,
+    /// Pages and bytes per encoding, decoding CPU time, and the time from the hello to the
+    /// guest running here.
+    pub stats: drive::ReceiveStats,
 }
 
 /// Receives one migration: reads the hello from (`reader`, `writer`), refuses a guest larger
@@ -182,19 +185,32 @@ pub fn receive_with(
     let (machine, vcpus) = DestinationMachine::create(&layout)?;
     let mut host = KvmDestination::new(machine.vm.fd().clone(), machine.memory()?, vcpus);
     prepare(&mut host);
-    #[allow(unused_mut)]
     let mut destination = Destination::new(layout, DestinationConfig::default());
-    #[cfg(feature = "zstd")]
-    for decoder in crate::codec::destination_decoders() {
+    // Every decoder timed (the core has no clock): registered before the hello, they stand in
+    // for the engine's own.
+    let times = drive::DecodeTimes::new();
+    for decoder in drive::timed_destination_decoders(&times) {
         destination = destination.with_decoder(decoder);
     }
     let clock = Clock::new();
     drive::run_destination(&mut destination, &mut host, channels, &clock)?;
+    let verdict = destination.verdict();
+    let mut encodings = destination.encodings_received();
+    let bytes_received = destination.bytes_received();
+    // The timed decoders publish their last counts when dropped.
+    drop(destination);
+    encodings.merge_cpu(&times.totals());
     Ok(Received {
         machine,
-        verdict: destination.verdict(),
+        verdict,
         host,
         hello_at,
+        stats: drive::ReceiveStats {
+            encodings,
+            bytes_received,
+            elapsed: hello_at.elapsed(),
+            content_index: std::time::Duration::ZERO,
+        },
     })
 }
 
