@@ -81,8 +81,8 @@ pub fn migrate_source(
 /// seeds the dedup hash), or `None` for raw pages.
 pub type EncoderFor<'a> = dyn Fn(u64) -> Result<Option<Box<dyn PageEncoder>>, String> + 'a;
 
-/// [`migrate_source`] with a page codec: `encoder_for` makes each channel's encoder (stateful
-/// codecs need one channel).
+/// [`migrate_source`] with a page codec: `encoder_for` makes each channel's encoder (with
+/// stateful ones, each page keeps to one channel: the driver turns on channel affinity).
 pub fn migrate_source_with(
     source: &mut KvmSource,
     config: PreCopyConfig,
