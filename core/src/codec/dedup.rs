@@ -35,6 +35,7 @@
 //! go through the same encoder, in order, on one channel (as for XBZRLE).
 
 use alloc::collections::VecDeque;
+use alloc::vec::Vec;
 use core::fmt;
 
 use hashbrown::HashMap;
@@ -237,12 +238,17 @@ pub struct DedupStats {
 }
 
 /// The content index: hash → first page that carried it, bounded to `capacity` entries (the
-/// oldest is dropped first). About 100 bytes per entry.
+/// oldest is dropped first). About 100 bytes per entry, and a bit per page index up to the
+/// highest indexed (page indices are the guest's dense ones: 32 KiB per GiB of 4 KiB pages).
 pub struct DedupIndex {
     hasher: ContentHasher,
     capacity: usize,
     by_hash: HashMap<u128, u64>,
     by_page: HashMap<u64, u128>,
+    /// One bit per page index: set while `by_page` holds the page. Most pages sent are not in
+    /// the index (all of them but a sample while full dedup is off), and a bit test saves them
+    /// a probe of a map too large for the cache.
+    in_page_map: Vec<u64>,
     order: VecDeque<(u128, u64)>,
     stats: DedupStats,
 }
@@ -255,6 +261,7 @@ impl DedupIndex {
             capacity,
             by_hash: HashMap::new(),
             by_page: HashMap::new(),
+            in_page_map: Vec::new(),
             order: VecDeque::new(),
             stats: DedupStats::default(),
         }
@@ -280,6 +287,28 @@ impl DedupIndex {
         self.stats
     }
 
+    fn page_indexed(&self, index: u64) -> bool {
+        let word = (index / 64) as usize;
+        self.in_page_map
+            .get(word)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    fn mark_page(&mut self, index: u64, on: bool) {
+        let word = (index / 64) as usize;
+        if word >= self.in_page_map.len() {
+            if !on {
+                return;
+            }
+            self.in_page_map.resize(word + 1, 0);
+        }
+        if on {
+            self.in_page_map[word] |= 1 << (index % 64);
+        } else {
+            self.in_page_map[word] &= !(1 << (index % 64));
+        }
+    }
+
     /// The page that carried content `hash`, if indexed.
     pub fn lookup(&mut self, hash: u128) -> Option<u64> {
         let hit = self.by_hash.get(&hash).copied();
@@ -294,6 +323,10 @@ impl DedupIndex {
     /// Page `index` no longer holds the content it was indexed with (sent again as zero, or
     /// with content not indexed).
     pub fn forget(&mut self, index: u64) {
+        if !self.page_indexed(index) {
+            return;
+        }
+        self.mark_page(index, false);
         if let Some(old) = self.by_page.remove(&index) {
             if self.by_hash.get(&old) == Some(&index) {
                 self.by_hash.remove(&old);
@@ -305,7 +338,7 @@ impl DedupIndex {
     /// Page `index` was sent with content `hash` (not as a reference): index it, unless that
     /// content is already indexed under another page.
     pub fn record(&mut self, index: u64, hash: u128) {
-        if self.by_page.get(&index) == Some(&hash) {
+        if self.page_indexed(index) && self.by_page.get(&index) == Some(&hash) {
             return;
         }
         self.forget(index);
@@ -319,11 +352,13 @@ impl DedupIndex {
             if self.by_hash.get(&h) == Some(&i) {
                 self.by_hash.remove(&h);
                 self.by_page.remove(&i);
+                self.mark_page(i, false);
                 self.stats.evicted += 1;
             }
         }
         self.by_hash.insert(hash, index);
         self.by_page.insert(index, hash);
+        self.mark_page(index, true);
         self.order.push_back((hash, index));
         // Entries invalidated in place leave their order records behind; drop them when they
         // outnumber the live ones, so memory stays bounded.
