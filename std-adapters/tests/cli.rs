@@ -663,7 +663,7 @@ fn every_codec_migrates_exactly_and_reports_its_encodings() {
             v["bytes_sent"], raw_bytes
         );
     }
-    // Stateful codecs run on several channels too (tests/codec_channels.rs).
+    // Stateful codecs run on several channels too (tests/accounting/codec_channels.rs).
     let err = run_err(&["demo", "--codec", "brotli"]);
     assert!(err.contains("unknown codec"), "{err}");
 }

@@ -850,6 +850,22 @@ fn destination_json(r: &demo::ReceiveStats) -> output::DestinationJson {
     output::DestinationJson::new(&r.encodings, r.bytes_received, r.elapsed, r.content_index)
 }
 
+/// Adds what a listener received to its JSON summary `view`: `encodings`, `known_pages` and
+/// the destination fields (`pages_received`, `decode_cpu_nanos`, `decode`, …).
+fn add_received_json(view: &mut serde_json::Value, stats: &demo::ReceiveStats) {
+    let Some(o) = view.as_object_mut() else {
+        return;
+    };
+    o.insert("encodings".into(), serde_json::json!(stats.encodings));
+    o.insert(
+        "known_pages".into(),
+        serde_json::json!(stats.encodings.known.pages),
+    );
+    if let Ok(serde_json::Value::Object(more)) = serde_json::to_value(destination_json(stats)) {
+        o.extend(more);
+    }
+}
+
 /// `memferry listen`'s summary of what it received: the guest, pages and bytes per encoding,
 /// decoding CPU time, time from the hello to the end, and what a kept image offered.
 fn print_received(received: &demo::Received, json: bool) {
@@ -862,17 +878,10 @@ fn print_received(received: &demo::Received, json: bool) {
             "memory_bytes": g.memory_bytes(),
             "page_size": g.page_size().bytes(),
             "device_state_bytes": host.device_state().map_or(0, |s| s.len()),
-            "encodings": stats.encodings,
-            "known_pages": stats.encodings.known.pages,
         });
-        if let (Some(o), Ok(serde_json::Value::Object(more))) = (
-            view.as_object_mut(),
-            serde_json::to_value(destination_json(stats)),
-        ) {
-            o.extend(more);
-            if let Some(reuse) = &received.reuse {
-                o.insert("reuse".into(), keep_json(reuse));
-            }
+        add_received_json(&mut view, stats);
+        if let (Some(o), Some(reuse)) = (view.as_object_mut(), &received.reuse) {
+            o.insert("reuse".into(), keep_json(reuse));
         }
         println!("{view}");
         return;
@@ -2202,15 +2211,8 @@ fn kvm_listen(
             "finished": finished.is_ok(),
             "final_hash": status.map(|s| format!("{:#018x}", s.hash)),
             "writes": status.map(|s| s.progress),
-            "encodings": stats.encodings,
-            "known_pages": stats.encodings.known.pages,
         });
-        if let (Some(o), Ok(serde_json::Value::Object(more))) = (
-            view.as_object_mut(),
-            serde_json::to_value(destination_json(stats)),
-        ) {
-            o.extend(more);
-        }
+        add_received_json(&mut view, stats);
         println!("{view}");
     } else {
         print!(

@@ -3,8 +3,6 @@
 //! encoding (`encodings.*.cpu_nanos`), non-zero exactly for the encodings the encoders
 //! produced, in the JSON and in the human output.
 
-#![cfg(feature = "cli")]
-
 use memferry::strategy::PreCopyConfig;
 use memferry::time::ByteRate;
 use memferry_std::codec::{CodecChoice, CodecOptions};

@@ -3,8 +3,6 @@
 //! per channel's writer thread, each page kept to one channel (channel affinity), and the
 //! destination's memory equals the source's at switchover (the digests match).
 
-#![cfg(feature = "cli")]
-
 fn demo_json(args: &[&str]) -> serde_json::Value {
     let mut all = vec![
         "demo", "--guest", "process", "--memory", "64MiB", "--json", "--quiet",

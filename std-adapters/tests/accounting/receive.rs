@@ -4,8 +4,6 @@
 //! the host that kept it) and says what its keep rules kept; the demo's JSON carries the
 //! destination's decoding time.
 
-#![cfg(feature = "cli")]
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
