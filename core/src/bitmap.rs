@@ -91,6 +91,14 @@ impl DirtyBitmap {
         }
     }
 
+    /// Grows the bitmap to at least `len` bits (new bits clear); never shrinks it.
+    pub fn grow(&mut self, len: u64) {
+        if len > self.len {
+            self.words.resize(words_for(len), 0);
+            self.len = len;
+        }
+    }
+
     /// The number of bits (pages).
     pub fn len(&self) -> u64 {
         self.len

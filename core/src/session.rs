@@ -197,10 +197,9 @@ struct ChannelTx {
     sent: usize,
     /// Page entries this channel sent in the current round.
     pages_in_round: u64,
-    /// With channel affinity: where this channel's walk of the round stands, and whether it
-    /// has reached the end.
+    /// With channel affinity: where this channel's walk of the round stands (the page count
+    /// once it reached the end).
     cursor: u64,
-    walked: bool,
 }
 
 impl ChannelTx {
@@ -1212,7 +1211,6 @@ impl<S: Strategy> Source<S> {
         for ch in &mut self.channels {
             ch.pages_in_round = 0;
             ch.cursor = 0;
-            ch.walked = false;
         }
         if let Some(encoder) = self.encoder.as_mut() {
             encoder.begin_generation(self.round);
@@ -1535,7 +1533,6 @@ impl<S: Strategy> Source<S> {
         match next {
             Some(p) => self.set_walk_position(ch, p),
             None => {
-                self.set_walk_position(ch, self.layout.page_count());
                 if self.walk_ends(ch) {
                     self.finish_walk(now, host)?;
                 }
@@ -1566,14 +1563,12 @@ impl<S: Strategy> Source<S> {
         }
     }
 
-    /// Channel `ch`'s walk reached the end: whether the round's walk is over (every channel's,
-    /// under affinity).
+    /// Once channel `ch`'s walk reached the end: whether the round's walk is over (every
+    /// channel's, under affinity).
     fn walk_ends(&mut self, ch: usize) -> bool {
-        if !self.config.channel_affinity {
-            return true;
-        }
-        self.channels[ch].walked = true;
-        self.channels.iter().all(|c| c.walked)
+        let end = self.layout.page_count();
+        self.set_walk_position(ch, end);
+        !self.config.channel_affinity || self.channels.iter().all(|c| c.cursor >= end)
     }
 
     /// Whether the round's walk has gone past `page` (it is sent, or waits for the next round).
@@ -1783,20 +1778,17 @@ impl<S: Strategy> Source<S> {
             pages.push(p);
             next = self.next_to_send(ch, p + 1);
         }
-        let walk_over = next.is_none() && self.walk_ends(ch);
-        match next {
-            Some(p) => self.set_walk_position(ch, p),
-            None => {
-                self.set_walk_position(ch, self.layout.page_count());
-                if pages.is_empty() {
-                    if walk_over {
-                        self.finish_walk(now, host)?;
-                    }
-                    return Ok(None);
-                }
+        let walk_over = match next {
+            Some(p) => {
+                self.set_walk_position(ch, p);
+                false
             }
-        }
+            None => self.walk_ends(ch),
+        };
         if pages.is_empty() {
+            if walk_over {
+                self.finish_walk(now, host)?;
+            }
             return Ok(None);
         }
         // Full frames of raw pages: exactly what `PagePlan::encode` writes at most.

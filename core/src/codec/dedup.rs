@@ -35,7 +35,6 @@
 //! go through the same encoder, in order, on one channel (as for XBZRLE).
 
 use alloc::collections::VecDeque;
-use alloc::vec::Vec;
 use core::fmt;
 
 use hashbrown::HashMap;
@@ -43,6 +42,7 @@ use xxhash_rust::const_xxh3::const_custom_default_secret;
 use xxhash_rust::xxh3::xxh3_128_with_secret;
 
 use super::{PageDecoder, PageEncoder};
+use crate::bitmap::DirtyBitmap;
 use crate::wire::Encoding;
 
 /// Length of a reference payload.
@@ -248,7 +248,7 @@ pub struct DedupIndex {
     /// One bit per page index: set while `by_page` holds the page. Most pages sent are not in
     /// the index (all of them but a sample while full dedup is off), and a bit test saves them
     /// a probe of a map too large for the cache.
-    in_page_map: Vec<u64>,
+    in_page_map: DirtyBitmap,
     order: VecDeque<(u128, u64)>,
     stats: DedupStats,
 }
@@ -261,7 +261,7 @@ impl DedupIndex {
             capacity,
             by_hash: HashMap::new(),
             by_page: HashMap::new(),
-            in_page_map: Vec::new(),
+            in_page_map: DirtyBitmap::new(0),
             order: VecDeque::new(),
             stats: DedupStats::default(),
         }
@@ -288,24 +288,15 @@ impl DedupIndex {
     }
 
     fn page_indexed(&self, index: u64) -> bool {
-        let word = (index / 64) as usize;
-        self.in_page_map
-            .get(word)
-            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+        self.in_page_map.get(index)
     }
 
     fn mark_page(&mut self, index: u64, on: bool) {
-        let word = (index / 64) as usize;
-        if word >= self.in_page_map.len() {
-            if !on {
-                return;
-            }
-            self.in_page_map.resize(word + 1, 0);
-        }
         if on {
-            self.in_page_map[word] |= 1 << (index % 64);
-        } else {
-            self.in_page_map[word] &= !(1 << (index % 64));
+            self.in_page_map.grow(index + 1);
+            self.in_page_map.set(index);
+        } else if self.in_page_map.get(index) {
+            self.in_page_map.unset(index);
         }
     }
 
