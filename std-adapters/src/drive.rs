@@ -740,11 +740,6 @@ where
         // The engine offers the codec's features; the writer threads encode.
         engine.set_encoder(Box::new(memferry::codec::Raw));
     }
-    if encoders.iter().any(|e| e.keeps_state()) {
-        // Each channel's encoder must see every version of its pages, in order on its
-        // connection: pages keep to one channel each.
-        engine.set_channel_affinity(true);
-    }
     run_source_with_encoders(engine, host, memory, channels, encoders, clock, on_round)?;
     Ok(times.totals())
 }
@@ -1143,8 +1138,10 @@ impl ContentSource for TimedContent {
 }
 
 /// [`run_source_with_workers`] with an encoder per channel (`encoders[ch]`; channels beyond
-/// the list send pages raw): each channel's writer thread encodes its pages with its own. Only
-/// stateless encoders (LZ4, zstd) may run on several channels: a page may go on any of them.
+/// the list send pages raw): each channel's writer thread encodes its pages with its own. With
+/// encoders that keep state (delta, dedup, adaptive: [`PageEncoder::keeps_state`]), the
+/// engine is switched to channel affinity, so that each page keeps to one channel and its
+/// encoder.
 pub fn run_source_with_encoders<S, H>(
     engine: &mut Source<S>,
     host: &mut H,
@@ -1158,6 +1155,11 @@ where
     S: Strategy,
     H: SourceHost,
 {
+    if encoders.iter().any(|e| e.keeps_state()) {
+        // Each channel's encoder must see every version of its pages, in order on its
+        // connection: pages keep to one channel each.
+        engine.set_channel_affinity(true);
+    }
     let mut link = ThreadLink::new(
         *clock,
         channels,

@@ -829,20 +829,15 @@ pub struct DestinationJson {
 impl DestinationJson {
     /// The view of a destination's figures: `encodings` received (with decoding `cpu_nanos`),
     /// the bytes received, the time from the hello to the end and the content index's build.
-    pub fn new(
-        encodings: &EncodingUse,
-        bytes_received: u64,
-        elapsed: std::time::Duration,
-        content_index: std::time::Duration,
-    ) -> Self {
+    pub fn new(stats: &crate::drive::ReceiveStats) -> Self {
         let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         DestinationJson {
-            decode_cpu_nanos: encodings.cpu_nanos(),
-            decode: encodings.into(),
-            pages_received: encodings.slots().iter().map(|(_, s)| s.pages).sum(),
-            bytes_received,
-            elapsed_ms: ms(elapsed),
-            content_index_ms: ms(content_index),
+            decode_cpu_nanos: stats.decode_cpu_nanos(),
+            decode: (&stats.encodings).into(),
+            pages_received: stats.pages_received(),
+            bytes_received: stats.bytes_received,
+            elapsed_ms: ms(stats.elapsed),
+            content_index_ms: ms(stats.content_index),
         }
     }
 }
@@ -850,13 +845,15 @@ impl DestinationJson {
 /// What a destination received, as lines for the terminal (`memferry listen`): pages and bytes
 /// per encoding, pages taken from the content it holds, the decoders' CPU time and the time
 /// from the hello to the end.
-pub fn received_lines(
-    encodings: &EncodingUse,
-    bytes_received: u64,
-    elapsed: std::time::Duration,
-    content_index: std::time::Duration,
-) -> String {
-    let pages: u64 = encodings.slots().iter().map(|(_, s)| s.pages).sum();
+pub fn received_lines(stats: &crate::drive::ReceiveStats) -> String {
+    let crate::drive::ReceiveStats {
+        encodings,
+        bytes_received,
+        elapsed,
+        content_index,
+    } = *stats;
+    let encodings = &encodings;
+    let pages = stats.pages_received();
     let mut s = format!(
         "{:<24} {pages} ({} of frames)\n",
         "pages received",

@@ -5,6 +5,22 @@
 
 #![cfg(feature = "cli")]
 
+/// `memferry` (the binary under test).
+fn memferry() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_memferry"))
+}
+
+/// Runs `memferry ARGS`, which must succeed; its stdout.
+fn run_ok(args: &[&str]) -> String {
+    let out = memferry().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[path = "accounting/codec_channels.rs"]
 mod codec_channels;
 #[path = "accounting/encode_cpu.rs"]

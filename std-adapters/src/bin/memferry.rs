@@ -847,7 +847,7 @@ fn keep_json(k: &memferry_std::image::KeepStats) -> serde_json::Value {
 
 /// The destination's figures in `--json` (`demo`'s `destination`, `listen`'s summary).
 fn destination_json(r: &demo::ReceiveStats) -> output::DestinationJson {
-    output::DestinationJson::new(&r.encodings, r.bytes_received, r.elapsed, r.content_index)
+    output::DestinationJson::new(r)
 }
 
 /// Adds what a listener received to its JSON summary `view`: `encodings`, `known_pages` and
@@ -895,15 +895,7 @@ fn print_received(received: &demo::Received, json: bool) {
             None => "not sent by the source",
         }
     );
-    print!(
-        "{}",
-        output::received_lines(
-            &stats.encodings,
-            stats.bytes_received,
-            stats.elapsed,
-            stats.content_index
-        )
-    );
+    print!("{}", output::received_lines(stats));
     if let Some(reuse) = &received.reuse {
         println!("reuse (kept image)       {}", reuse.describe());
     }
@@ -2215,15 +2207,7 @@ fn kvm_listen(
         add_received_json(&mut view, stats);
         println!("{view}");
     } else {
-        print!(
-            "{}",
-            output::received_lines(
-                &stats.encodings,
-                stats.bytes_received,
-                stats.elapsed,
-                stats.content_index
-            )
-        );
+        print!("{}", output::received_lines(stats));
         if let (Ok(()), Some(s)) = (&finished, status) {
             println!(
                 "the guest finished here after {} writes in all; final hash {:#018x}",

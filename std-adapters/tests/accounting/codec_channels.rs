@@ -8,16 +8,7 @@ fn demo_json(args: &[&str]) -> serde_json::Value {
         "demo", "--guest", "process", "--memory", "64MiB", "--json", "--quiet",
     ];
     all.extend_from_slice(args);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memferry"))
-        .args(&all)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{all:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&super::run_ok(&all)).unwrap()
 }
 
 fn pages(v: &serde_json::Value, slot: &str) -> u64 {

@@ -8,18 +8,7 @@ use memferry::time::ByteRate;
 use memferry_std::codec::{CodecChoice, CodecOptions};
 use memferry_std::demo::{self, GuestOptions, SourceOptions, TransportKind};
 
-fn memferry(args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memferry"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use super::run_ok as memferry;
 
 /// Encodings the source's encoder produces (zero pages and known content are the engine's).
 const ENCODER_SLOTS: [&str; 6] = ["raw", "lz4", "delta", "delta_lz4", "reference", "other"];

@@ -5,7 +5,7 @@
 //! destination's decoding time.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 const SLOTS: [&str; 8] = [
     "raw",
@@ -18,9 +18,7 @@ const SLOTS: [&str; 8] = [
     "other",
 ];
 
-fn memferry() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_memferry"))
-}
+use super::{memferry, run_ok};
 
 /// Starts `memferry listen 127.0.0.1:0 ARGS` and returns it with the address it bound.
 fn listen(args: &[&str]) -> (std::process::Child, String) {
@@ -38,17 +36,6 @@ fn listen(args: &[&str]) -> (std::process::Child, String) {
     assert!(addr.starts_with("127.0.0.1:"), "{line}");
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     (listener, addr)
-}
-
-/// Runs `memferry ARGS`, which must succeed; its stdout.
-fn run_ok(args: &[&str]) -> String {
-    let out = memferry().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `send ARGS` to a `listen LISTEN_ARGS --json`: (the source's report, the listener's summary).
