@@ -610,17 +610,7 @@ fn serve_with(
     let clock = Clock::new();
     drive::run_destination(&mut destination, &mut host, channels, &clock)?;
     host.verdict = destination.verdict();
-    let mut encodings = destination.encodings_received();
-    let bytes_received = destination.bytes_received();
-    // The timed decoders publish their last counts as they go.
-    drop(destination);
-    encodings.merge_cpu(&times.totals());
-    let stats = ReceiveStats {
-        encodings,
-        bytes_received,
-        elapsed: hello_at.elapsed(),
-        content_index: Duration::from_nanos(times.index_nanos()),
-    };
+    let stats = ReceiveStats::collect(destination, &times, hello_at);
     let reuse = reuse.map(|r| r.lock().map(|s| *s).unwrap_or_default());
     Ok(Received { host, stats, reuse })
 }

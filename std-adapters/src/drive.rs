@@ -1063,6 +1063,26 @@ pub struct ReceiveStats {
 }
 
 impl ReceiveStats {
+    /// What `destination` received, its decoders timed by `times`, since `hello_at`. Takes the
+    /// destination (its migration is over) and drops it, so that the timed decoders it holds
+    /// publish their last counts before they are read.
+    pub fn collect<P: PagePolicy>(
+        destination: Destination<P>,
+        times: &DecodeTimes,
+        hello_at: Instant,
+    ) -> Self {
+        let mut encodings = destination.encodings_received();
+        let bytes_received = destination.bytes_received();
+        drop(destination);
+        encodings.merge_cpu(&times.totals());
+        ReceiveStats {
+            encodings,
+            bytes_received,
+            elapsed: hello_at.elapsed(),
+            content_index: Duration::from_nanos(times.index_nanos()),
+        }
+    }
+
     /// CPU time spent decoding, every encoding's together, in nanoseconds.
     pub fn decode_cpu_nanos(&self) -> u64 {
         self.encodings.cpu_nanos()

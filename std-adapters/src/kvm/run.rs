@@ -195,22 +195,12 @@ pub fn receive_with(
     let clock = Clock::new();
     drive::run_destination(&mut destination, &mut host, channels, &clock)?;
     let verdict = destination.verdict();
-    let mut encodings = destination.encodings_received();
-    let bytes_received = destination.bytes_received();
-    // The timed decoders publish their last counts when dropped.
-    drop(destination);
-    encodings.merge_cpu(&times.totals());
     Ok(Received {
         machine,
         verdict,
         host,
         hello_at,
-        stats: drive::ReceiveStats {
-            encodings,
-            bytes_received,
-            elapsed: hello_at.elapsed(),
-            content_index: std::time::Duration::ZERO,
-        },
+        stats: drive::ReceiveStats::collect(destination, &times, hello_at),
     })
 }
 
